@@ -1,0 +1,1 @@
+"""whitebox-pretrain: distributed pretraining for white-box transformers."""

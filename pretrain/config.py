@@ -1,0 +1,146 @@
+"""Structured config schemas.
+
+Hydra merges every YAML file in configs/ onto these dataclasses, so a misspelt key or a value of
+the wrong type is an error that names the key, before anything runs. Defaults and the meaning of
+each knob are documented in the YAML files; the schemas only fix names and types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+from pretrain.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tost"
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    vocab_size: int = 50304
+    seq_len: int = 1024
+    bias: bool = False
+    layerscale_init: Optional[float] = None
+    dropout: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    source: str = "shards"
+    urls: Any = MISSING
+    storage_options: dict = field(default_factory=dict)
+    cache_dir: str = "~/.cache/whitebox-pretrain"
+    stdlib_max_mb: float = 4.0
+    blocks_per_shard: int = 256
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6e-4
+    min_lr: float = 6e-5
+    warmup_steps: int = 2000
+    decay_steps: int = 600000
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+
+
+@dataclass
+class EngineConfig:
+    name: str = "deepspeed"
+    zero_stage: int = 2
+    precision: str = "bf16"
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 600000
+    global_batch_size: int = 480
+    micro_batch_size: int = 12
+    seed: int = 1337
+    log_interval: int = 10
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 1000
+    resume: str = "auto"
+
+
+@dataclass
+class TrackingConfig:
+    uri: Optional[str] = None
+    experiment: str = "whitebox-pretrain"
+    run_name: Optional[str] = None
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def grad_accum_steps(train: TrainConfig, world_size: int) -> int:
+    """Micro-batches per optimizer step, so that every world size trains on the same global batch."""
+    per_step = train.micro_batch_size * world_size
+    if train.global_batch_size % per_step:
+        raise UserError(f"train.global_batch_size={train.global_batch_size} is not a multiple of "
+                        f"train.micro_batch_size x ranks = {train.micro_batch_size} x {world_size}; "
+                        f"change one of them")
+    return train.global_batch_size // per_step
+
+
+def register_schemas() -> None:
+    """Make the schemas available to configs/config.yaml's defaults list."""
+    ConfigStore.instance().store(name="schema", node=Config)
+
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _describe(error: Exception) -> str:
+    """One line naming the offending key, from Hydra's and OmegaConf's nested exceptions."""
+    chain = [error]
+    while chain[-1].__cause__ is not None:
+        chain.append(chain[-1].__cause__)
+    for e in reversed(chain):
+        if isinstance(e, OmegaConfBaseException) and getattr(e, "full_key", None):
+            reason = str(getattr(e, "msg", e)).strip().splitlines()[0]
+            hint = "; check the spelling against configs/" if isinstance(e, (ConfigKeyError, ConfigAttributeError)) else ""
+            return f"config key '{e.full_key}': {reason}{hint}"
+    return " ".join(str(error).split("Config search path")[0].split())
+
+
+def load_config(overrides: list[str]) -> Config:
+    """Compose configs/config.yaml with `overrides` (e.g. `+exp=tost_gpt2 optim.lr=1e-3`).
+
+    The compose API rather than `@hydra.main`: every rank must see the same run directory, and
+    Hydra's per-launch output directories (timestamped, created by each process) would differ.
+    """
+    register_schemas()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+            cfg = compose(config_name="config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise UserError(_describe(e)) from None
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise UserError(f"config key '{missing[0]}' is required but has no value; "
+                        f"set it, e.g. {missing[0]}=..., or see the comment in configs/ for that key")
+    return OmegaConf.to_object(cfg)

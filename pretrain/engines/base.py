@@ -1,0 +1,46 @@
+"""The one interface the trainer sees: a model with its optimizer, schedule and parallelism."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float  # this rank's mean loss over the step's micro-batches
+    grad_norm: float  # global norm before clipping
+    lr: float  # the learning rate this step used
+
+
+class Engine(ABC):
+    """Wraps a model so that the trainer can step, save and load it without knowing how.
+
+    `train_step` takes every micro-batch of one optimizer step (gradient accumulation is the
+    engine's business); `save`/`load` write and read the engine's native files in a step
+    directory, on every rank, collectively.
+    """
+
+    device: torch.device
+
+    @property
+    @abstractmethod
+    def model(self) -> nn.Module:
+        """The unwrapped model, for evaluation and export."""
+
+    @abstractmethod
+    def train_step(self, micro_batches: list[Batch]) -> StepResult: ...
+
+    @abstractmethod
+    def save(self, step_dir: str) -> None: ...
+
+    @abstractmethod
+    def load(self, step_dir: str) -> None: ...
+
+    def to_device(self, batch: Batch) -> Batch:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}

@@ -1,0 +1,74 @@
+"""DeepSpeed ZeRO (stages 0-3) behind the Engine interface.
+
+Our config stays the source of truth: the optimizer (with its weight-decay groups) and the
+schedule are built by pretrain.optim and handed to DeepSpeed, which only gets the few settings
+it must own (micro-batch, accumulation, clipping, ZeRO stage, precision). Batches come from our
+own stream: `deepspeed.initialize(training_data=...)` would need a dataset with `len()`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import deepspeed
+import torch
+from torch import nn
+
+from pretrain.config import Config, grad_accum_steps
+from pretrain.distributed import DistInfo
+from pretrain.engines.base import Batch, Engine, StepResult
+from pretrain.errors import UserError
+from pretrain.optim import build_optimizer, build_scheduler
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps(cfg.train, world_size),
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.engine.zero_stage},
+        "bf16": {"enabled": cfg.engine.precision == "bf16"},
+        "steps_per_print": 2**31 - 1,  # our trainer logs; keep DeepSpeed's own step log quiet
+    }
+
+
+class DeepSpeedEngine(Engine):
+    def __init__(self, model: nn.Module, cfg: Config, dist: DistInfo):
+        if cfg.engine.zero_stage not in (0, 1, 2, 3):
+            raise UserError(f"engine.zero_stage={cfg.engine.zero_stage} is not a ZeRO stage; use 0, 1, 2 or 3")
+        self.device = dist.device
+        self._model = model
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=build_optimizer(model, cfg.optim),
+            lr_scheduler=lambda optimizer: build_scheduler(optimizer, cfg.optim),
+            config=deepspeed_config(cfg, dist.world_size),
+            dist_init_required=False,
+        )
+
+    @property
+    def model(self) -> nn.Module:
+        return self._model
+
+    def train_step(self, micro_batches: list[Batch]) -> StepResult:
+        lr = self.engine.get_lr()[0]
+        total = 0.0
+        for batch in micro_batches:
+            loss = self.engine(**self.to_device(batch))
+            self.engine.backward(loss)
+            self.engine.step()  # DeepSpeed only steps the optimizer at the accumulation boundary
+            total += loss.item()
+        grad_norm = self.engine.get_global_grad_norm()
+        return StepResult(total / len(micro_batches), float(grad_norm), lr)
+
+    def save(self, step_dir: str) -> None:
+        root, tag = os.path.split(os.path.normpath(step_dir))
+        self.engine.save_checkpoint(root, tag=tag, save_latest=False)
+
+    def load(self, step_dir: str) -> None:
+        root, tag = os.path.split(os.path.normpath(step_dir))
+        path, _ = self.engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if path is None:
+            raise UserError(f"checkpoint {step_dir} holds no DeepSpeed engine files; "
+                            f"was it written by another engine?")

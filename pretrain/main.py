@@ -1,0 +1,38 @@
+"""Entry point: `deepspeed pretrain/main.py +exp=NAME [key=value ...]`.
+
+Works unchanged under `torchrun` and plain `python`. No logic lives here: configuration,
+distributed setup and the trainer each live in their own module.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from pretrain.config import load_config
+from pretrain.distributed import init_distributed, shutdown, strip_launcher_args
+from pretrain.errors import UserError
+from pretrain.trainer import Trainer
+
+
+def main(argv: list[str] | None = None) -> int:
+    overrides = strip_launcher_args(sys.argv[1:] if argv is None else argv)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
+    try:
+        cfg = load_config(overrides)
+        dist_info = init_distributed()
+        try:
+            Trainer(cfg, dist_info).fit()
+        finally:
+            shutdown()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""AdamW with weight-decay groups and the warmup + cosine schedule, shared by every engine."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from pretrain.config import OptimConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only: norms, biases, LayerScale gains (all 1-D) and whatever the model
+    names in `no_weight_decay()` (position table, TSSA's `temp` and `denom_bias`) are exempt."""
+    exempt = model.no_weight_decay()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or name in exempt else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                             betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def lr_at(step: int, cfg: OptimConfig) -> float:
+    """Learning rate for the optimizer step with 0-based index `step`.
+
+    Linear warmup to `lr` over `warmup_steps`, cosine decay to `min_lr` at `decay_steps`, then
+    flat. The schedule depends only on these fields, never on how long a given run lasts, so a
+    run stopped and resumed follows the same curve.
+    """
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if step >= cfg.decay_steps:
+        return cfg.min_lr
+    progress = (step - cfg.warmup_steps) / max(1, cfg.decay_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg) / cfg.lr)

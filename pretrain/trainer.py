@@ -1,0 +1,139 @@
+"""The training loop: data -> engine -> checkpoints and metrics. It knows the Engine interface,
+not DeepSpeed or FSDP, and the model only through the registry."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import random
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from pretrain.checkpoint.manager import CheckpointManager
+from pretrain.config import Config, grad_accum_steps
+from pretrain.data import build_text_stream
+from pretrain.distributed import DistInfo
+from pretrain.engines import build_engine
+from pretrain.errors import UserError
+from pretrain.models import build_model
+from pretrain.tracking.metrics import memory_gib, mfu, peak_flops
+from pretrain.tracking.mlflow import Tracker
+
+log = logging.getLogger("pretrain")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, dist_info: DistInfo):
+        self.cfg = cfg
+        self.dist = dist_info
+        self.run_dir = os.path.abspath(cfg.run_dir)
+        self.grad_accum_steps = grad_accum_steps(cfg.train, dist_info.world_size)
+        self.tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_len
+
+    def _resume_dir(self, ckpt: CheckpointManager) -> str | None:
+        resume = self.cfg.checkpoint.resume
+        if resume == "none":
+            return None
+        if resume == "auto":
+            return ckpt.latest()
+        if not os.path.isdir(resume):
+            raise UserError(f"checkpoint.resume={resume!r} is neither auto, none nor an existing step directory")
+        return resume
+
+    def fit(self) -> float:
+        """Train to `train.max_steps`; returns the last logged loss (mean over ranks)."""
+        cfg, world = self.cfg, self.dist
+        if world.is_main:
+            os.makedirs(self.run_dir, exist_ok=True)
+            OmegaConf.save(OmegaConf.structured(cfg), os.path.join(self.run_dir, "config.yaml"))
+
+        seed_everything(cfg.train.seed)  # identical initial weights on every rank
+        model = build_model(cfg.model)
+        flops_per_token = model.flops_per_token()
+        n_params = model.num_params()
+        engine = build_engine(model, cfg, world)
+        data = build_text_stream(cfg.data, seq_len=cfg.model.seq_len, batch_size=cfg.train.micro_batch_size,
+                                 rank=world.rank, world_size=world.world_size, local_rank=world.local_rank,
+                                 seed=cfg.train.seed)
+        ckpt = CheckpointManager(os.path.join(self.run_dir, "checkpoints"), world)
+
+        step, run_id = 0, None
+        seed_everything(cfg.train.seed + world.rank)  # dropout etc. differ across ranks
+        resume_dir = self._resume_dir(ckpt)
+        if resume_dir:
+            restored = ckpt.load(resume_dir, engine)
+            data.load_state_dict(restored.data_state)
+            step, run_id = restored.step, restored.meta.get("mlflow_run_id")
+            log.info("resumed from %s (step %d)", resume_dir, step)
+
+        tracker = Tracker(cfg.tracking, self.run_dir, enabled=world.is_main)
+        run_id = tracker.start(dataclasses.asdict(cfg), resume_run_id=run_id)
+        log.info("%s: %.2fM params, %d ranks on %s, %d tokens/step, steps %d -> %d",
+                 cfg.model.name, n_params / 1e6, world.world_size, world.device, self.tokens_per_step,
+                 step, cfg.train.max_steps)
+        try:
+            last_loss = self._loop(step, engine, data, ckpt, tracker, run_id, flops_per_token)
+        except BaseException:
+            tracker.finish("FAILED")
+            raise
+        tracker.finish()
+        if world.is_main:
+            log.info("done: checkpoints in %s, MLflow run %s in %s", ckpt.root, run_id, tracker.uri)
+        return last_loss
+
+    def _loop(self, step, engine, data, ckpt, tracker, run_id, flops_per_token) -> float:
+        cfg, world = self.cfg, self.dist
+        peak = peak_flops(world.device)
+        batches = iter(data)
+        losses: list[float] = []
+        last_loss = float("nan")
+        interval_start = time.perf_counter()
+        while step < cfg.train.max_steps:
+            micro_batches = [next(batches) for _ in range(self.grad_accum_steps)]
+            result = engine.train_step(micro_batches)
+            step += 1
+            losses.append(result.loss)
+
+            if step % cfg.train.log_interval == 0 or step == cfg.train.max_steps:
+                elapsed = time.perf_counter() - interval_start
+                last_loss = self._mean_over_ranks(sum(losses) / len(losses))
+                tokens_per_s = self.tokens_per_step * len(losses) / elapsed
+                metrics = {"loss": last_loss, "lr": result.lr, "grad_norm": result.grad_norm,
+                           "tokens_per_s": tokens_per_s, "step_time_s": elapsed / len(losses),
+                           "memory_gib": memory_gib(world.device)}
+                utilisation = mfu(tokens_per_s / world.world_size, flops_per_token, peak)
+                if utilisation is not None:
+                    metrics["mfu"] = utilisation
+                tracker.log_metrics(metrics, step)
+                if world.is_main:
+                    log.info("step %d/%d | loss %.4f | lr %.2e | grad %.3f | %.0f tok/s | mfu %s | mem %.2f GiB | %.3f s/step",
+                             step, cfg.train.max_steps, last_loss, result.lr, result.grad_norm, tokens_per_s,
+                             "-" if utilisation is None else f"{100 * utilisation:.1f}%",
+                             metrics["memory_gib"], metrics["step_time_s"])
+                losses.clear()
+                interval_start = time.perf_counter()
+
+            if step % cfg.checkpoint.interval == 0 or step == cfg.train.max_steps:
+                save_start = time.perf_counter()
+                step_dir = ckpt.save(step, engine, data.state_dict(),
+                                     {"mlflow_run_id": run_id, "model": cfg.model.name})
+                if world.is_main:
+                    log.info("checkpoint: %s", step_dir)
+                interval_start += time.perf_counter() - save_start  # saving is not training time
+        return last_loss
+
+    def _mean_over_ranks(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64, device=self.dist.device)
+        dist.all_reduce(t)
+        return t.item() / self.dist.world_size
