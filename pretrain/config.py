@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
-from hydra.errors import HydraException
+from hydra.errors import HydraException, OverrideParseException
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
@@ -116,6 +116,9 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 def _describe(error: Exception) -> str:
     """One line naming the offending key, from Hydra's and OmegaConf's nested exceptions."""
+    if isinstance(error, OverrideParseException):
+        return (f"cannot parse the override {error.override!r}: {' '.join(error.message.split('See https')[0].split())}; "
+                f"quote a value holding braces or commas, e.g. 'data.urls=\"s3://b/shard-{{000..099}}.tar\"'")
     chain = [error]
     while chain[-1].__cause__ is not None:
         chain.append(chain[-1].__cause__)

@@ -1,0 +1,22 @@
+"""Model registry: `cfg.model.name` -> model class."""
+
+from __future__ import annotations
+
+from pretrain.config import ModelConfig
+from pretrain.errors import UserError
+from pretrain.models.gpt import GPT2LM
+from pretrain.models.lm import CausalLM
+from pretrain.models.tost import ToSTLM
+
+MODELS: dict[str, type[CausalLM]] = {"tost": ToSTLM, "gpt2": GPT2LM}
+
+
+def build_model(cfg: ModelConfig) -> CausalLM:
+    """Build the model `cfg.name` names, after checking what the config alone can tell."""
+    if cfg.name not in MODELS:
+        raise UserError(f"model.name={cfg.name!r} is unknown; valid names: {', '.join(MODELS)}")
+    if cfg.n_embd % cfg.n_head != 0:
+        raise UserError(
+            f"model.n_embd={cfg.n_embd} must be divisible by model.n_head={cfg.n_head}"
+        )
+    return MODELS[cfg.name](cfg)

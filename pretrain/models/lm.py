@@ -1,0 +1,82 @@
+"""The causal language model skeleton (nanoGPT's GPT) with a pluggable token mixer.
+
+GPT-2 and ToST are this class with softmax attention or causal TSSA in every block; all the
+rest (embeddings, blocks, tied head, init, loss, counting) lives here once.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pretrain.config import ModelConfig
+from pretrain.models.layers import Block, TokenMixer
+
+
+class CausalLM(nn.Module):
+    """Token + position embeddings -> n_layer blocks -> final LN -> lm_head tied to wte."""
+
+    def __init__(self, cfg: ModelConfig, mixer: Callable[[ModelConfig], TokenMixer]) -> None:
+        super().__init__()
+        self.seq_len = cfg.seq_len
+        self.vocab_size = cfg.vocab_size
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.seq_len, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, mixer) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied: one (V, D) matrix embeds and un-embeds
+        self._init_weights(cfg.n_layer)
+
+    def _init_weights(self, n_layer: int) -> None:
+        """GPT-2 init of Linear and Embedding only; mixer and LayerScale parameters keep their own.
+
+        Each residual branch's last Linear (`out_proj`) gets std 0.02 / sqrt(2 * n_layer), so the
+        residual stream's variance does not grow with depth (2 branches per block).
+        """
+        residual_std = 0.02 / math.sqrt(2 * n_layer)
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                std = residual_std if name.endswith("out_proj") else 0.02
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, input_ids: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Logits (B, T, V), or given labels the mean cross-entropy in fp32 (-100 is ignored)."""
+        T = input_ids.size(1)
+        if T > self.seq_len:
+            raise ValueError(f"sequence of {T} tokens is longer than model.seq_len={self.seq_len}")
+        positions = torch.arange(T, device=input_ids.device)
+        x = self.drop(self.wte(input_ids) + self.wpe(positions))  # (B, T, D)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
+        if labels is None:
+            return logits
+        return F.cross_entropy(
+            logits.float().view(-1, self.vocab_size), labels.reshape(-1), ignore_index=-100
+        )
+
+    def no_weight_decay(self) -> set[str]:
+        """Matrix-shaped parameters not to decay: the position table and the mixers' own picks."""
+        return {"wpe.weight"} | {
+            f"blocks.{i}.attn.{name}"
+            for i, block in enumerate(self.blocks)
+            for name in block.attn.no_weight_decay()
+        }
+
+    def num_params(self, exclude_position_embeddings: bool = True) -> int:
+        """Parameter count as papers report it: tied head counted once, position table excluded."""
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields the tied matrix once
+        return n - self.wpe.weight.numel() if exclude_position_embeddings else n
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token for MFU: 6 per matmul weight (incl. lm_head) + token mixing."""
+        matmul_params = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        return 6 * matmul_params + sum(block.attn.flops_per_token() for block in self.blocks)

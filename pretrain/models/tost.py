@@ -1,0 +1,88 @@
+"""Token Statistics Transformer (ToST): attention replaced by Token Statistics Self-Attention.
+
+TSSA has no queries or keys: each head scores a token by its share of the head's per-coordinate
+energy, turns the scores into memberships pi over heads, and shrinks the token by the
+pi-weighted second moment of its head. Cost is O(T * D); no T x T tensor is ever formed.
+Causal TSSA uses inclusive prefix statistics (s <= t), computed with cumsum.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+
+from pretrain.config import ModelConfig
+from pretrain.models.layers import TokenMixer, merge_heads, split_heads
+from pretrain.models.lm import CausalLM
+
+
+def token_statistics(
+    w: Tensor, temp: Tensor, *, causal: bool, denom_bias: Tensor | None = None, eps: float = 1e-12
+) -> tuple[Tensor, Tensor]:
+    """TSSA core on projected tokens w (B, K, N, p); returns (c (B, K, N, p), pi (B, K, N)).
+
+    temp (K, 1) is each head's inverse temperature; denom_bias (K, >= N), if given, is a learned
+    per-position prior on the logits. Statistics are sums over all tokens, or prefix sums when
+    causal. pi is returned too because white-box measurements (membership entropy) need it.
+    Squares, sums and the softmax run in fp32 at least (bf16 prefix sums over T would drift);
+    c comes back in w's dtype.
+    """
+    total = partial(torch.cumsum, dim=2) if causal else partial(torch.sum, dim=2, keepdim=True)
+    N, p = w.shape[2:]
+    dtype = w.dtype
+    w = w.to(torch.promote_types(dtype, torch.float32))
+    w2 = w.square()
+    energy = w2 / total(w2).clamp_min(eps)  # (B, K, N, p): share of each coordinate's energy
+    logits = energy.sum(dim=-1)  # (B, K, N)
+    if denom_bias is not None:
+        logits = logits + p * denom_bias[:, :N].to(w.dtype)
+    pi = (temp.to(w.dtype) * logits).softmax(dim=1)  # (B, K, N): over HEADS, sums to 1 per token
+    m = total(pi.unsqueeze(-1) * w2) / (total(pi).unsqueeze(-1) + 1e-8)  # (B, K, N or 1, p)
+    c = -pi.unsqueeze(-1) * w / (1 + m)
+    return c.to(dtype), pi
+
+
+def tssa(w: Tensor, temp: Tensor, eps: float = 1e-12) -> Tensor:
+    """Non-causal TSSA core (vision): w (B, K, N, p), temp (K, 1) -> c (B, K, N, p)."""
+    return token_statistics(w, temp, causal=False, eps=eps)[0]
+
+
+def causal_tssa(w: Tensor, temp: Tensor, denom_bias: Tensor) -> Tensor:
+    """Causal TSSA core: token t sees statistics of tokens s <= t; denom_bias (K, max_seq_len)."""
+    return token_statistics(w, temp, causal=True, denom_bias=denom_bias)[0]
+
+
+class CausalTSSA(TokenMixer):
+    """Causal TSSA layer: shared projection U, per-head temperature, positional prior, out_proj."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.n_embd = cfg.n_embd
+        self.U = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.temp = nn.Parameter(torch.ones(cfg.n_head, 1))
+        self.denom_bias = nn.Parameter(torch.zeros(cfg.n_head, cfg.seq_len))
+        self.out_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = split_heads(self.U(x), self.n_head)  # (B, K, T, p)
+        c = causal_tssa(w, self.temp, self.denom_bias)  # (B, K, T, p)
+        return self.out_proj(merge_heads(c))
+
+    def flops_per_token(self) -> float:
+        # Forward does ~12 elementwise ops per coordinate of w (square, 2 prefix sums, clamp,
+        # 3 divisions, 2 products, coordinate sum, 1 + m, sign); per-head softmax work is O(K),
+        # negligible. Backward ~2x forward, so 3 * 12 = 36 FLOPs per coordinate: 36 * D per token.
+        return 36 * self.n_embd
+
+    def no_weight_decay(self) -> set[str]:
+        return {"temp", "denom_bias"}
+
+
+class ToSTLM(CausalLM):
+    """ToST language model: the GPT-2 skeleton with causal TSSA as the token mixer."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg, mixer=CausalTSSA)

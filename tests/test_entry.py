@@ -1,0 +1,45 @@
+"""The entry point's contract: launcher arguments, config errors as one named line."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import launch
+from pretrain.config import TrainConfig, grad_accum_steps, load_config
+from pretrain.distributed import strip_launcher_args
+from pretrain.errors import UserError
+
+
+def test_deepspeed_local_rank_argument_is_stripped():
+    argv = ["+exp=tost_gpt2_smoke", "--local_rank=1", "optim.lr=1e-3", "--local_rank", "0"]
+    assert strip_launcher_args(argv) == ["+exp=tost_gpt2_smoke", "optim.lr=1e-3"]
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["+exp=tost_gpt2_smoke", "optim.lrr=1e-3"], "optim.lrr"),
+    (["+exp=tost_gpt2"], "data.urls"),
+    (["+exp=tost_gpt2_smoke", "train.max_steps=many"], "train.max_steps"),
+    (["+exp=tost_gpt2", "data.urls=s3://b/shard-{0..9}.tar"], "data.urls=s3://b/shard-{0..9}.tar"),
+])
+def test_bad_config_is_one_line_naming_the_key(overrides, key):
+    proc = launch("python", overrides, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and f"'{key}'" in lines[0], proc.stderr
+
+
+def test_every_experiment_composes():
+    for name in ("tost_gpt2_smoke", "gpt2_smoke"):
+        assert load_config([f"+exp={name}"]).data.source == "stdlib"
+    for name, model in (("tost_gpt2", "tost"), ("gpt2", "gpt2")):
+        cfg = load_config([f"+exp={name}", 'data.urls="file:///data/shard-{000000..000009}.tar"'])
+        assert cfg.model.name == model and cfg.model.n_layer == 12 and cfg.engine.precision == "bf16"
+        assert cfg.train.global_batch_size * cfg.model.seq_len == 491_520  # the paper's tokens per step
+        assert (cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps) == (6e-4, 6e-5, 2000)
+
+
+def test_accumulation_keeps_the_global_batch_on_any_world_size():
+    train = TrainConfig(global_batch_size=480, micro_batch_size=12)
+    assert [grad_accum_steps(train, n) for n in (1, 2, 8)] == [40, 20, 5]
+    with pytest.raises(UserError, match="train.global_batch_size"):
+        grad_accum_steps(train, 7)
