@@ -19,8 +19,11 @@ from pretrain.trainer import Trainer
 def main(argv: list[str] | None = None) -> int:
     overrides = strip_launcher_args(sys.argv[1:] if argv is None else argv)
     rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    log = logging.getLogger("pretrain")  # ours only: libraries keep their own log settings
+    log.addHandler(handler)
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     try:
         cfg = load_config(overrides)
         dist_info = init_distributed()
