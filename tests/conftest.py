@@ -45,13 +45,13 @@ def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return proc
 
 
-def loss_history(run_dir: Path) -> dict[int, float]:
-    """step -> logged loss, read back from the run's MLflow database."""
+def metric_history(run_dir: Path, key: str = "loss") -> dict[int, float]:
+    """step -> logged value of metric `key`, read back from the run's MLflow database."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{run_dir}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("whitebox-pretrain").experiment_id])
-    return {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
+    return {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
 
 
 @pytest.fixture(scope="session")

@@ -45,6 +45,10 @@ class DeepSpeedEngine(Engine):
             config=deepspeed_config(cfg, dist.world_size),
             dist_init_required=False,
         )
+        # DeepSpeed keeps the global gradient norm only where a ZeRO or mixed-precision optimizer
+        # computes it; ZeRO-0 in fp32 clips with torch and drops the norm, so measure it here.
+        self._measure_grad_norm = not (self.engine.zero_optimization() or self.engine.bfloat16_enabled()
+                                       or self.engine.fp16_enabled())
 
     @property
     def model(self) -> nn.Module:
@@ -52,14 +56,22 @@ class DeepSpeedEngine(Engine):
 
     def train_step(self, micro_batches: list[Batch]) -> StepResult:
         lr = self.engine.get_lr()[0]
-        total = 0.0
+        total, grad_norm = 0.0, None
         for batch in micro_batches:
             loss = self.engine(**self.to_device(batch))
             self.engine.backward(loss)
+            if self._measure_grad_norm and self.engine.is_gradient_accumulation_boundary():
+                grad_norm = self._grad_norm()
             self.engine.step()  # DeepSpeed only steps the optimizer at the accumulation boundary
             total += loss.item()
-        grad_norm = self.engine.get_global_grad_norm()
-        return StepResult(total / len(micro_batches), float(grad_norm), lr)
+        if grad_norm is None:
+            grad_norm = float(self.engine.get_global_grad_norm())
+        return StepResult(total / len(micro_batches), grad_norm, lr)
+
+    def _grad_norm(self) -> float:
+        """Global norm of the (already all-reduced) gradients, before DeepSpeed clips them."""
+        norms = [p.grad.detach().float().norm() for p in self._model.parameters() if p.grad is not None]
+        return torch.linalg.vector_norm(torch.stack(norms)).item()
 
     def save(self, step_dir: str) -> None:
         root, tag = os.path.split(os.path.normpath(step_dir))
