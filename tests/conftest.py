@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -45,12 +46,18 @@ def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return proc
 
 
-def metric_history(run_dir: Path, key: str = "loss") -> dict[int, float]:
-    """step -> logged value of metric `key`, read back from the run's MLflow database."""
+def mlflow_run(run_dir: Path, uri: str | None = None):
+    """The one MLflow run a training run recorded (default: the sqlite database in its run_dir)."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir}/mlflow.db")
+    client = MlflowClient(tracking_uri=uri or f"sqlite:///{run_dir}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("whitebox-pretrain").experiment_id])
+    return client, run
+
+
+def metric_history(run_dir: Path, key: str = "loss", uri: str | None = None) -> dict[int, float]:
+    """step -> logged value of metric `key`, read back from MLflow."""
+    client, run = mlflow_run(run_dir, uri)
     return {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
 
 
@@ -58,3 +65,30 @@ def metric_history(run_dir: Path, key: str = "loss") -> dict[int, float]:
 def corpus_cache(tmp_path_factory) -> str:
     """One embedded-corpus cache for every end-to-end run of the session (prepared on first use)."""
     return str(tmp_path_factory.mktemp("corpus-cache"))
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> str:
+    """A real `mlflow server` on 127.0.0.1 with its own sqlite store; yields its URI."""
+    import urllib.request
+
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    server = subprocess.Popen(
+        [shutil.which("mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--default-artifact-root", f"file://{root}/artifacts"],
+        cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=1)
+            break
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                pytest.fail("mlflow server did not start within 60 s")
+            time.sleep(0.25)
+    yield uri
+    server.terminate()
+    server.wait(timeout=30)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import TINY, check, launch, metric_history
+from conftest import TINY, check, launch, metric_history, mlflow_run
 
 
 def smoke(run_dir, corpus_cache, *extra: str) -> list[str]:
@@ -22,6 +22,10 @@ def test_deepspeed_zero2_trains_checkpoints_tracks_and_resumes_exactly(tmp_path,
     losses = metric_history(ref)
     assert sorted(losses) == list(range(1, 9))
     assert losses[8] < losses[1] - 1.0, losses
+    _, run = mlflow_run(ref)  # exactly one run: only rank 0 tracks
+    assert run.data.params["model.name"] == "tost" and run.data.params["engine.zero_stage"] == "2"
+    assert run.data.params["train.max_steps"] == "8" and float(run.data.params["optim.lr"]) == 1e-2
+    assert {"lr", "grad_norm", "tokens_per_s", "step_time_s", "memory_gib"} <= set(run.data.metrics)
 
     ckpt = ref / "checkpoints"
     assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step_00000004", "step_00000008"]
@@ -44,13 +48,16 @@ def test_deepspeed_zero2_trains_checkpoints_tracks_and_resumes_exactly(tmp_path,
     assert [continued[s] for s in range(5, 9)] == [losses[s] for s in range(5, 9)]
 
 
-def test_torchrun_launches_gpt2_baseline(tmp_path, corpus_cache):
+def test_torchrun_launches_gpt2_baseline_tracked_on_an_mlflow_server(tmp_path, corpus_cache, mlflow_server):
     run_dir = tmp_path / "gpt2"
-    args = smoke(run_dir, corpus_cache, "train.max_steps=3", "engine.zero_stage=1")
+    args = smoke(run_dir, corpus_cache, "train.max_steps=3", "engine.zero_stage=1", f"tracking.uri={mlflow_server}")
     args[0] = "+exp=gpt2_smoke"
     proc = check(launch("torchrun", args))
     assert "gpt2:" in proc.stdout
-    assert sorted(metric_history(run_dir)) == [1, 2, 3]
+    assert not (run_dir / "mlflow.db").exists()
+    assert sorted(metric_history(run_dir, uri=mlflow_server)) == [1, 2, 3]
+    _, run = mlflow_run(run_dir, uri=mlflow_server)
+    assert run.data.params["model.name"] == "gpt2" and run.info.status == "FINISHED"
 
 
 def test_plain_python_single_and_deepspeed_engines_agree(tmp_path, corpus_cache):
