@@ -63,7 +63,8 @@ class Trainer:
         flops_per_token = model.flops_per_token()
         n_params = model.num_params()
         engine = build_engine(model, cfg, world)
-        data = build_text_stream(cfg.data, seq_len=cfg.model.seq_len, batch_size=cfg.train.micro_batch_size,
+        data = build_text_stream(cfg.data, seq_len=cfg.model.seq_len, vocab_size=cfg.model.vocab_size,
+                                 batch_size=cfg.train.micro_batch_size,
                                  rank=world.rank, world_size=world.world_size, local_rank=world.local_rank,
                                  seed=cfg.train.seed)
         ckpt = CheckpointManager(os.path.join(self.run_dir, "checkpoints"), world)

@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 SEQ_LEN = 16
 BLOCK_LEN = SEQ_LEN + 1
 BLOCKS_PER_SHARD = 4
+VOCAB = 50304  # the models' padded GPT-2 vocabulary
 DOCS = [
     "The quick brown fox jumps over the lazy dog. " * 6,
     "Ünïcödé text: naïve café, 日本語, and an emoji 🚀 in the middle of a sentence.",
@@ -62,7 +63,7 @@ def shards(tmp_path):
 
 
 def stream(directory, index, **kw):
-    args = dict(seq_len=SEQ_LEN, batch_size=3, rank=0, world_size=1, seed=7)
+    args = dict(seq_len=SEQ_LEN, vocab_size=VOCAB, batch_size=3, rank=0, world_size=1, seed=7)
     args.update(kw)
     return TokenBlockStream(shard_pattern(directory, len(index["shards"])), **args)
 
@@ -216,6 +217,8 @@ def test_block_len_mismatch(shards):
     out, index = shards
     with pytest.raises(UserError, match=r"block_len=17.*model\.seq_len=32"):
         stream(out, index, seq_len=32)
+    with pytest.raises(UserError, match=r"50257-token vocabulary but model\.vocab_size=1000"):
+        stream(out, index, vocab_size=1000)
 
 
 def test_fewer_shards_than_ranks(shards):
@@ -229,7 +232,7 @@ def test_shard_not_in_index(shards):
     out, index = shards
     with pytest.raises(UserError, match="shard-000099.tar is not listed"):
         TokenBlockStream(
-            f"{out}/shard-{{000000,000099}}.tar", seq_len=SEQ_LEN, batch_size=1, rank=0, world_size=1, seed=0
+            f"{out}/shard-{{000000,000099}}.tar", seq_len=SEQ_LEN, vocab_size=VOCAB, batch_size=1, rank=0, world_size=1, seed=0
         )
 
 
@@ -272,7 +275,7 @@ def test_empty_urls():
 
 
 def build(cfg, **kw):
-    args = dict(seq_len=SEQ_LEN, batch_size=1, rank=0, world_size=1, local_rank=0, seed=0)
+    args = dict(seq_len=SEQ_LEN, vocab_size=VOCAB, batch_size=1, rank=0, world_size=1, local_rank=0, seed=0)
     args.update(kw)
     return build_text_stream(cfg, **args)
 

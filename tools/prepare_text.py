@@ -4,7 +4,7 @@
     python tools/prepare_text.py --stdlib-mb 4 --output data/stdlib --block-len 1025
 
 Each input file is one document; directories contribute their *.txt files, recursively.
-Training reads the result with data.source=shards, data.urls='<output>/shard-{000000..N}.tar'.
+Train on the result with +exp=... 'data.urls="<output>/shard-{000000..NNNNNN}.tar"'.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ def build_text_stream(
     cfg: DataConfig | DictConfig,
     *,
     seq_len: int,
+    vocab_size: int,
     batch_size: int,
     rank: int,
     world_size: int,
@@ -58,6 +59,7 @@ def build_text_stream(
     return TokenBlockStream(
         urls,
         seq_len=seq_len,
+        vocab_size=vocab_size,
         batch_size=batch_size,
         rank=rank,
         world_size=world_size,

@@ -104,6 +104,7 @@ class TokenBlockStream:
         urls: str | Iterable[str],
         *,
         seq_len: int,
+        vocab_size: int,
         batch_size: int,
         rank: int,
         world_size: int,
@@ -124,6 +125,12 @@ class TokenBlockStream:
                 f"the shards hold blocks of block_len={index['block_len']} tokens but "
                 f"model.seq_len={seq_len} needs {seq_len + 1}: set model.seq_len={index['block_len'] - 1} "
                 f"or re-run tools/prepare_text.py with --block-len {seq_len + 1}"
+            )
+        shard_vocab = index.get("tokenizer", {}).get("vocab_size", 0)
+        if shard_vocab > vocab_size:
+            raise UserError(
+                f"the shards were tokenized with a {shard_vocab}-token vocabulary but "
+                f"model.vocab_size={vocab_size}: set model.vocab_size >= {shard_vocab}"
             )
         if len(all_urls) < world_size:
             raise UserError(
