@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING
 
 from pretrain.config import DataConfig
 from pretrain.data.shards import TokenBlockStream
@@ -15,11 +14,10 @@ from pretrain.data.text import INDEX_NAME, prepare_stdlib_corpus
 from pretrain.errors import UserError
 
 TEXT_SOURCES = ("stdlib", "shards")
-MISSING = "???"
 
 
 def build_text_stream(
-    cfg: DataConfig | DictConfig,
+    cfg: DataConfig,
     *,
     seq_len: int,
     vocab_size: int,
@@ -44,16 +42,15 @@ def build_text_stream(
             is_preparer=is_preparer,
             progress=is_preparer and sys.stderr.isatty(),
         )
-        urls: Any = _local_shard_urls(directory)
+        urls: str | list[str] = _local_shard_urls(directory)
         storage_options: dict = {}
     elif cfg.source == "shards":
-        if _urls_missing(cfg):
+        if cfg.urls in (None, MISSING):
             raise UserError(
                 "data.urls is required when data.source=shards: set it to the shard URLs, "
-                "e.g. data.urls='s3://bucket/dir/shard-{000000..000099}.tar'"
+                """e.g. 'data.urls="s3://bucket/dir/shard-{000000..000099}.tar"'"""
             )
-        urls = _plain(cfg.urls)
-        storage_options = _plain(cfg.storage_options) or {}
+        urls, storage_options = cfg.urls, cfg.storage_options
     else:
         raise UserError(f"data.source={cfg.source!r} is not one of {', '.join(TEXT_SOURCES)}")
     return TokenBlockStream(
@@ -72,14 +69,3 @@ def _local_shard_urls(directory: str) -> list[str]:
     """Every shard the prepared corpus's index lists, as paths."""
     index = json.loads(Path(directory, INDEX_NAME).read_text())
     return [str(Path(directory, s["name"])) for s in index["shards"]]
-
-
-def _urls_missing(cfg: DataConfig | DictConfig) -> bool:
-    if isinstance(cfg, DictConfig) and OmegaConf.is_missing(cfg, "urls"):
-        return True
-    return cfg.urls is None or cfg.urls == MISSING
-
-
-def _plain(value: Any) -> Any:
-    """OmegaConf containers as plain lists/dicts, which fsspec and braceexpand expect."""
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
