@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from pretrain.distributed import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 MAIN = str(REPO / "pretrain" / "main.py")
@@ -21,12 +22,6 @@ TINY = [
     "train.global_batch_size=8", "train.micro_batch_size=2", "train.log_interval=1",
     "data.stdlib_max_mb=0.25", "data.blocks_per_shard=128",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(launcher: str, overrides: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
