@@ -60,6 +60,13 @@ class EngineConfig:
     name: str = "deepspeed"
     zero_stage: int = 2
     precision: str = "bf16"
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    activation_checkpointing: str = "none"
+    activation_checkpointing_every: int = 2
+    compile: bool = False
+    reshard_after_forward: bool = True
+    deepspeed_overrides: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -12,6 +12,7 @@ import sys
 
 from pretrain.config import load_config
 from pretrain.distributed import init_distributed, shutdown, strip_launcher_args
+from pretrain.engines import check_engine_config
 from pretrain.errors import UserError
 from pretrain.trainer import Trainer
 
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     try:
         cfg = load_config(overrides)
+        check_engine_config(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
         dist_info = init_distributed()
         try:
             Trainer(cfg, dist_info).fit()

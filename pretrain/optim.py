@@ -13,12 +13,11 @@ from pretrain.config import OptimConfig
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices only: norms, biases, LayerScale gains (all 1-D) and whatever the model
     names in `no_weight_decay()` (position table, TSSA's `temp` and `denom_bias`) are exempt."""
-    exempt = model.no_weight_decay()
+    exempt = {id(model.get_parameter(name)) for name in model.no_weight_decay()}
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or name in exempt else decay).append(p)
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or id(p) in exempt else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 

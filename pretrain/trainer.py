@@ -111,7 +111,8 @@ class Trainer:
                 last_loss = self._mean_over_ranks(sum(losses) / len(losses))
                 tokens_per_s = self.tokens_per_step * len(losses) / elapsed
                 metrics = {"loss": last_loss, "lr": result.lr, "grad_norm": result.grad_norm,
-                           "tokens_per_s": tokens_per_s, "step_time_s": elapsed / len(losses),
+                           "tokens_per_s": tokens_per_s, "samples_per_s": tokens_per_s / cfg.model.seq_len,
+                           "step_time_s": elapsed / len(losses),
                            "memory_gib": memory_gib(world.device)}
                 utilisation = mfu(tokens_per_s / world.world_size, flops_per_token, peak)
                 if utilisation is not None:

@@ -32,7 +32,9 @@ def launch(launcher: str, overrides: list[str], timeout: float = 300) -> subproc
         cmd = [shutil.which("torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), MAIN]
     else:
         cmd = [sys.executable, MAIN]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    # PYTHONPATH: the processes import this checkout, whatever tree an editable install points at.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     return subprocess.run(cmd + overrides, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -64,12 +64,12 @@ def test_plain_python_single_and_deepspeed_engines_agree(tmp_path, corpus_cache)
     """`python pretrain/main.py` is a world of one; fp32 without sharding, DeepSpeed must take
     the same steps as plain PyTorch."""
     runs = {}
-    for engine in ("single", "deepspeed"):
+    for engine in ("ddp", "deepspeed"):
         runs[engine] = tmp_path / engine
         check(launch("python", smoke(runs[engine], corpus_cache, f"engine={engine}", "engine.zero_stage=0",
                                      "train.max_steps=3")))
     for key in ("loss", "grad_norm", "lr"):
-        single, deepspeed = (metric_history(runs[e], key) for e in ("single", "deepspeed"))
+        single, deepspeed = (metric_history(runs[e], key) for e in ("ddp", "deepspeed"))
         assert sorted(single) == [1, 2, 3]
         for step in (1, 2, 3):
             assert single[step] == pytest.approx(deepspeed[step], rel=1e-5), (key, step)

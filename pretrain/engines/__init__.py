@@ -2,28 +2,75 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-from pretrain.config import Config
+from pretrain.config import Config, grad_accum_steps
 from pretrain.distributed import DistInfo
 from pretrain.engines.base import Engine, StepResult
+from pretrain.engines.blocks import AC_MODES, prepare_blocks
 from pretrain.errors import UserError
 
+ENGINES = ("deepspeed", "fsdp", "ddp")
 PRECISIONS = ("bf16", "fp32")
 
 
+def check_engine_config(cfg: Config, world_size: int) -> None:
+    """Refuse impossible combinations with one line, before any process group exists."""
+    e = cfg.engine
+
+    def fail(message: str) -> None:
+        raise UserError(message)
+
+    if e.name not in ENGINES:
+        fail(f"engine.name={e.name!r} is not an engine; use one of {', '.join(ENGINES)}")
+    if e.precision not in PRECISIONS:
+        fail(f"engine.precision={e.precision!r} is not one of {', '.join(PRECISIONS)}")
+    if e.activation_checkpointing not in AC_MODES:
+        fail(f"engine.activation_checkpointing={e.activation_checkpointing!r} is not one of {', '.join(AC_MODES)}")
+    if e.activation_checkpointing == "every_k" and e.activation_checkpointing_every < 1:
+        fail(f"engine.activation_checkpointing_every={e.activation_checkpointing_every} must be >= 1")
+    grad_accum_steps(cfg.train, world_size)  # the global batch must split evenly over the ranks
+    if e.name != "deepspeed" and e.deepspeed_overrides:
+        fail(f"engine.deepspeed_overrides only applies to engine=deepspeed, not engine={e.name}")
+    if e.name == "deepspeed":
+        from pretrain.engines.deepspeed import DERIVED_KEYS
+
+        if e.zero_stage not in (0, 1, 2, 3):
+            fail(f"engine.zero_stage={e.zero_stage} is not a ZeRO stage; use 0, 1, 2 or 3")
+        if e.offload_params and e.zero_stage != 3:
+            fail(f"engine.offload_params needs engine.zero_stage=3 (ZeRO-Infinity), not {e.zero_stage}")
+        if e.offload_optimizer and e.zero_stage == 0:
+            fail("engine.offload_optimizer needs engine.zero_stage >= 1 (ZeRO-Offload)")
+        if e.compile and e.zero_stage == 3:
+            fail("engine.compile=true is not supported with engine.zero_stage=3 (ZeRO-3 hooks every "
+                 "parameter access); use zero_stage <= 2 or engine=fsdp")
+        for key in DERIVED_KEYS:
+            if key in e.deepspeed_overrides:
+                fail(f"engine.deepspeed_overrides.{key} is generated from train.* and optim.*; set those instead")
+    if e.name == "ddp" and (e.offload_params or e.offload_optimizer):
+        fail("engine=ddp cannot offload; use engine=fsdp engine.offload_params=true or engine=deepspeed")
+    if e.name == "fsdp" and e.offload_optimizer and not e.offload_params:
+        fail("engine=fsdp offloads parameters and optimizer together: set engine.offload_params=true")
+    if (e.offload_params or e.offload_optimizer) and not torch.cuda.is_available():
+        fail("engine.offload_params / engine.offload_optimizer move state from GPU to CPU memory; "
+             "there is no GPU here, so turn them off")
+
+
 def build_engine(model: nn.Module, cfg: Config, dist: DistInfo) -> Engine:
-    if cfg.engine.precision not in PRECISIONS:
-        raise UserError(f"engine.precision={cfg.engine.precision!r} is not one of {', '.join(PRECISIONS)}")
+    check_engine_config(cfg, dist.world_size)
+    model = prepare_blocks(model, cfg.engine)
     if cfg.engine.name == "deepspeed":
         from pretrain.engines.deepspeed import DeepSpeedEngine  # imports DeepSpeed only when used
 
         return DeepSpeedEngine(model, cfg, dist)
-    if cfg.engine.name == "single":
-        from pretrain.engines.single import SingleEngine
+    if cfg.engine.name == "fsdp":
+        from pretrain.engines.fsdp import FSDPEngine
 
-        return SingleEngine(model, cfg, dist)
-    raise UserError(f"engine.name={cfg.engine.name!r} is not an engine; use deepspeed or single")
+        return FSDPEngine(model, cfg, dist)
+    from pretrain.engines.ddp import DDPEngine
+
+    return DDPEngine(model, cfg, dist)
 
 
-__all__ = ["Engine", "StepResult", "build_engine"]
+__all__ = ["Engine", "StepResult", "build_engine", "check_engine_config"]

@@ -31,7 +31,7 @@ class Engine(ABC):
     @property
     @abstractmethod
     def model(self) -> nn.Module:
-        """The unwrapped model, for evaluation and export."""
+        """The unwrapped model (possibly holding only this rank's shards)."""
 
     @abstractmethod
     def train_step(self, micro_batches: list[Batch]) -> StepResult: ...
@@ -41,6 +41,10 @@ class Engine(ABC):
 
     @abstractmethod
     def load(self, step_dir: str) -> None: ...
+
+    @abstractmethod
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Collective: the complete, unsharded weights on CPU on rank 0 (empty on other ranks)."""
 
     def to_device(self, batch: Batch) -> Batch:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}

@@ -18,29 +18,57 @@ from pretrain.config import Config, grad_accum_steps
 from pretrain.distributed import DistInfo
 from pretrain.engines.base import Batch, Engine, StepResult
 from pretrain.errors import UserError
-from pretrain.optim import build_optimizer, build_scheduler
+from pretrain.optim import build_optimizer, build_scheduler, param_groups
+
+
+# Keys generated from our config that an override must not change: our trainer feeds exactly
+# this many micro-batches, and the optimizer and schedule are ours.
+DERIVED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                "optimizer", "scheduler")
+
+
+def _merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return merged
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
-    return {
+    """The DeepSpeed JSON config generated from ours, with `engine.deepspeed_overrides` merged last."""
+    zero: dict = {"stage": cfg.engine.zero_stage}
+    if cfg.engine.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if cfg.engine.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    generated = {
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": grad_accum_steps(cfg.train, world_size),
         "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {"stage": cfg.engine.zero_stage},
+        "zero_optimization": zero,
         "bf16": {"enabled": cfg.engine.precision == "bf16"},
         "steps_per_print": 2**31 - 1,  # our trainer logs; keep DeepSpeed's own step log quiet
     }
+    return _merge(generated, cfg.engine.deepspeed_overrides)
+
+
+def _optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """Our AdamW; with ZeRO-Offload, DeepSpeed's CPU AdamW over the same groups and settings."""
+    if not cfg.engine.offload_optimizer:
+        return build_optimizer(model, cfg.optim)
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    return DeepSpeedCPUAdam(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                            betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, adamw_mode=True)
 
 
 class DeepSpeedEngine(Engine):
     def __init__(self, model: nn.Module, cfg: Config, dist: DistInfo):
-        if cfg.engine.zero_stage not in (0, 1, 2, 3):
-            raise UserError(f"engine.zero_stage={cfg.engine.zero_stage} is not a ZeRO stage; use 0, 1, 2 or 3")
         self.device = dist.device
         self._model = model
         self.engine, _, _, _ = deepspeed.initialize(
             model=model,
-            optimizer=build_optimizer(model, cfg.optim),
+            optimizer=_optimizer(model, cfg),
             lr_scheduler=lambda optimizer: build_scheduler(optimizer, cfg.optim),
             config=deepspeed_config(cfg, dist.world_size),
             dist_init_required=False,
@@ -84,3 +112,12 @@ class DeepSpeedEngine(Engine):
         if path is None:
             raise UserError(f"checkpoint {step_dir} holds no DeepSpeed engine files; "
                             f"was it written by another engine?")
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        if self.engine.zero_optimization_partition_weights():  # ZeRO-3: gather the shards
+            state = self.engine._zero3_consolidated_16bit_state_dict()
+        else:
+            state = self._model.state_dict()
+        if not torch.distributed.get_rank() == 0:
+            return {}
+        return {k: v.detach().cpu().clone() for k, v in state.items()}
