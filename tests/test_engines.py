@@ -6,20 +6,24 @@ is tested elsewhere), in real local worlds of 1 or 2 processes with gloo.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from pretrain.config import load_config
 from pretrain.engines import build_engine
 from pretrain.launch import run_local_world
+from pretrain.models import build_model
 from pretrain.trainer import seed_everything
 
 SEQ_LEN, ALPHABET = 16, 16
 TINY_MODEL = ["model.n_layer=2", "model.n_head=4", "model.n_embd=64", f"model.seq_len={SEQ_LEN}"]
 
 
-def config(model: str, engine: list[str], global_batch: int = 8, micro: int = 2, lr: float = 3e-3):
-    return load_config([f"+exp={model}_smoke", *TINY_MODEL, *engine, "engine.precision=fp32",
+def config(model: str, engine: list[str], global_batch: int = 8, micro: int = 2, lr: float = 3e-3,
+           precision: str = "fp32"):
+    return load_config([f"+exp={model}_smoke", *TINY_MODEL, *engine, f"engine.precision={precision}",
                         f"train.global_batch_size={global_batch}", f"train.micro_batch_size={micro}",
                         f"optim.lr={lr}", "optim.warmup_steps=2", "optim.decay_steps=10"])
 
@@ -43,16 +47,15 @@ def mean_over_ranks(value: float) -> float:
     return t.item() / torch.distributed.get_world_size()
 
 
-def train(dist_info, cfg, blocks):
-    seed_everything(cfg.train.seed)
-    from pretrain.models import build_model
-
+def train(dist_info, cfg, blocks, seed=None):
+    seed_everything(cfg.train.seed if seed is None else seed)
     engine = build_engine(build_model(cfg.model), cfg, dist_info)
-    losses = []
-    for block in blocks:
-        micro = rank_micro_batches(block, dist_info.rank, dist_info.world_size, cfg.train.micro_batch_size)
-        losses.append(mean_over_ranks(engine.train_step(micro).loss))
-    return engine, losses
+    return engine, [step(engine, block, dist_info, cfg) for block in blocks]
+
+
+def step(engine, block, dist_info, cfg) -> float:
+    micro = rank_micro_batches(block, dist_info.rank, dist_info.world_size, cfg.train.micro_batch_size)
+    return mean_over_ranks(engine.train_step(micro).loss)
 
 
 def run_engines(dist_info, model, variants, steps, global_batch, micro):
@@ -103,3 +106,50 @@ def test_all_engines_take_the_same_steps(model):
         assert total < 1e-5, (label, total)
         worst = max(per_tensor, key=per_tensor.get)
         assert per_tensor[worst] < 1e-3, (label, worst, per_tensor[worst])
+
+
+def accumulate(dist_info, engine_overrides):
+    """The same 4 sequences per step as 2 micro-batches x accumulation 2, and as 1 micro-batch of 4."""
+    blocks = global_batches(3, 4)
+    out = {}
+    for micro in (2, 4):
+        engine, losses = train(dist_info, config("tost_gpt2", engine_overrides, global_batch=4, micro=micro), blocks)
+        out[micro] = (losses, engine.full_state_dict())
+    return out
+
+
+@pytest.mark.parametrize("engine", [["engine=ddp"], ["engine=deepspeed", "engine.zero_stage=2"], ["engine=fsdp"]])
+def test_gradient_accumulation_equals_one_big_micro_batch(engine):
+    (out,) = run_local_world(accumulate, 1, engine)
+    (accumulated, weights), (big, big_weights) = out[2], out[4]
+    assert accumulated == pytest.approx(big, rel=1e-5)
+    assert weight_errors(weights, big_weights)[0] < 1e-5
+
+
+def bf16_train_save_load(dist_info, variants, root):
+    """Per engine, in bf16: 8 steps, save, a 9th step; then a fresh engine (other init) loads."""
+    blocks = global_batches(9, 8)
+    out = {}
+    for label, overrides in variants.items():
+        cfg = config("tost_gpt2", overrides, lr=1e-2, precision="bf16")
+        engine, losses = train(dist_info, cfg, blocks[:8])
+        step_dir = os.path.join(root, label)
+        os.makedirs(step_dir, exist_ok=True)
+        engine.save(step_dir)
+        saved = engine.full_state_dict()
+        next_loss = step(engine, blocks[8], dist_info, cfg)
+        restored, _ = train(dist_info, cfg, [], seed=cfg.train.seed + 1)
+        restored.load(step_dir)
+        out[label] = (losses, saved, restored.full_state_dict(), next_loss, step(restored, blocks[8], dist_info, cfg))
+    return out if dist_info.rank == 0 else None
+
+
+def test_bf16_runs_of_every_engine_train_save_and_load(tmp_path):
+    variants = {k: v for k, v in TWO_RANK_ENGINES.items() if "+" not in k}
+    results = run_local_world(bf16_train_save_load, 2, variants, str(tmp_path))[0]
+    for label, (losses, saved, loaded, next_loss, restored_loss) in results.items():
+        assert sum(losses[-2:]) / 2 < losses[0] - 0.5, (label, losses)
+        assert saved.keys() == loaded.keys(), label
+        for name in saved:
+            assert torch.equal(saved[name], loaded[name]), (label, name)
+        assert restored_loss == next_loss, label  # optimizer state and schedule came back too

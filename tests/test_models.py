@@ -123,3 +123,34 @@ def test_config_errors_name_the_field() -> None:
         build_model(ModelConfig(name="bogus"))
     with pytest.raises(UserError, match=r"model\.n_embd.*model\.n_head"):
         build_model(ModelConfig(n_embd=100, n_head=3))
+
+
+@pytest.mark.parametrize("name", ["gpt2", "tost"])
+def test_flop_counter_matches_a_hand_count_and_torch_for_two_layers(name: str) -> None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pretrain.config import ModelConfig
+
+    L, D, V, T, B = 2, 64, 1000, 32, 2
+    cfg = ModelConfig(name=name, n_layer=L, n_head=4, n_embd=D, vocab_size=V, seq_len=T, bias=False)
+    model = build_model(cfg)
+    # By hand, per token, training = forward (2 FLOPs per weight: multiply, add) + backward (4).
+    # GPT-2 layer: qkv 3D^2 + out D^2 + MLP 8D^2 weights; attention q.k and a.v: 2 * 2 * T * D.
+    # ToST layer: U D^2 + out D^2 + MLP 8D^2 weights; TSSA's elementwise work, 12 per coordinate.
+    head = 6 * V * D
+    if name == "gpt2":
+        per_layer_matmul, per_layer_mixing = 6 * 12 * D * D, 3 * 4 * T * D
+    else:
+        per_layer_matmul, per_layer_mixing = 6 * 10 * D * D, 3 * 12 * D
+    assert model.flops_per_token() == head + L * (per_layer_matmul + per_layer_mixing)
+
+    # torch counts the matmuls (and SDPA) it really runs in forward + backward; TSSA's
+    # elementwise term is invisible to it, so it must see exactly the rest.
+    ids = torch.randint(0, V, (B, T))
+    # The math backend runs attention as plain matmuls, which the counter sees on any device.
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        model(ids, ids).backward()
+    counted_per_token = counter.get_total_flops() / (B * T)
+    expected = head + L * per_layer_matmul + (L * per_layer_mixing if name == "gpt2" else 0)
+    assert counted_per_token == expected

@@ -77,6 +77,15 @@ class CausalLM(nn.Module):
         return n - self.wpe.weight.numel() if exclude_position_embeddings else n
 
     def flops_per_token(self) -> float:
-        """Training FLOPs per token for MFU: 6 per matmul weight (incl. lm_head) + token mixing."""
+        """Training FLOPs per token, for MFU.
+
+        Every weight of a Linear (the tied head included, once) costs 2 FLOPs per token forward
+        (multiply, add) and 4 backward (gradients for input and weight): 6 per weight. The token
+        mixer adds its own work, which no weight count sees: softmax attention 12 * T * D per
+        layer (q.k^T and a.v, 2 * 2 * T * D forward, x3), i.e. O(T^2 D) per sequence; causal TSSA
+        36 * D per layer, i.e. O(T D) per sequence (see each mixer's `flops_per_token`).
+        Embedding lookups, norms and the MLP's GELU are left out, as in the PaLM/nanoGPT count.
+        tests/test_models.py checks this against a hand count and torch's FlopCounterMode.
+        """
         matmul_params = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         return 6 * matmul_params + sum(block.attn.flops_per_token() for block in self.blocks)
