@@ -29,7 +29,9 @@ def launch(launcher: str, overrides: list[str], timeout: float = 300) -> subproc
     if launcher == "deepspeed":
         cmd = [shutil.which("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), MAIN]
     elif launcher == "torchrun":
-        cmd = [shutil.which("torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), MAIN]
+        # The multi-node form (rendezvous), with one node: what a cluster launch runs on each node.
+        cmd = [shutil.which("torchrun"), "--nnodes", "1", "--nproc_per_node", "2", "--rdzv_backend", "c10d",
+               "--rdzv_endpoint", f"127.0.0.1:{free_port()}", MAIN]
     else:
         cmd = [sys.executable, MAIN]
     # PYTHONPATH: the processes import this checkout, whatever tree an editable install points at.

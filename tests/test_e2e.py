@@ -48,16 +48,20 @@ def test_deepspeed_zero2_trains_checkpoints_tracks_and_resumes_exactly(tmp_path,
     assert [continued[s] for s in range(5, 9)] == [losses[s] for s in range(5, 9)]
 
 
-def test_torchrun_launches_gpt2_baseline_tracked_on_an_mlflow_server(tmp_path, corpus_cache, mlflow_server):
+def test_torchrun_rendezvous_fsdp_gpt2_tracked_on_an_mlflow_server_and_resumed(tmp_path, corpus_cache, mlflow_server):
     run_dir = tmp_path / "gpt2"
-    args = smoke(run_dir, corpus_cache, "train.max_steps=3", "engine.zero_stage=1", f"tracking.uri={mlflow_server}")
+    args = smoke(run_dir, corpus_cache, "engine=fsdp", "checkpoint.interval=2", f"tracking.uri={mlflow_server}")
     args[0] = "+exp=gpt2_smoke"
-    proc = check(launch("torchrun", args))
+    proc = check(launch("torchrun", args + ["train.max_steps=2"]))
     assert "gpt2:" in proc.stdout
+    assert (run_dir / "checkpoints" / "step_00000002" / "dcp" / ".metadata").is_file()
+    resumed = check(launch("torchrun", args + ["train.max_steps=3"]))
+    assert "(step 2)" in resumed.stdout
     assert not (run_dir / "mlflow.db").exists()
     assert sorted(metric_history(run_dir, uri=mlflow_server)) == [1, 2, 3]
     _, run = mlflow_run(run_dir, uri=mlflow_server)
-    assert run.data.params["model.name"] == "gpt2" and run.info.status == "FINISHED"
+    assert run.data.params["model.name"] == "gpt2" and run.data.params["engine.name"] == "fsdp"
+    assert run.info.status == "FINISHED"
 
 
 def test_plain_python_single_and_deepspeed_engines_agree(tmp_path, corpus_cache):
