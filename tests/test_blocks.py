@@ -52,3 +52,22 @@ def test_checkpointing_changes_no_number_and_saves_less(name: str):
     every_k, full = results["every_k"][2], results["full"][2]
     assert full < every_k < saved
     assert full < 0.6 * saved  # the blocks' activations dominate what backward keeps
+
+
+def test_compiled_blocks_compute_the_same_loss_and_gradients():
+    """torch.compile of each block (inductor, CPU) on ToST, whose TSSA math is ours."""
+
+    def run(engine: EngineConfig):
+        torch.manual_seed(0)
+        cfg = ModelConfig(name="tost", n_layer=2, n_head=4, n_embd=64, vocab_size=512, seq_len=32, layerscale_init=0.1)
+        model = prepare_blocks(build_model(cfg), engine)
+        ids = torch.randint(0, cfg.vocab_size, (2, cfg.seq_len), generator=torch.Generator().manual_seed(1))
+        loss = model(ids, ids)
+        loss.backward()
+        return loss.item(), [p.grad for p in model.parameters()]
+
+    loss, grads = run(EngineConfig())
+    compiled_loss, compiled_grads = run(EngineConfig(compile=True, activation_checkpointing="full"))
+    assert compiled_loss == pytest.approx(loss, rel=1e-5)
+    for g, ref in zip(compiled_grads, grads):
+        torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-7)
