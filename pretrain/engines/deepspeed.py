@@ -114,10 +114,12 @@ class DeepSpeedEngine(Engine):
                             f"was it written by another engine?")
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        if self.engine.zero_optimization_partition_weights():  # ZeRO-3: gather the shards
+        if self.engine.zero_optimization_partition_weights():
+            # ZeRO-3: gather the shards (the gather behind DeepSpeed's save_16bit_model; tensors
+            # come in the training dtype, fp32 or bf16).
             state = self.engine._zero3_consolidated_16bit_state_dict()
         else:
             state = self._model.state_dict()
-        if not torch.distributed.get_rank() == 0:
+        if torch.distributed.get_rank() != 0:
             return {}
         return {k: v.detach().cpu().clone() for k, v in state.items()}

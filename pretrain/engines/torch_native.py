@@ -26,6 +26,7 @@ from torch.distributed.tensor import DTensor
 from pretrain.config import Config
 from pretrain.distributed import DistInfo
 from pretrain.engines.base import Batch, Engine, StepResult
+from pretrain.errors import UserError
 from pretrain.optim import build_optimizer, build_scheduler
 
 DCP_DIR = "dcp"
@@ -86,6 +87,9 @@ class TorchEngine(Engine):
             torch.save(self.scheduler.state_dict(), os.path.join(step_dir, SCHEDULER_FILE))
 
     def load(self, step_dir: str) -> None:
+        if not os.path.isdir(os.path.join(step_dir, DCP_DIR)):
+            raise UserError(f"checkpoint {step_dir} holds no {DCP_DIR}/ directory; "
+                            f"was it written by engine=deepspeed?")
         model_state, optim_state = get_state_dict(self.wrapped, self.optimizer)
         state = {"model": model_state, "optim": optim_state}
         dcp.load(state, checkpoint_id=os.path.join(step_dir, DCP_DIR))
