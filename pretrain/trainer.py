@@ -95,7 +95,7 @@ class Trainer:
 
     def _loop(self, step, engine, data, ckpt, tracker, run_id, flops_per_token) -> float:
         cfg, world = self.cfg, self.dist
-        peak = peak_flops(world.device)
+        peak = peak_flops(world.device, cfg.engine.precision)
         batches = iter(data)
         losses: list[float] = []
         last_loss = float("nan")

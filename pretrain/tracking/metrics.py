@@ -16,8 +16,9 @@ PEAK_BF16_FLOPS = {
 }
 
 
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    """The device's dense peak for `precision`; known for bf16 on the GPUs in the table only."""
+    if device.type != "cuda" or precision != "bf16":
         return None
     name = torch.cuda.get_device_name(device)
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)

@@ -156,7 +156,7 @@ def bench_rank(dist_info: DistInfo, cfg: Config, warmup: int, steps: int) -> dic
     dist.all_reduce(mean_loss)
     return {"elapsed_s": elapsed, "loss": mean_loss.item() / dist_info.world_size,
             "memory_gib": memory_gib(dist_info.device), "flops_per_token": flops_per_token,
-            "peak_flops": peak_flops(dist_info.device)}
+            "peak_flops": peak_flops(dist_info.device, cfg.engine.precision)}
 
 
 def run_variant(model: str, engine: str, cfg: Config, args: argparse.Namespace) -> dict:
