@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,31 @@ def mlflow_server(tmp_path_factory) -> str:
     yield uri
     server.terminate()
     server.wait(timeout=30)
+
+
+@dataclass(frozen=True)
+class S3:
+    """A bucket on moto's S3 server, reached through s3fs like any object store."""
+
+    endpoint: str
+    bucket: str
+    storage_options: dict
+
+    def url(self, path: str) -> str:
+        return f"s3://{self.bucket}/{path.lstrip('/')}"
+
+
+@pytest.fixture(scope="session")
+def s3() -> S3:
+    """moto's S3-compatible server on 127.0.0.1 (a real HTTP server, in a thread of this process)."""
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    options = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
+    s3fs.S3FileSystem(**options).mkdir("whitebox-test")
+    yield S3(endpoint, "whitebox-test", options)
+    server.stop()
