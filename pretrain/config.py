@@ -7,7 +7,7 @@ each knob are documented in the YAML files; the schemas only fix names and types
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -41,6 +41,11 @@ class DataConfig:
     cache_dir: str = "~/.cache/whitebox-pretrain"
     stdlib_max_mb: float = 4.0
     blocks_per_shard: int = 256
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    retries: int = 3
+    retry_backoff_s: float = 1.0
+    on_error: str = "raise"
 
 
 @dataclass
@@ -101,6 +106,22 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+SECRET_WORDS = ("key", "secret", "token", "password", "credential")
+
+
+def redacted(cfg: Config) -> dict:
+    """The config as a plain dict with credentials in any `storage_options` masked, for every
+    place a config is written or logged (run_dir/config.yaml, MLflow params)."""
+
+    def mask(tree: Any, in_storage_options: bool = False) -> Any:
+        if not isinstance(tree, dict):
+            return tree
+        return {k: "***" if in_storage_options and any(w in k.lower() for w in SECRET_WORDS)
+                else mask(v, in_storage_options or k == "storage_options") for k, v in tree.items()}
+
+    return mask(asdict(cfg))
 
 
 def grad_accum_steps(train: TrainConfig, world_size: int) -> int:

@@ -3,7 +3,6 @@ not DeepSpeed or FSDP, and the model only through the registry."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import random
@@ -15,8 +14,8 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from pretrain.checkpoint.manager import CheckpointManager
-from pretrain.config import Config, grad_accum_steps
-from pretrain.data import build_text_stream
+from pretrain.config import Config, grad_accum_steps, redacted
+from pretrain.data import build_text_loader
 from pretrain.distributed import DistInfo
 from pretrain.engines import build_engine
 from pretrain.errors import UserError
@@ -56,14 +55,14 @@ class Trainer:
         cfg, world = self.cfg, self.dist
         if world.is_main:
             os.makedirs(self.run_dir, exist_ok=True)
-            OmegaConf.save(OmegaConf.structured(cfg), os.path.join(self.run_dir, "config.yaml"))
+            OmegaConf.save(OmegaConf.create(redacted(cfg)), os.path.join(self.run_dir, "config.yaml"))
 
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
         model = build_model(cfg.model)
         flops_per_token = model.flops_per_token()
         n_params = model.num_params()
         engine = build_engine(model, cfg, world)
-        data = build_text_stream(cfg.data, seq_len=cfg.model.seq_len, vocab_size=cfg.model.vocab_size,
+        data = build_text_loader(cfg.data, seq_len=cfg.model.seq_len, vocab_size=cfg.model.vocab_size,
                                  batch_size=cfg.train.micro_batch_size,
                                  rank=world.rank, world_size=world.world_size, local_rank=world.local_rank,
                                  seed=cfg.train.seed)
@@ -79,7 +78,7 @@ class Trainer:
             log.info("resumed from %s (step %d)", resume_dir, step)
 
         tracker = Tracker(cfg.tracking, self.run_dir, enabled=world.is_main)
-        run_id = tracker.start(dataclasses.asdict(cfg), resume_run_id=run_id)
+        run_id = tracker.start(redacted(cfg), resume_run_id=run_id)
         log.info("%s: %.2fM params, %d ranks on %s, %d tokens/step, steps %d -> %d",
                  cfg.model.name, n_params / 1e6, world.world_size, world.device, self.tokens_per_step,
                  step, cfg.train.max_steps)
@@ -111,6 +110,7 @@ class Trainer:
                 last_loss = self._mean_over_ranks(sum(losses) / len(losses))
                 tokens_per_s = self.tokens_per_step * len(losses) / elapsed
                 metrics = {"loss": last_loss, "lr": result.lr, "grad_norm": result.grad_norm,
+                           "data_skipped": self._sum_over_ranks(data.skipped_samples()),
                            "tokens_per_s": tokens_per_s, "samples_per_s": tokens_per_s / cfg.model.seq_len,
                            "step_time_s": elapsed / len(losses),
                            "memory_gib": memory_gib(world.device)}
@@ -135,7 +135,10 @@ class Trainer:
                 interval_start += time.perf_counter() - save_start  # saving is not training time
         return last_loss
 
-    def _mean_over_ranks(self, value: float) -> float:
+    def _sum_over_ranks(self, value: float) -> float:
         t = torch.tensor([value], dtype=torch.float64, device=self.dist.device)
         dist.all_reduce(t)
-        return t.item() / self.dist.world_size
+        return t.item()
+
+    def _mean_over_ranks(self, value: float) -> float:
+        return self._sum_over_ranks(value) / self.dist.world_size

@@ -77,3 +77,20 @@ def test_plain_python_single_and_deepspeed_engines_agree(tmp_path, corpus_cache)
         assert sorted(single) == [1, 2, 3]
         for step in (1, 2, 3):
             assert single[step] == pytest.approx(deepspeed[step], rel=1e-5), (key, step)
+
+
+def test_smoke_experiment_streams_its_shards_from_s3(tmp_path, s3):
+    from pretrain.data.text import stdlib_documents, write_token_shards
+
+    index = write_token_shards(stdlib_documents(300_000), s3.url("e2e/tokens"), 33, 128, storage_options=s3.storage_options)
+    urls = s3.url(f"e2e/tokens/shard-{{000000..{len(index['shards']) - 1:06d}}}.tar")
+    credentials = [f"+data.storage_options.{k}={v}" for k, v in s3.storage_options.items()]
+    run_dir = tmp_path / "s3"
+    check(launch("deepspeed", smoke(run_dir, "/unused", "data=shards", f'data.urls="{urls}"', *credentials,
+                                    "data.num_workers=2", "train.max_steps=3")))
+    assert sorted(metric_history(run_dir)) == [1, 2, 3]
+    _, run = mlflow_run(run_dir)
+    assert run.data.params["data.storage_options.secret"] == "***" and run.data.params["data.storage_options.key"] == "***"
+    assert run.data.params["data.storage_options.endpoint_url"] == s3.endpoint
+    assert "testing" not in (run_dir / "config.yaml").read_text()  # the moto credentials
+    assert metric_history(run_dir, "data_skipped") == {1: 0.0, 2: 0.0, 3: 0.0}

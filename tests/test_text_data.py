@@ -1,25 +1,19 @@
-"""Text shards: writing, reading back, rank split, endless epochs, exact resume, bad inputs."""
+"""Text shards: writing them, reading them back, the CLI, and the embedded stdlib corpus."""
 
 import io
-import itertools
 import json
 import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 import pretrain.data.text as text
-from pretrain.config import DataConfig
-from pretrain.data import build_text_stream
-from pretrain.data.shards import TokenBlockStream, expand_urls, read_index
 from pretrain.data.text import prepare_stdlib_corpus, stdlib_documents, write_token_shards
 from pretrain.data.tokenizer import gpt2_tokenizer
 from pretrain.errors import UserError
@@ -49,22 +43,12 @@ def read_tar_blocks(path):
         return [(s["__key__"], np.load(io.BytesIO(s["npy"]))) for s in group_by_keys(files)]
 
 
-def shard_pattern(directory, n):
-    return f"{directory}/shard-{{000000..{n - 1:06d}}}.tar"
-
-
 @pytest.fixture
 def shards(tmp_path):
     """A shard set of several small shards; returns (directory, index)."""
     out = tmp_path / "shards"
     index = write_token_shards(DOCS, str(out), BLOCK_LEN, BLOCKS_PER_SHARD, source="test docs")
     return out, index
-
-
-def stream(directory, index, **kw):
-    args = dict(seq_len=SEQ_LEN, vocab_size=VOCAB, batch_size=3, rank=0, world_size=1, seed=7)
-    args.update(kw)
-    return TokenBlockStream(shard_pattern(directory, len(index["shards"])), **args)
 
 
 # --------------------------------------------------------------------------- writing
@@ -137,166 +121,6 @@ def test_cli_writes_shards_and_rejects_missing_input(tmp_path):
     assert bad.stderr.strip().count("\n") == 0 and "nope" in bad.stderr
 
 
-# --------------------------------------------------------------------------- reading
-
-
-def blocks_of(batches):
-    """The (B, seq_len+1) token rows behind batches, checking labels are inputs shifted by one."""
-    rows = []
-    for b in batches:
-        assert b["input_ids"].shape == b["labels"].shape == (b["input_ids"].shape[0], SEQ_LEN)
-        assert (b["labels"][:, :-1] == b["input_ids"][:, 1:]).all()
-        rows += [tuple(x) + (y,) for x, y in zip(b["input_ids"].tolist(), b["labels"][:, -1].tolist())]
-    return rows
-
-
-def shard_blocks(directory, names):
-    return [tuple(b.tolist()) for n in names for _, b in read_tar_blocks(Path(directory) / n)]
-
-
-def test_ranks_read_disjoint_shards_covering_all(shards):
-    out, index = shards
-    seen = []
-    for rank in range(2):
-        s = stream(out, index, rank=rank, world_size=2, batch_size=1)
-        names = [Path(u).name for u in s.shard_urls]
-        seen += names
-        epoch = sum(x["samples"] for x in index["shards"] if x["name"] in names)
-        got = blocks_of(itertools.islice(s, epoch))
-        assert sorted(got) == sorted(shard_blocks(out, names))
-    assert sorted(seen) == [s["name"] for s in index["shards"]]
-
-
-def test_stream_is_endless_and_reshuffles_per_epoch(shards):
-    out, index = shards
-    s = stream(out, index, batch_size=1)
-    per_epoch = index["total_blocks"]
-    rows = blocks_of(itertools.islice(s, 3 * per_epoch + 2))
-    epochs = [rows[i * per_epoch : (i + 1) * per_epoch] for i in range(3)]
-    assert all(sorted(e) == sorted(shard_blocks(out, [x["name"] for x in index["shards"]])) for e in epochs)
-    assert len({tuple(s.epoch_order(e)) for e in range(4)}) > 1
-    assert s.state_dict()["epoch"] == 3
-
-
-@pytest.mark.parametrize("k", [0, 1, 2, 5, 9])
-def test_exact_resume(shards, k):
-    out, index = shards
-    first = stream(out, index)
-    it = iter(first)
-    for _ in range(k):
-        next(it)
-    state = json.loads(json.dumps(first.state_dict()))
-    expected = [next(it) for _ in range(6)]
-    second = stream(out, index)
-    second.load_state_dict(state)
-    got = list(itertools.islice(second, 6))
-    for a, b in zip(expected, got):
-        assert (a["input_ids"] == b["input_ids"]).all() and (a["labels"] == b["labels"]).all()
-
-
-def test_resume_with_other_world_size_says_data_changed(shards):
-    out, index = shards
-    state = stream(out, index).state_dict()
-    other = stream(out, index, rank=1, world_size=2)
-    with pytest.raises(UserError, match="data changed since the checkpoint.*world_size 1 -> 2"):
-        other.load_state_dict(state)
-
-
-# --------------------------------------------------------------------------- bad inputs
-
-
-def test_missing_index(shards):
-    out, index = shards
-    (out / "index.json").unlink()
-    with pytest.raises(UserError, match=r"index\.json not found.*tools/prepare_text\.py"):
-        stream(out, index)
-
-
-def test_block_len_mismatch(shards):
-    out, index = shards
-    with pytest.raises(UserError, match=r"block_len=17.*model\.seq_len=32"):
-        stream(out, index, seq_len=32)
-    with pytest.raises(UserError, match=r"50257-token vocabulary but model\.vocab_size=1000"):
-        stream(out, index, vocab_size=1000)
-
-
-def test_fewer_shards_than_ranks(shards):
-    out, index = shards
-    n = len(index["shards"])
-    with pytest.raises(UserError, match=f"{n} shards for {n + 1} ranks"):
-        stream(out, index, world_size=n + 1)
-
-
-def test_shard_not_in_index(shards):
-    out, index = shards
-    with pytest.raises(UserError, match="shard-000099.tar is not listed"):
-        TokenBlockStream(
-            f"{out}/shard-{{000000,000099}}.tar", seq_len=SEQ_LEN, vocab_size=VOCAB, batch_size=1, rank=0, world_size=1, seed=0
-        )
-
-
-def test_deleted_shard_is_named_when_read(shards):
-    out, index = shards
-    (out / "shard-000001.tar").unlink()
-    with pytest.raises(UserError, match="cannot read shard .*shard-000001.tar"):
-        list(itertools.islice(stream(out, index), index["total_blocks"]))
-
-
-@pytest.mark.parametrize("damage", ["garbage", "truncated", "bad_npy"])
-def test_corrupt_shard_is_named(shards, damage):
-    out, index = shards
-    path = out / "shard-000001.tar"
-    data = path.read_bytes()
-    if damage == "garbage":
-        path.write_bytes(b"\x00not a tar file at all" * 40)
-    elif damage == "truncated":
-        path.write_bytes(data[:700])
-    else:
-        with tarfile.open(path, "w") as tar:
-            info = tarfile.TarInfo("000000004.npy")
-            info.size = 10
-            tar.addfile(info, io.BytesIO(b"not npy!!!"))
-    with pytest.raises(UserError, match="shard-000001.tar") as err:
-        list(itertools.islice(stream(out, index), index["total_blocks"]))
-    assert "\n" not in str(err.value)
-
-
-def test_index_of_another_format(shards):
-    out, index = shards
-    (out / "index.json").write_text('{"format": "images"}')
-    with pytest.raises(UserError, match="not a token-blocks"):
-        read_index(expand_urls(shard_pattern(out, len(index["shards"]))))
-
-
-def test_empty_urls():
-    with pytest.raises(UserError, match="data.urls"):
-        expand_urls([])
-
-
-def build(cfg, **kw):
-    args = dict(seq_len=SEQ_LEN, vocab_size=VOCAB, batch_size=1, rank=0, world_size=1, local_rank=0, seed=0)
-    args.update(kw)
-    return build_text_stream(cfg, **args)
-
-
-def test_build_stream_needs_urls_for_shards_source(tmp_path):
-    for urls in ("???", None):  # the schema's "required" marker, or an explicit null
-        with pytest.raises(UserError, match="data.urls is required when data.source=shards"):
-            build(DataConfig(source="shards", urls=urls))
-
-
-def test_build_stream_rejects_unknown_source():
-    with pytest.raises(UserError, match="data.source='wiki'.*stdlib, shards"):
-        build(DataConfig(source="wiki"))
-
-
-def test_build_stream_from_shards_config(shards):
-    out, index = shards
-    cfg = DataConfig(source="shards", urls=[shard_pattern(out, len(index["shards"]))])
-    s = build(cfg, batch_size=2, rank=1, world_size=2, local_rank=1)
-    assert next(iter(s))["input_ids"].shape == (2, SEQ_LEN)
-
-
 # --------------------------------------------------------------------------- stdlib corpus
 
 SMALL = 200_000
@@ -351,9 +175,3 @@ def test_preparer_that_loses_the_rename_race_uses_the_winner(tmp_path, monkeypat
     assert prepare_stdlib_corpus(str(tmp_path), BLOCK_LEN, 256, SMALL, is_preparer=True) == str(final)
     assert (final / "winner").exists() and os.listdir(tmp_path) == [final.name]
 
-
-def test_build_stream_from_stdlib(tmp_path):
-    mb = SMALL / 2**20
-    cfg = DataConfig(source="stdlib", cache_dir=str(tmp_path), stdlib_max_mb=mb, blocks_per_shard=64)
-    batch = next(iter(build(cfg, batch_size=4, rank=1, world_size=2, seed=3)))
-    assert batch["input_ids"].shape == (4, SEQ_LEN) and batch["input_ids"].dtype == torch.int64

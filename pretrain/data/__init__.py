@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import json
+import posixpath
 import sys
 from pathlib import Path
 
 from omegaconf import MISSING
 
 from pretrain.config import DataConfig
-from pretrain.data.shards import TokenBlockStream
-from pretrain.data.text import INDEX_NAME, prepare_stdlib_corpus
+from pretrain.data.loader import ShardLoader
+from pretrain.data.shards import INDEX_NAME, ShardStream, StreamOptions, expand_urls, read_index
+from pretrain.data.text import INDEX_FORMAT, prepare_stdlib_corpus
+from pretrain.data.tokens import PREPARE_HINT, TokenBlockDecoder, check_token_index
 from pretrain.errors import UserError
 
 TEXT_SOURCES = ("stdlib", "shards")
 
 
-def build_text_stream(
+def build_text_loader(
     cfg: DataConfig,
     *,
     seq_len: int,
@@ -26,8 +29,8 @@ def build_text_stream(
     world_size: int,
     local_rank: int,
     seed: int,
-) -> TokenBlockStream:
-    """The training stream for this rank: the embedded stdlib corpus, or the shards at `data.urls`.
+) -> ShardLoader:
+    """This rank's batches: the embedded stdlib corpus, or the token shards at `data.urls`.
 
     For "stdlib", local rank 0 of each machine builds the corpus into `data.cache_dir` (showing
     progress when stderr is a terminal) while the other local ranks wait for it.
@@ -53,16 +56,22 @@ def build_text_stream(
         urls, storage_options = cfg.urls, cfg.storage_options
     else:
         raise UserError(f"data.source={cfg.source!r} is not one of {', '.join(TEXT_SOURCES)}")
-    return TokenBlockStream(
-        urls,
-        seq_len=seq_len,
-        vocab_size=vocab_size,
-        batch_size=batch_size,
+    shard_urls = expand_urls(urls)
+    index = read_index(shard_urls, storage_options, (INDEX_FORMAT,), PREPARE_HINT)
+    decode = TokenBlockDecoder(seq_len, check_token_index(index, seq_len, vocab_size))
+    samples = {s["name"]: s["samples"] for s in index["shards"]}
+    stream = ShardStream(
+        shard_urls,
+        {url: samples[posixpath.basename(url)] for url in shard_urls},
+        decode,
         rank=rank,
         world_size=world_size,
-        seed=seed,
+        num_workers=cfg.num_workers,
+        options=StreamOptions(seed=seed, shuffle_buffer=cfg.shuffle_buffer, retries=cfg.retries,
+                              retry_backoff_s=cfg.retry_backoff_s, on_error=cfg.on_error),
         storage_options=storage_options,
     )
+    return ShardLoader(stream, batch_size, cfg.num_workers)
 
 
 def _local_shard_urls(directory: str) -> list[str]:

@@ -1,34 +1,43 @@
-"""Endless, resumable batches of token blocks from webdataset shards on any fsspec URL.
+"""Endless, resumable samples from webdataset shards on any fsspec URL, for any sample kind.
 
-Each rank reads its own fixed subset of shards, epoch after epoch, and the caller stops on a
-step count: ranks never run out of data at different times, which would hang the next
-collective. webdataset has neither an s3 scheme nor resumable state, so streams are opened with
-fsspec here and handed to its tar iterator, and the position in the data is kept here.
+Every DataLoader worker of every rank is one *reader*. Each epoch, all shards are put in an
+order drawn from (seed, epoch) and reader r of R takes every R-th: no sample is read twice or
+missed in an epoch, and ranks never run out of data at different times (the caller stops on a
+step count). Within a shard, samples are shuffled in windows of `shuffle_buffer`, each window by
+its own seeded permutation, so a position (epoch, shard, sample) fixes everything that follows:
+the reader's state is that position, and a restart replays exactly. webdataset contributes its
+tar iterator; it has neither an s3 scheme nor resumable state, so opening streams (through
+fsspec, with retries) and positions are kept here.
 """
 
 from __future__ import annotations
 
-import io
 import json
+import logging
 import posixpath
 import random
 import tarfile
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
+from itertools import islice
 from typing import Any
 
 import braceexpand
 import fsspec
-import numpy as np
 import torch
+from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from pretrain.data.text import BLOCK_MEMBER, INDEX_FORMAT, INDEX_NAME, INDEX_VERSION
 from pretrain.errors import UserError
 
-PREPARE_HINT = "create the shards with `python tools/prepare_text.py`"
-STATE_VERSION = 1
-BLOCK_DTYPES = ("uint16", "uint32")
+INDEX_NAME = "index.json"
+STATE_VERSION = 2
+ON_ERROR = ("raise", "skip")
+log = logging.getLogger("pretrain")
+
+# decode(raw webdataset sample, shard url, generator for any randomness) -> training sample
+Decoder = Callable[[dict, str, torch.Generator], dict[str, torch.Tensor]]
 
 
 def expand_urls(urls: str | Iterable[str]) -> list[str]:
@@ -37,216 +46,189 @@ def expand_urls(urls: str | Iterable[str]) -> list[str]:
     expanded = [u.strip() for item in items for u in braceexpand.braceexpand(str(item))]
     expanded = [u for u in expanded if u]
     if not expanded:
-        raise UserError(
-            f"data.urls={urls!r} gives no shard URL: set it to a brace pattern or a list of shard URLs"
-        )
+        raise UserError(f"data.urls={urls!r} gives no shard URL: set it to a brace pattern or a list of shard URLs")
     return expanded
 
 
-def read_index(urls: list[str], storage_options: dict | None = None) -> dict:
-    """The `index.json` beside the shards, after checking that it lists every shard in `urls`."""
+def read_index(urls: list[str], storage_options: dict, formats: tuple[str, ...], hint: str) -> dict:
+    """The `index.json` beside the shards, after checking its format and that it lists every shard."""
     directory = posixpath.dirname(urls[0])
     path = posixpath.join(directory, INDEX_NAME)
     try:
-        with fsspec.open(path, "r", **(storage_options or {})) as f:
+        with fsspec.open(path, "r", **storage_options) as f:
             index = json.load(f)
     except FileNotFoundError:
-        raise UserError(f"{path} not found: the shard set is missing or unfinished; {PREPARE_HINT}") from None
+        raise UserError(f"{path} not found: the shard set is missing or unfinished; {hint}") from None
     except (OSError, ValueError, ImportError) as exc:
-        raise UserError(f"cannot read {path} ({type(exc).__name__}: {exc}); {PREPARE_HINT}") from None
-    _check_index(index, path)
+        raise UserError(f"cannot read {path} ({type(exc).__name__}: {exc}); {hint}") from None
+    if not (isinstance(index, dict) and index.get("format") in formats and isinstance(index.get("shards"), list)
+            and all(isinstance(s, dict) and {"name", "samples"} <= s.keys() for s in index["shards"])):
+        raise UserError(f"{path} is not a {' or '.join(formats)} index; {hint}")
     listed = {s["name"] for s in index["shards"]}
     for url in urls:
         if posixpath.dirname(url) != directory:
-            raise UserError(
-                f"shard {url} is not in {directory}, the directory of the first shard: "
-                "data.urls must name one shard set"
-            )
+            raise UserError(f"shard {url} is not in {directory}, the directory of the first shard: "
+                            "data.urls must name one shard set")
         if posixpath.basename(url) not in listed:
-            raise UserError(f"shard {url} is not listed in {path}: fix data.urls or {PREPARE_HINT}")
+            raise UserError(f"shard {url} is not listed in {path}: fix data.urls or {hint}")
     return index
 
 
-def _check_index(index: Any, path: str) -> None:
-    ok = (
-        isinstance(index, dict)
-        and index.get("format") == INDEX_FORMAT
-        and index.get("version") == INDEX_VERSION
-        and isinstance(index.get("block_len"), int)
-        and index.get("dtype") in BLOCK_DTYPES
-        and isinstance(index.get("shards"), list)
-        and all(isinstance(s, dict) and {"name", "samples"} <= s.keys() for s in index["shards"])
-    )
-    if not ok:
-        raise UserError(f"{path} is not a {INDEX_FORMAT} v{INDEX_VERSION} index; {PREPARE_HINT}")
+@dataclass(frozen=True)
+class StreamOptions:
+    """How a ShardStream reads: the data.* knobs that are not about what the samples are."""
+
+    seed: int
+    shuffle_buffer: int = 1
+    retries: int = 3
+    retry_backoff_s: float = 1.0
+    on_error: str = "raise"
 
 
 @dataclass
 class _Position:
-    """Where the next sample comes from: an epoch, a place in its shard order, a sample in the shard."""
+    """The next sample of this reader: an epoch, a place in its shard order, a slot in the shard."""
 
     epoch: int = 0
     shard_pos: int = 0
     sample: int = 0
 
 
-class TokenBlockStream:
-    """Endless `{"input_ids", "labels"}` batches of `(batch_size, seq_len)` int64 for one rank.
+class _ShardError(Exception):
+    """A shard that cannot be read (after retries): missing, truncated, not a tar."""
 
-    Rank r reads shards[r::world_size]. Each epoch visits them in an order shuffled by
-    `random.Random(seed + epoch)` and reads each shard's samples in order, so the stream is the
-    same on every run and `state_dict()` pins it to a sample. Iterate one iterator at a time:
-    each `iter()` continues from the current position.
+
+class ShardStream(IterableDataset):
+    """Decoded samples of one rank, split again over this process's DataLoader workers.
+
+    `num_workers` must be the DataLoader's, so that the split is known before any worker starts
+    (and too few shards are an error at once, not a hang). `state_dict` / `load_state_dict` run
+    inside each worker under torchdata's StatefulDataLoader, which keeps one state per worker.
     """
 
-    def __init__(
-        self,
-        urls: str | Iterable[str],
-        *,
-        seq_len: int,
-        vocab_size: int,
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        seed: int,
-        storage_options: dict | None = None,
-    ) -> None:
-        if batch_size < 1:
-            raise UserError(f"batch_size={batch_size} must be >= 1: set train.micro_batch_size")
-        if not 0 <= rank < world_size:
-            raise UserError(
-                f"rank {rank} is outside world_size {world_size}: check the launcher's RANK/WORLD_SIZE"
-            )
-        all_urls = expand_urls(urls)
-        self._storage_options = dict(storage_options or {})
-        index = read_index(all_urls, self._storage_options)
-        if index["block_len"] != seq_len + 1:
-            raise UserError(
-                f"the shards hold blocks of block_len={index['block_len']} tokens but "
-                f"model.seq_len={seq_len} needs {seq_len + 1}: set model.seq_len={index['block_len'] - 1} "
-                f"or re-run tools/prepare_text.py with --block-len {seq_len + 1}"
-            )
-        shard_vocab = index.get("tokenizer", {}).get("vocab_size", 0)
-        if shard_vocab > vocab_size:
-            raise UserError(
-                f"the shards were tokenized with a {shard_vocab}-token vocabulary but "
-                f"model.vocab_size={vocab_size}: set model.vocab_size >= {shard_vocab}"
-            )
-        if len(all_urls) < world_size:
-            raise UserError(
-                f"data.urls gives {len(all_urls)} shards for {world_size} ranks: every rank needs one; "
-                "write more, smaller shards (data.blocks_per_shard or --blocks-per-shard) or use fewer ranks"
-            )
-        self._urls = all_urls[rank::world_size]
-        samples = {s["name"]: s["samples"] for s in index["shards"]}
-        if sum(samples[posixpath.basename(u)] for u in self._urls) == 0:
-            raise UserError(f"the shards of rank {rank} hold no samples: {PREPARE_HINT}")
-        self._seq_len, self._batch_size = seq_len, batch_size
-        self._rank, self._world_size, self._seed = rank, world_size, seed
-        self._n_shards = len(all_urls)
-        self._dtype = np.dtype(index["dtype"])
+    def __init__(self, urls: list[str], samples_per_shard: dict[str, int], decode: Decoder, *,
+                 rank: int, world_size: int, num_workers: int, options: StreamOptions,
+                 storage_options: dict | None = None) -> None:
+        if options.on_error not in ON_ERROR:
+            raise UserError(f"data.on_error={options.on_error!r} is not one of {', '.join(ON_ERROR)}")
+        readers = world_size * max(1, num_workers)
+        if len(urls) < readers:
+            raise UserError(f"data.urls gives {len(urls)} shards for {world_size} ranks x {max(1, num_workers)} "
+                            f"loader workers: every reader needs one; write more, smaller shards or lower "
+                            f"data.num_workers")
+        self.urls, self.samples_per_shard, self.decode = urls, samples_per_shard, decode
+        self.rank, self.world_size, self.num_workers = rank, world_size, max(1, num_workers)
+        self.options = options
+        self.storage_options = dict(storage_options or {})
         self._pos = _Position()
+        self.skipped = 0
 
     @property
-    def shard_urls(self) -> list[str]:
-        """This rank's shards, in index order."""
-        return list(self._urls)
+    def reader(self) -> int:
+        info = get_worker_info()
+        return self.rank * self.num_workers + (info.id if info else 0)
+
+    @property
+    def readers(self) -> int:
+        return self.world_size * self.num_workers
+
+    def epoch_order(self, epoch: int) -> list[str]:
+        """This reader's shards in the order epoch `epoch` reads them."""
+        order = list(self.urls)
+        random.Random(self.options.seed + epoch).shuffle(order)
+        return order[self.reader::self.readers]
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        batch: list[np.ndarray] = []
-        for block in self._blocks():
-            batch.append(block)
-            if len(batch) == self._batch_size:
-                tokens = torch.from_numpy(np.stack(batch).astype(np.int64))
-                batch = []
-                yield {"input_ids": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous()}
-
-    def _blocks(self) -> Iterator[np.ndarray]:
-        """Blocks from the current position on, advancing it as each block is taken."""
         pos = self._pos
         while True:
-            order = self.epoch_order(pos.epoch)
-            while pos.shard_pos < len(order):
-                url = order[pos.shard_pos]
-                for i, block in enumerate(self._read_shard(url)):
-                    if i >= pos.sample:
-                        pos.sample += 1
-                        yield block
+            shards = self.epoch_order(pos.epoch)
+            while pos.shard_pos < len(shards):
+                url = shards[pos.shard_pos]
+                try:
+                    yield from self._shard(url, pos)
+                except _ShardError as exc:
+                    self._fail(url, None, str(exc), lost=self.samples_per_shard[url] - pos.sample)
                 pos.shard_pos, pos.sample = pos.shard_pos + 1, 0
             pos.epoch, pos.shard_pos = pos.epoch + 1, 0
 
-    def epoch_order(self, epoch: int) -> list[str]:
-        """This rank's shards in the order epoch `epoch` reads them."""
-        order = list(self._urls)
-        random.Random(self._seed + epoch).shuffle(order)
-        return order
+    def _shard(self, url: str, pos: _Position) -> Iterator[dict[str, torch.Tensor]]:
+        """The shard's samples from slot `pos.sample` on, advancing it as each slot is taken."""
+        window_size = max(1, self.options.shuffle_buffer)
+        window_index = pos.sample // window_size
+        raw = self._raw_samples(url, window_index * window_size)
+        while window := list(islice(raw, window_size)):
+            order = list(range(len(window)))
+            salt = f"{self.options.seed}:{pos.epoch}:{url}:{window_index}"
+            random.Random(salt).shuffle(order)
+            for slot in range(pos.sample - window_index * window_size, len(window)):
+                pos.sample += 1
+                raw_index = window_index * window_size + order[slot]
+                sample = self._decode(window[order[slot]], url, f"{salt}:{raw_index}")
+                if sample is not None:
+                    yield sample
+            window_index += 1
 
-    def _read_shard(self, url: str) -> Iterator[np.ndarray]:
-        """The shard's blocks in order; any read or decode failure names the shard."""
+    def _raw_samples(self, url: str, start: int) -> Iterator[dict]:
+        """Undecoded samples from index `start` on. A transient read error reopens the shard and
+        goes on from the first sample not yet delivered, `retries` times with doubling backoff."""
+        delivered, attempt = start, 0
+        while True:
+            try:
+                with fsspec.open(url, "rb", **self.storage_options) as stream:
+                    files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
+                    for i, sample in enumerate(group_by_keys(files)):
+                        if i >= delivered:
+                            delivered += 1
+                            yield sample
+                return
+            except (FileNotFoundError, PermissionError) as exc:
+                raise _ShardError(f"{type(exc).__name__}: {exc}") from None
+            except OSError as exc:
+                attempt += 1
+                if attempt > self.options.retries:
+                    raise _ShardError(f"{type(exc).__name__} after {self.options.retries} retries: {exc}") from None
+                log.warning("reading shard %s failed (%s); retry %d/%d", url, exc, attempt, self.options.retries)
+                time.sleep(self.options.retry_backoff_s * 2 ** (attempt - 1))
+            except (tarfile.TarError, EOFError, ValueError, KeyError) as exc:
+                raise _ShardError(f"{type(exc).__name__}: {exc}") from None
+
+    def _decode(self, sample: dict, url: str, salt: str) -> dict[str, torch.Tensor] | None:
+        generator = torch.Generator().manual_seed(random.Random(salt).getrandbits(63))
         try:
-            with fsspec.open(url, "rb", **self._storage_options) as stream:
-                files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
-                for sample in group_by_keys(files):
-                    yield self._decode(sample, url)
-        except UserError:
-            raise
-        except (OSError, tarfile.TarError, ValueError, EOFError, KeyError) as exc:
-            cause = " ".join(f"{type(exc).__name__}: {exc}".split())
-            raise UserError(
-                f"cannot read shard {url} ({cause}): re-create it with tools/prepare_text.py"
-            ) from None
+            return self.decode(sample, url, generator)
+        except UserError as exc:
+            self._fail(url, sample.get("__key__"), str(exc), lost=1)
+            return None
 
-    def _decode(self, sample: dict, url: str) -> np.ndarray:
-        key = sample["__key__"]
-        if BLOCK_MEMBER not in sample:
-            raise UserError(f"sample {key} in shard {url} has no .{BLOCK_MEMBER} member: {PREPARE_HINT}")
-        block = np.load(io.BytesIO(sample[BLOCK_MEMBER]), allow_pickle=False)
-        if block.dtype != self._dtype or block.shape != (self._seq_len + 1,):
-            raise UserError(
-                f"sample {key} in shard {url} is {block.dtype}{list(block.shape)}, the index says "
-                f"{self._dtype}[{self._seq_len + 1}]: the shard and index.json are from different runs; "
-                + PREPARE_HINT
-            )
-        return block
+    def _fail(self, url: str, key: str | None, cause: str, lost: int) -> None:
+        """on_error=raise: one line naming the shard (and member); skip: count and go on."""
+        where = f"shard {url}" + (f" member {key}" if key else "")
+        if self.options.on_error == "raise":
+            raise UserError(f"cannot read {where} ({' '.join(cause.split())}): re-create it, or set "
+                            "data.on_error=skip to count and skip bad samples")
+        self.skipped += lost
+        log.warning("skipped %d sample(s) of %s: %s", lost, where, " ".join(cause.split()))
 
-    def state_dict(self) -> dict:
-        """JSON-serialisable position of the next sample after the last batch yielded."""
-        return {
-            "version": STATE_VERSION,
-            **asdict(self._pos),
-            "num_shards": self._n_shards,
-            "world_size": self._world_size,
-            "rank": self._rank,
-            "seed": self._seed,
-        }
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable position of this reader's next sample, and what it was cut from."""
+        return {"version": STATE_VERSION, **asdict(self._pos), "skipped": self.skipped,
+                "reader": self.reader, "readers": self.readers, "num_shards": len(self.urls),
+                "seed": self.options.seed, "shuffle_buffer": self.options.shuffle_buffer}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Continue exactly where the stream that saved `state` stopped."""
-        if not isinstance(state, dict):
-            raise UserError(f"data state {state!r} is not a dict: the checkpoint is damaged")
-        expected = {
-            "version": STATE_VERSION,
-            "num_shards": self._n_shards,
-            "world_size": self._world_size,
-            "rank": self._rank,
-            "seed": self._seed,
-        }
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where the reader that saved `state` stopped.
+
+        A checkpoint from another world size or worker count is refused rather than re-split:
+        the readers' positions cannot be mapped onto a different split without repeating or
+        skipping samples of the current epoch.
+        """
+        expected = {"version": STATE_VERSION, "reader": self.reader, "readers": self.readers,
+                    "num_shards": len(self.urls), "seed": self.options.seed,
+                    "shuffle_buffer": self.options.shuffle_buffer}
         changed = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
         if changed:
             detail = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
-            raise UserError(
-                f"the data changed since the checkpoint ({detail}): resume with the same data, "
-                "world size and seed, or start a new run"
-            )
-        try:
-            pos = _Position(int(state["epoch"]), int(state["shard_pos"]), int(state["sample"]))
-        except (KeyError, TypeError, ValueError):
-            raise UserError(
-                f"data state {state!r} is not a TokenBlockStream position: the checkpoint is damaged"
-            ) from None
-        if min(pos.epoch, pos.shard_pos, pos.sample) < 0 or pos.shard_pos > len(self._urls):
-            raise UserError(
-                f"data state {state!r} points outside this rank's {len(self._urls)} shards: "
-                "the checkpoint is damaged"
-            )
-        self._pos = pos
+            raise UserError(f"the data changed since the checkpoint ({detail}): resume with the same shards, "
+                            "ranks, data.num_workers, seed and data.shuffle_buffer, or start a new run")
+        self._pos = _Position(state["epoch"], state["shard_pos"], state["sample"])
+        self.skipped = state["skipped"]

@@ -1,0 +1,33 @@
+"""Batches from a ShardStream, resumable with loader workers.
+
+torchdata's StatefulDataLoader does the part that is hard to hand-roll: it snapshots every
+worker's dataset state together with which worker yields next, and restores both, so a run
+restarted with the same number of workers yields the same batches in the same order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from pretrain.data.shards import ShardStream
+
+
+class ShardLoader(StatefulDataLoader):
+    def __init__(self, stream: ShardStream, batch_size: int, num_workers: int) -> None:
+        """num_workers: 0 reads in this process; N >= 1 starts N worker processes."""
+        super().__init__(stream, batch_size=batch_size, num_workers=num_workers)
+        self._in_process = num_workers == 0
+
+    def reader_states(self) -> list[dict[str, Any]]:
+        """Each reader's ShardStream state, as of the last batch yielded."""
+        state = self.state_dict()
+        if self._in_process:
+            return [state["dataset_state"]] if state.get("dataset_state") else []
+        workers = state.get("_snapshot", {}).get("_worker_snapshots", {})
+        return [w["dataset_state"] for w in workers.values() if w.get("dataset_state")]
+
+    def skipped_samples(self) -> int:
+        """Bad samples skipped so far under data.on_error=skip (0 under raise)."""
+        return sum(s["skipped"] for s in self.reader_states())

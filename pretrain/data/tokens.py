@@ -1,0 +1,52 @@
+"""Token-block samples: checking a text shard set against the model, and cutting training
+samples (inputs and next-token labels) from its blocks."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+
+from pretrain.data.text import BLOCK_MEMBER, INDEX_FORMAT
+from pretrain.errors import UserError
+
+PREPARE_HINT = "create the shards with `python tools/prepare_text.py`"
+BLOCK_DTYPES = ("uint16", "uint32")
+
+
+def check_token_index(index: dict, seq_len: int, vocab_size: int) -> np.dtype:
+    """The blocks' dtype, once the shards are known to fit the model; else a one-line error."""
+    if index.get("dtype") not in BLOCK_DTYPES or not isinstance(index.get("block_len"), int):
+        raise UserError(f"the {INDEX_FORMAT} index has no valid dtype/block_len; {PREPARE_HINT}")
+    if index["block_len"] != seq_len + 1:
+        raise UserError(f"the shards hold blocks of block_len={index['block_len']} tokens but "
+                        f"model.seq_len={seq_len} needs {seq_len + 1}: set model.seq_len={index['block_len'] - 1} "
+                        f"or re-run tools/prepare_text.py with --block-len {seq_len + 1}")
+    shard_vocab = index.get("tokenizer", {}).get("vocab_size", 0)
+    if shard_vocab > vocab_size:
+        raise UserError(f"the shards were tokenized with a {shard_vocab}-token vocabulary but "
+                        f"model.vocab_size={vocab_size}: set model.vocab_size >= {shard_vocab}")
+    return np.dtype(index["dtype"])
+
+
+class TokenBlockDecoder:
+    """One block of seq_len + 1 tokens -> input_ids = block[:-1], labels = block[1:] (int64)."""
+
+    def __init__(self, seq_len: int, dtype: np.dtype) -> None:
+        self.seq_len, self.dtype = seq_len, dtype
+
+    def __call__(self, sample: dict, url: str, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        key = sample.get("__key__")
+        if BLOCK_MEMBER not in sample:
+            raise UserError(f"sample {key} in shard {url} has no .{BLOCK_MEMBER} member: {PREPARE_HINT}")
+        try:
+            block = np.load(io.BytesIO(sample[BLOCK_MEMBER]), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise UserError(f"sample {key} in shard {url} is not a .npy array ({exc}): {PREPARE_HINT}") from None
+        if block.dtype != self.dtype or block.shape != (self.seq_len + 1,):
+            raise UserError(f"sample {key} in shard {url} is {block.dtype}{list(block.shape)}, the index says "
+                            f"{self.dtype}[{self.seq_len + 1}]: the shard and index.json are from different runs; "
+                            + PREPARE_HINT)
+        tokens = torch.from_numpy(block.astype(np.int64))
+        return {"input_ids": tokens[:-1], "labels": tokens[1:]}

@@ -1,0 +1,241 @@
+"""Streaming shards: every sample once per epoch over ranks x workers, exact resume, bad data,
+retries; from local files and from S3 (moto's server through s3fs)."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import fsspec
+import numpy as np
+import pytest
+import torch
+from fsspec.implementations.local import LocalFileSystem
+
+from pretrain.config import DataConfig
+from pretrain.data import build_text_loader
+from pretrain.data.loader import ShardLoader
+from pretrain.data.shards import ShardStream, StreamOptions
+from pretrain.data.text import write_token_shards
+from pretrain.errors import UserError
+
+SEQ_LEN, BLOCKS_PER_SHARD, N_SHARDS = 8, 4, 8
+
+
+def documents() -> list[str]:
+    return [" ".join(f"d{i}w{j}" for j in range(i % 5 + 2)) for i in range(300)]  # no two blocks alike
+
+
+def prepare(output: str, storage_options: dict | None = None) -> dict:
+    # Exactly N_SHARDS full shards: cut the documents' token stream to whole shards.
+    index = write_token_shards(documents(), output, SEQ_LEN + 1, BLOCKS_PER_SHARD, storage_options=storage_options)
+    assert len(index["shards"]) >= N_SHARDS
+    return index
+
+
+@pytest.fixture(scope="module")
+def local_shards(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("shards")
+    prepare(str(out))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def s3_shards(s3) -> tuple[str, dict]:
+    out = s3.url("streaming/shards")
+    prepare(out, s3.storage_options)
+    return out, s3.storage_options
+
+
+def config(root: str, storage_options: dict | None = None, **overrides) -> DataConfig:
+    urls = f"{root}/shard-{{000000..{N_SHARDS - 1:06d}}}.tar"
+    return DataConfig(source="shards", urls=urls, storage_options=storage_options or {},
+                      **{"num_workers": 0, "shuffle_buffer": 3, "retry_backoff_s": 0.01, **overrides})
+
+
+def loader(cfg: DataConfig, rank: int = 0, world: int = 1, batch: int = 2) -> ShardLoader:
+    return build_text_loader(cfg, seq_len=SEQ_LEN, vocab_size=50304, batch_size=batch, rank=rank,
+                             world_size=world, local_rank=rank, seed=5)
+
+
+def take(batches, n: int) -> list[torch.Tensor]:
+    return [next(batches)["input_ids"] for _ in range(n)]
+
+
+def test_every_sample_once_per_epoch_over_two_ranks_and_two_workers(local_shards):
+    """8 shards of 4 samples, 2 ranks x 2 workers: each reader owns 2 shards = 8 samples, and
+    the loader alternates workers, so 16 single-sample batches per rank are exactly one epoch."""
+    seen = []
+    for rank in (0, 1):
+        batches = iter(loader(config(local_shards, num_workers=2), rank=rank, world=2, batch=1))
+        seen += [tuple(t[0].tolist()) for t in take(batches, 16)]
+    all_blocks = [tuple(t[0].tolist()) for t in take(iter(loader(config(local_shards, shuffle_buffer=1), batch=1)), 32)]
+    assert len(set(all_blocks)) == 32  # the blocks are distinct, so counting them counts samples
+    assert sorted(seen) == sorted(all_blocks)
+
+
+@pytest.mark.parametrize("where", ["file", "s3"])
+@pytest.mark.parametrize("workers, world", [(0, 1), (2, 1), (0, 2), (2, 2)])
+def test_resume_replays_exactly_mid_shard_at_shard_and_epoch_boundaries(where, workers, world, request):
+    root, options = (request.getfixturevalue("local_shards"), None) if where == "file" else request.getfixturevalue("s3_shards")
+    cfg = config(root, options, num_workers=workers)
+    # Per reader: 32 / (world x max(1, workers)) samples an epoch; batch 1 makes every cut exact.
+    per_epoch = 32 // world
+    for rank in range(world):
+        for cut in (3, 4 * max(1, workers), per_epoch):  # mid-shard, shard boundary, epoch boundary
+            first = loader(cfg, rank, world, batch=1)
+            batches = iter(first)
+            take(batches, cut)
+            state = json.loads(json.dumps(first.state_dict()))  # as a checkpoint stores it
+            expected = take(batches, 6)
+            resumed = loader(cfg, rank, world, batch=1)
+            resumed.load_state_dict(state)
+            got = take(iter(resumed), 6)
+            assert all(torch.equal(a, b) for a, b in zip(got, expected)), (rank, cut)
+
+
+def test_resume_with_another_world_size_is_refused(local_shards):
+    first = loader(config(local_shards), rank=0, world=1)
+    take(iter(first), 3)
+    second = loader(config(local_shards), rank=0, world=2)
+    second.load_state_dict(first.state_dict())
+    with pytest.raises(UserError, match="data changed since the checkpoint.*readers 1 -> 2"):
+        next(iter(second))
+
+
+def test_too_few_shards_for_ranks_and_workers_is_an_error_at_once(local_shards):
+    with pytest.raises(UserError, match="8 shards for 2 ranks x 8 loader workers"):
+        loader(config(local_shards, num_workers=8), rank=0, world=2)
+
+
+# --------------------------------------------------------------------------- bad data
+
+
+def copy_shards(src: str, dst) -> str:
+    fs = LocalFileSystem()
+    fs.copy(src, str(dst), recursive=True)
+    return str(dst)
+
+
+def replace_member(shard, member_suffix: str, data: bytes) -> None:
+    """Rewrite a shard with the first member ending in `member_suffix` replaced by `data`."""
+    members = []
+    with tarfile.open(shard) as tar:
+        for info in tar.getmembers():
+            members.append((info, tar.extractfile(info).read()))
+    target = next(i for i, (info, _) in enumerate(members) if info.name.endswith(member_suffix))
+    with tarfile.open(shard, "w") as tar:
+        for i, (info, content) in enumerate(members):
+            content = data if i == target else content
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+
+
+def wrong_dtype_block() -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros(SEQ_LEN + 1, dtype=np.uint32))
+    return buffer.getvalue()
+
+
+def not_a_tar(d) -> None:
+    (d / "shard-000005.tar").write_bytes(b"\x00not a tar file at all" * 40)
+
+
+def not_npy(d) -> None:
+    replace_member(d / "shard-000006.tar", ".npy", b"not npy!!!")
+
+
+BAD_DATA = {
+    "not a tar": (not_a_tar, "shard-000005.tar", None),
+    "not a .npy member": (not_npy, "shard-000006.tar member 000000024", 1),
+    "missing shard": (lambda d: (d / "shard-000003.tar").unlink(), "shard-000003.tar", 4),
+    "truncated tar": (lambda d: (d / "shard-000002.tar").write_bytes((d / "shard-000002.tar").read_bytes()[:3000]),
+                      "shard-000002.tar", None),
+    "wrong dtype": (lambda d: replace_member(d / "shard-000001.tar", ".npy", wrong_dtype_block()),
+                    "shard-000001.tar member 000000004", 1),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DATA))
+def test_bad_data_raises_naming_the_shard_or_is_skipped_and_counted(case, local_shards, tmp_path):
+    damage, named, lost = BAD_DATA[case]
+    root = copy_shards(local_shards, tmp_path / "shards")
+    damage(tmp_path / "shards")
+    with pytest.raises(UserError, match=named):
+        take(iter(loader(config(root, shuffle_buffer=1), batch=1)), 32)
+
+    skipping = loader(config(root, shuffle_buffer=1, on_error="skip"), batch=1)
+    take(iter(skipping), 32 - (lost or 4))  # what one epoch holds besides the bad samples
+    skipped = skipping.skipped_samples()
+    assert skipped == lost if lost else skipped >= 1
+    assert skipping.reader_states()[0]["epoch"] == 0
+
+
+# --------------------------------------------------------------------------- retries
+
+
+class FlakyFileSystem(LocalFileSystem):
+    """Local files whose every shard fails its first `failures` opens with a connection error."""
+
+    protocol = "flaky"
+    failures = 2
+    opened: dict[str, int] = {}
+
+    def _open(self, path, mode="rb", **kwargs):
+        count = self.opened[path] = self.opened.get(path, 0) + 1
+        if path.endswith(".tar") and count <= self.failures:
+            raise ConnectionResetError(f"simulated reset #{count}")
+        return super()._open(path, mode, **kwargs)
+
+
+def test_transient_read_errors_are_retried_with_backoff(local_shards):
+    fsspec.register_implementation("flaky", FlakyFileSystem, clobber=True)
+    FlakyFileSystem.opened.clear()
+    flaky_root = "flaky://" + local_shards
+    # index.json is read once, unflaky; every shard's first two opens fail, the third works.
+    expected = take(iter(loader(config(local_shards, shuffle_buffer=1), batch=1)), 32)
+    got = take(iter(loader(config(flaky_root, shuffle_buffer=1, retries=2), batch=1)), 32)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    FlakyFileSystem.opened.clear()
+    with pytest.raises(UserError, match="after 1 retries"):
+        take(iter(loader(config(flaky_root, shuffle_buffer=1, retries=1), batch=1)), 4)
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def test_shard_set_problems_are_named_before_reading(local_shards, tmp_path):
+    root = copy_shards(local_shards, tmp_path / "shards")
+    with pytest.raises(UserError, match=r"block_len=9 tokens but model\.seq_len=32"):
+        build_text_loader(config(root), seq_len=32, vocab_size=50304, batch_size=1, rank=0, world_size=1, local_rank=0, seed=0)
+    with pytest.raises(UserError, match=r"50257-token vocabulary but model\.vocab_size=1000"):
+        build_text_loader(config(root), seq_len=SEQ_LEN, vocab_size=1000, batch_size=1, rank=0, world_size=1, local_rank=0, seed=0)
+    with pytest.raises(UserError, match="shard-999999.tar is not listed"):
+        loader(DataConfig(source="shards", urls=f"{root}/shard-{{000000,999999}}.tar"))
+    with pytest.raises(UserError, match="gives no shard URL"):
+        loader(DataConfig(source="shards", urls=[]))
+    (tmp_path / "shards" / "index.json").write_text('{"format": "images"}')
+    with pytest.raises(UserError, match="not a token-blocks index"):
+        loader(config(root))
+    (tmp_path / "shards" / "index.json").unlink()
+    with pytest.raises(UserError, match=r"index\.json not found.*tools/prepare_text\.py"):
+        loader(config(root))
+
+
+def test_data_source_settings_are_checked(local_shards):
+    for urls in ("???", None):  # the schema's "required" marker, or an explicit null
+        with pytest.raises(UserError, match="data.urls is required when data.source=shards"):
+            loader(DataConfig(source="shards", urls=urls))
+    with pytest.raises(UserError, match="data.source='wiki'.*stdlib, shards"):
+        loader(DataConfig(source="wiki"))
+    with pytest.raises(UserError, match="data.on_error='ignore'"):
+        loader(config(local_shards, on_error="ignore"))
+
+
+def test_embedded_stdlib_corpus_streams(tmp_path):
+    cfg = DataConfig(source="stdlib", cache_dir=str(tmp_path), stdlib_max_mb=0.1, blocks_per_shard=64, num_workers=2)
+    batch = next(iter(build_text_loader(cfg, seq_len=16, vocab_size=50304, batch_size=4, rank=1, world_size=2,
+                                        local_rank=0, seed=3)))
+    assert batch["input_ids"].shape == (4, 16) and batch["input_ids"].dtype == torch.int64
+    assert (batch["labels"][:, :-1] == batch["input_ids"][:, 1:]).all()
