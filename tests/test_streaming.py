@@ -16,7 +16,6 @@ from fsspec.implementations.local import LocalFileSystem
 from pretrain.config import DataConfig
 from pretrain.data import build_text_loader
 from pretrain.data.loader import ShardLoader
-from pretrain.data.shards import ShardStream, StreamOptions
 from pretrain.data.text import write_token_shards
 from pretrain.errors import UserError
 

@@ -4,8 +4,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -97,28 +95,6 @@ def test_fsspec_url_output_is_byte_identical(tmp_path, shards):
 def test_too_little_text_for_one_block(tmp_path):
     with pytest.raises(UserError, match="block_len=4096"):
         write_token_shards(["tiny"], str(tmp_path / "x"), 4096, 4)
-
-
-def test_cli_writes_shards_and_rejects_missing_input(tmp_path):
-    corpus = tmp_path / "corpus"
-    (corpus / "sub").mkdir(parents=True)
-    for i, doc in enumerate(DOCS):
-        (corpus / ("sub" if i % 2 else "") / f"doc{i}.txt").write_text(doc, encoding="utf-8")
-    (corpus / "ignored.md").write_text("not a .txt file")
-    cmd = [sys.executable, str(REPO / "tools/prepare_text.py")]
-    out = tmp_path / "out"
-    args = ["--output", str(out), "--block-len", str(BLOCK_LEN), "--blocks-per-shard", "4", "--no-progress"]
-    run = subprocess.run(cmd + [str(corpus)] + args, capture_output=True, text=True, check=False)
-    assert run.returncode == 0, run.stderr
-    index = json.loads((out / "index.json").read_text())
-    assert index["documents"] == len(DOCS) and len(index["shards"]) >= 3
-    assert run.stdout.strip() == (
-        f"wrote {len(index['shards'])} shards, {index['total_blocks']} blocks, "
-        f"{index['total_tokens']} tokens ({index['dropped_tokens']} dropped) to {out}"
-    )
-    bad = subprocess.run(cmd + [str(tmp_path / "nope")] + args, capture_output=True, text=True, check=False)
-    assert bad.returncode == 2
-    assert bad.stderr.strip().count("\n") == 0 and "nope" in bad.stderr
 
 
 # --------------------------------------------------------------------------- stdlib corpus

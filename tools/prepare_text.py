@@ -1,65 +1,117 @@
 """Tokenize text into webdataset token-block shards for training.
 
-    python tools/prepare_text.py corpus/ notes.txt --output s3://bucket/text --block-len 1025
+    python tools/prepare_text.py corpus/ extra.jsonl --output s3://bucket/text --block-len 1025
+    python tools/prepare_text.py 's3://bucket/raw/*.parquet' --storage-option endpoint_url=http://minio:9000 \\
+        --output s3://bucket/text --block-len 1025 --workers 16
     python tools/prepare_text.py --stdlib-mb 4 --output data/stdlib --block-len 1025
 
-Each input file is one document; directories contribute their *.txt files, recursively.
-Train on the result with +exp=... 'data.urls="<output>/shard-{000000..NNNNNN}.tar"'.
+INPUTs are local paths or fsspec URLs: files, directories (searched recursively) or glob
+patterns. A .txt file is one document; a .jsonl line and a .parquet row are one document each,
+the text taken from --text-field. Re-running the same command resumes an interrupted run:
+finished shards are kept, not rewritten. Train on the result with
++exp=... 'data.urls="<output>/shard-{000000..NNNNNN}.tar"'.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from pretrain.data.text import file_documents, find_text_files, stdlib_documents, write_token_shards
-from pretrain.data.tokenizer import GPT2_NAME
+from pretrain.data.text import (
+    DEFAULT_CHUNK_CHARS,
+    DEFAULT_TEXT_FIELD,
+    PrepareResult,
+    block_dtype,
+    blocks_per_shard_for,
+    prepare_text_files,
+    prepare_token_shards,
+    stdlib_documents,
+)
+from pretrain.data.tokenizer import GPT2_NAME, load_tokenizer
+from pretrain.data.storage import parse_storage_options
 from pretrain.errors import UserError
 
 BAD_INPUT_EXIT = 2
+DEFAULT_SHARD_SIZE_MB = 256
+MB = 2**20
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="*", metavar="INPUT", help="text files or directories of *.txt")
+    p.add_argument("inputs", nargs="*", metavar="INPUT",
+                   help=".txt/.jsonl/.parquet files, directories or glob patterns; local or fsspec URLs")
     p.add_argument("--output", required=True, help="directory or fsspec URL for the shards and index.json")
     p.add_argument("--block-len", type=int, required=True, help="tokens per block: model.seq_len + 1")
-    p.add_argument("--blocks-per-shard", type=int, default=1024, help="samples per tar shard (default: 1024)")
-    p.add_argument(
-        "--tokenizer", default=GPT2_NAME, help="'gpt2' or a directory with encoder.json + vocab.bpe"
-    )
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--shard-size-mb", type=float, default=DEFAULT_SHARD_SIZE_MB,
+                      help=f"largest shard size, cut at whole blocks (default: {DEFAULT_SHARD_SIZE_MB})")
+    size.add_argument("--blocks-per-shard", type=int, help="blocks per shard, instead of --shard-size-mb")
+    p.add_argument("--text-field", default=DEFAULT_TEXT_FIELD,
+                   help=f"the .jsonl field / .parquet column holding the text (default: {DEFAULT_TEXT_FIELD})")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="tokenizer processes (default: the number of CPUs)")
+    p.add_argument("--chunk-chars", type=int, default=DEFAULT_CHUNK_CHARS,
+                   help=f"characters of text per tokenization task (default: {DEFAULT_CHUNK_CHARS})")
+    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="fsspec option for inputs and output, repeatable (e.g. endpoint_url=http://host:9000); "
+                        "VALUE is read as JSON when it parses (true, 3, {...}), else as a string")
+    p.add_argument("--tokenizer", default=GPT2_NAME, help="'gpt2' or a directory with encoder.json + vocab.bpe")
     p.add_argument("--stdlib-mb", type=float, help="use N MB of the Python stdlib corpus instead of INPUT")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace what another preparation left at --output instead of stopping")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p.parse_args(argv)
+
+
+def blocks_per_shard(args: argparse.Namespace) -> int:
+    if args.blocks_per_shard is not None:
+        return args.blocks_per_shard
+    dtype = block_dtype(load_tokenizer(args.tokenizer).n_vocab)
+    return blocks_per_shard_for(int(args.shard_size_mb * MB), args.block_len, dtype)
+
+
+def prepare(args: argparse.Namespace) -> PrepareResult:
+    common = dict(
+        output=args.output,
+        block_len=args.block_len,
+        blocks_per_shard=blocks_per_shard(args),
+        tokenizer_name=args.tokenizer,
+        storage_options=parse_storage_options(args.storage_option),
+        workers=args.workers,
+        chunk_chars=args.chunk_chars,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    if args.stdlib_mb is None:
+        return prepare_text_files(args.inputs, text_field=args.text_field, **common)
+    if args.inputs:
+        raise UserError("give INPUT files or --stdlib-mb, not both")
+    n_bytes = int(args.stdlib_mb * MB)
+    return prepare_token_shards(
+        stdlib_documents(n_bytes),
+        identity={"stdlib_bytes": n_bytes, "python": sys.version},
+        source=f"python stdlib corpus, {args.stdlib_mb} MB",
+        **common,
+    )
+
+
+def summary(result: PrepareResult, output: str) -> str:
+    index = result.index
+    totals = f"{index['total_blocks']} blocks, {index['total_tokens']} tokens ({index['dropped_tokens']} dropped)"
+    if result.already_done:
+        return f"{output} was already complete: {len(index['shards'])} shards, {totals}; nothing to do"
+    return f"wrote {result.written} shards ({result.skipped} finished earlier, skipped), {totals} to {output}"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        if args.stdlib_mb is not None:
-            if args.inputs:
-                raise UserError("give INPUT files or --stdlib-mb, not both")
-            documents = stdlib_documents(int(args.stdlib_mb * 2**20))
-            source = f"python stdlib corpus, {args.stdlib_mb} MB"
-        else:
-            documents = file_documents(find_text_files(args.inputs))
-            source = "files: " + " ".join(args.inputs)
-        index = write_token_shards(
-            documents,
-            args.output,
-            args.block_len,
-            args.blocks_per_shard,
-            args.tokenizer,
-            source=source,
-            progress=not args.no_progress,
-        )
+        result = prepare(args)
     except UserError as exc:
         print(f"prepare_text: error: {exc}", file=sys.stderr)
         return BAD_INPUT_EXIT
-    print(
-        f"wrote {len(index['shards'])} shards, {index['total_blocks']} blocks, "
-        f"{index['total_tokens']} tokens ({index['dropped_tokens']} dropped) to {args.output}"
-    )
+    print(summary(result, args.output))
     return 0
 
 
