@@ -34,18 +34,29 @@ class ModelConfig:
 
 
 @dataclass
+class ImageConfig:
+    crop_scale: list = field(default_factory=lambda: [0.08, 1.0])
+    crop_ratio: list = field(default_factory=lambda: [0.75, 1.3333333333333333])
+    flip_p: float = 0.5
+    eval_crop_fraction: float = 0.875
+    mean: list = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+@dataclass
 class DataConfig:
     source: str = "shards"
     urls: Any = MISSING
     storage_options: dict = field(default_factory=dict)
     cache_dir: str = "~/.cache/whitebox-pretrain"
     stdlib_max_mb: float = 4.0
-    blocks_per_shard: int = 256
+    samples_per_shard: int = 256
     num_workers: int = 2
     shuffle_buffer: int = 1000
     retries: int = 3
     retry_backoff_s: float = 1.0
     on_error: str = "raise"
+    image: ImageConfig = field(default_factory=ImageConfig)
 
 
 @dataclass

@@ -21,7 +21,7 @@ MAIN = str(REPO / "pretrain" / "main.py")
 TINY = [
     "model.n_layer=2", "model.n_head=4", "model.n_embd=64", "model.seq_len=32",
     "train.global_batch_size=8", "train.micro_batch_size=2", "train.log_interval=1",
-    "data.stdlib_max_mb=0.25", "data.blocks_per_shard=128",
+    "data.stdlib_max_mb=0.25", "data.samples_per_shard=128",
 ]
 
 

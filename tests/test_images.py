@@ -22,7 +22,6 @@ from pretrain.data.images import (
     TrainTransform,
     csv_samples,
     decode_image,
-    decode_sample,
     digits_samples,
     image_folder_samples,
     prepare_digits,
@@ -180,7 +179,7 @@ def test_s3_input_and_output(folder, s3):
     write_image_shards(source.samples, out, 3, source.classes, s3.storage_options)
     index, samples = read_samples(out, s3.storage_options)
     assert index["total_samples"] == len(samples) == 5
-    decoded = decode_sample(samples[0][1], samples[0][0], EvalTransform(16, 20), None)
+    decoded = ImageDecoder(EvalTransform(16, 20), 10)(samples[0][1], samples[0][0], None)
     assert decoded["images"].shape == (3, 16, 16) and decoded["labels"].item() == 0
 
 
@@ -278,7 +277,7 @@ def test_eval_transform_centre_crop():
 def test_decode_sample_and_bad_members(digits_dir):
     _, samples = read_samples(str(digits_dir))
     url, sample = samples[5]
-    decoder = ImageDecoder(TrainTransform(16))
+    decoder = ImageDecoder(TrainTransform(16), 10)
     decoded = decoder(sample, url, torch.Generator().manual_seed(0))
     assert decoded["images"].shape == (3, 16, 16) and decoded["labels"].dtype == torch.int64
     assert decoded["labels"].shape == () and decoded["labels"].item() == 5
@@ -286,7 +285,8 @@ def test_decode_sample_and_bad_members(digits_dir):
     cases = {
         "png": ({**sample, "png": b"\x89PNG not really"}, rf"{key}\.png in shard {url}"),
         "cls missing": ({k: v for k, v in sample.items() if k != "cls"}, rf"{key} in shard {url} has no \.cls"),
-        "cls": ({**sample, "cls": b"five"}, rf"{key}\.cls in shard {url}"),
+        "cls": ({**sample, "cls": b"five"}, rf"{key}\.cls in shard {url} is 'five'"),
+        "cls range": ({**sample, "cls": b"10"}, rf"{key}\.cls in shard {url} is '10', not a class number 0\.\.9"),
         "image missing": ({k: v for k, v in sample.items() if k != "png"},
                           rf"{key} in shard {url} has no \.jpg or \.png"),
     }

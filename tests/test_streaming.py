@@ -13,13 +13,15 @@ import pytest
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
-from pretrain.config import DataConfig
-from pretrain.data import build_text_loader
+from pretrain.config import DataConfig, load_config
+from pretrain.data import build_image_loader, build_text_loader
+from pretrain.data.images import digits_samples, write_image_shards
 from pretrain.data.loader import ShardLoader
 from pretrain.data.text import write_token_shards
 from pretrain.errors import UserError
 
 SEQ_LEN, BLOCKS_PER_SHARD, N_SHARDS = 8, 4, 8
+IMAGE_SIZE = 12  # digits are 8x8: a random-resized crop upsamples them
 
 
 def documents() -> list[str]:
@@ -40,10 +42,31 @@ def local_shards(tmp_path_factory) -> str:
     return str(out)
 
 
+def prepare_images(output: str, storage_options: dict | None = None) -> dict:
+    """N_SHARDS shards of BLOCKS_PER_SHARD digits: the same layout as the text shards."""
+    source = digits_samples()
+    images = list(source.samples)[: N_SHARDS * BLOCKS_PER_SHARD]
+    return write_image_shards(images, output, BLOCKS_PER_SHARD, source.classes, storage_options)
+
+
+@pytest.fixture(scope="module")
+def local_images(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("images")
+    prepare_images(str(out))
+    return str(out)
+
+
 @pytest.fixture(scope="module")
 def s3_shards(s3) -> tuple[str, dict]:
     out = s3.url("streaming/shards")
     prepare(out, s3.storage_options)
+    return out, s3.storage_options
+
+
+@pytest.fixture(scope="module")
+def s3_images(s3) -> tuple[str, dict]:
+    out = s3.url("streaming/images")
+    prepare_images(out, s3.storage_options)
     return out, s3.storage_options
 
 
@@ -58,8 +81,23 @@ def loader(cfg: DataConfig, rank: int = 0, world: int = 1, batch: int = 2) -> Sh
                              world_size=world, local_rank=rank, seed=5)
 
 
+def image_loader(cfg: DataConfig, rank: int = 0, world: int = 1, batch: int = 2, train: bool = True) -> ShardLoader:
+    return build_image_loader(cfg, image_size=IMAGE_SIZE, batch_size=batch, rank=rank, world_size=world,
+                              local_rank=rank, seed=5, train=train)
+
+
+LOADERS = {"text": loader, "images": image_loader}
+
+
 def take(batches, n: int) -> list[torch.Tensor]:
-    return [next(batches)["input_ids"] for _ in range(n)]
+    """The next n batches' inputs (token ids or images) with their labels appended, as one tensor
+    each, so a comparison covers both."""
+    out = []
+    for _ in range(n):
+        batch = next(batches)
+        inputs = batch["input_ids"] if "input_ids" in batch else batch["images"]
+        out.append(torch.cat([inputs.flatten(1).double(), batch["labels"].view(len(inputs), -1).double()], 1))
+    return out
 
 
 def test_every_sample_once_per_epoch_over_two_ranks_and_two_workers(local_shards):
@@ -74,11 +112,19 @@ def test_every_sample_once_per_epoch_over_two_ranks_and_two_workers(local_shards
     assert sorted(seen) == sorted(all_blocks)
 
 
+RESUME_CASES = [("text", workers, world) for workers, world in [(0, 1), (2, 1), (0, 2), (2, 2)]] + [
+    ("images", workers, world) for workers, world in [(0, 1), (2, 2)]]
+
+
 @pytest.mark.parametrize("where", ["file", "s3"])
-@pytest.mark.parametrize("workers, world", [(0, 1), (2, 1), (0, 2), (2, 2)])
-def test_resume_replays_exactly_mid_shard_at_shard_and_epoch_boundaries(where, workers, world, request):
-    root, options = (request.getfixturevalue("local_shards"), None) if where == "file" else request.getfixturevalue("s3_shards")
+@pytest.mark.parametrize("kind, workers, world", RESUME_CASES)
+def test_resume_replays_exactly_mid_shard_at_shard_and_epoch_boundaries(where, kind, workers, world, request):
+    fixture = {("text", "file"): "local_shards", ("text", "s3"): "s3_shards",
+               ("images", "file"): "local_images", ("images", "s3"): "s3_images"}[kind, where]
+    shards = request.getfixturevalue(fixture)
+    root, options = (shards, None) if where == "file" else shards
     cfg = config(root, options, num_workers=workers)
+    loader = LOADERS[kind]
     # Per reader: 32 / (world x max(1, workers)) samples an epoch; batch 1 makes every cut exact.
     per_epoch = 32 // world
     for rank in range(world):
@@ -145,21 +191,31 @@ def not_npy(d) -> None:
     replace_member(d / "shard-000006.tar", ".npy", b"not npy!!!")
 
 
+def truncate(d) -> None:
+    (d / "shard-000002.tar").write_bytes((d / "shard-000002.tar").read_bytes()[:3000])
+
+
+# kind: (damage, what the error names, samples lost (None: depends on where the tar breaks))
 BAD_DATA = {
-    "not a tar": (not_a_tar, "shard-000005.tar", None),
-    "not a .npy member": (not_npy, "shard-000006.tar member 000000024", 1),
-    "missing shard": (lambda d: (d / "shard-000003.tar").unlink(), "shard-000003.tar", 4),
-    "truncated tar": (lambda d: (d / "shard-000002.tar").write_bytes((d / "shard-000002.tar").read_bytes()[:3000]),
-                      "shard-000002.tar", None),
-    "wrong dtype": (lambda d: replace_member(d / "shard-000001.tar", ".npy", wrong_dtype_block()),
+    "not a tar": ("text", not_a_tar, "shard-000005.tar", None),
+    "not a .npy member": ("text", not_npy, "shard-000006.tar member 000000024", 1),
+    "missing shard": ("text", lambda d: (d / "shard-000003.tar").unlink(), "shard-000003.tar", 4),
+    "truncated tar": ("text", truncate, "shard-000002.tar", None),
+    "wrong dtype": ("text", lambda d: replace_member(d / "shard-000001.tar", ".npy", wrong_dtype_block()),
                     "shard-000001.tar member 000000004", 1),
+    "undecodable image": ("images", lambda d: replace_member(d / "shard-000006.tar", ".png", b"\x89PNG cut short"),
+                          r"shard-000006.tar member 000000024 \(cannot decode image 000000024.png", 1),
+    "label out of range": ("images", lambda d: replace_member(d / "shard-000001.tar", ".cls", b"12"),
+                           r"shard-000001.tar member 000000004 \(label 000000004.cls .* is '12'", 1),
+    "truncated image tar": ("images", truncate, "shard-000002.tar", None),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_DATA))
-def test_bad_data_raises_naming_the_shard_or_is_skipped_and_counted(case, local_shards, tmp_path):
-    damage, named, lost = BAD_DATA[case]
-    root = copy_shards(local_shards, tmp_path / "shards")
+def test_bad_data_raises_naming_the_shard_or_is_skipped_and_counted(case, request, tmp_path):
+    kind, damage, named, lost = BAD_DATA[case]
+    loader = LOADERS[kind]
+    root = copy_shards(request.getfixturevalue("local_shards" if kind == "text" else "local_images"), tmp_path / "shards")
     damage(tmp_path / "shards")
     with pytest.raises(UserError, match=named):
         take(iter(loader(config(root, shuffle_buffer=1), batch=1)), 32)
@@ -233,8 +289,23 @@ def test_data_source_settings_are_checked(local_shards):
 
 
 def test_embedded_stdlib_corpus_streams(tmp_path):
-    cfg = DataConfig(source="stdlib", cache_dir=str(tmp_path), stdlib_max_mb=0.1, blocks_per_shard=64, num_workers=2)
+    cfg = DataConfig(source="stdlib", cache_dir=str(tmp_path), stdlib_max_mb=0.1, samples_per_shard=64, num_workers=2)
     batch = next(iter(build_text_loader(cfg, seq_len=16, vocab_size=50304, batch_size=4, rank=1, world_size=2,
                                         local_rank=0, seed=3)))
     assert batch["input_ids"].shape == (4, 16) and batch["input_ids"].dtype == torch.int64
     assert (batch["labels"][:, :-1] == batch["input_ids"][:, 1:]).all()
+
+
+def test_embedded_digits_stream_with_train_and_eval_transforms(tmp_path):
+    cfg = load_config(["data=digits", f"data.cache_dir={tmp_path}", "data.num_workers=2"]).data
+    assert cfg.source == "digits" and cfg.image.flip_p == 0.5
+    train = next(iter(build_image_loader(cfg, image_size=16, batch_size=8, rank=1, world_size=2, local_rank=0,
+                                         seed=3, train=True)))
+    assert train["images"].shape == (8, 3, 16, 16) and train["images"].dtype == torch.float32
+    assert train["labels"].shape == (8,) and 0 <= train["labels"].min() and train["labels"].max() <= 9
+    first, again = (next(iter(build_image_loader(cfg, image_size=16, batch_size=8, rank=0, world_size=1, local_rank=0,
+                                                 seed=3, train=False))) for _ in range(2))
+    assert torch.equal(first["images"], again["images"])  # eval: no randomness
+    with pytest.raises(UserError, match="data.source='stdlib' is not one of digits, shards"):
+        build_image_loader(DataConfig(source="stdlib"), image_size=16, batch_size=1, rank=0, world_size=1,
+                           local_rank=0, seed=0, train=True)

@@ -1,22 +1,29 @@
-"""Data for training: `data.source` picks where the token blocks come from."""
+"""Data for training: `data.source` picks where the shards come from, the loader kind what a
+sample is (token blocks for language models, labelled images for vision models)."""
 
 from __future__ import annotations
 
 import json
 import posixpath
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from omegaconf import MISSING
 
-from pretrain.config import DataConfig
+from pretrain.config import DataConfig, ImageConfig
+from pretrain.data import images, tokens
+from pretrain.data.images import EvalTransform, ImageDecoder, TrainTransform, check_image_index, prepare_digits
 from pretrain.data.loader import ShardLoader
-from pretrain.data.shards import INDEX_NAME, ShardStream, StreamOptions, expand_urls, read_index
-from pretrain.data.text import INDEX_FORMAT, prepare_stdlib_corpus
-from pretrain.data.tokens import PREPARE_HINT, TokenBlockDecoder, check_token_index
+from pretrain.data.shards import Decoder, ShardStream, StreamOptions, expand_urls, read_index
+from pretrain.data.storage import INDEX_NAME
+from pretrain.data.text import INDEX_FORMAT as TEXT_FORMAT
+from pretrain.data.text import prepare_stdlib_corpus
+from pretrain.data.tokens import TokenBlockDecoder, check_token_index
 from pretrain.errors import UserError
 
 TEXT_SOURCES = ("stdlib", "shards")
+IMAGE_SOURCES = ("digits", "shards")
 
 
 def build_text_loader(
@@ -30,51 +37,96 @@ def build_text_loader(
     local_rank: int,
     seed: int,
 ) -> ShardLoader:
-    """This rank's batches: the embedded stdlib corpus, or the token shards at `data.urls`.
+    """This rank's token-block batches: the embedded stdlib corpus, or the shards at `data.urls`."""
+    def embedded(is_preparer: bool) -> str:
+        return prepare_stdlib_corpus(cfg.cache_dir, seq_len + 1, cfg.samples_per_shard, int(cfg.stdlib_max_mb * 2**20),
+                                     is_preparer=is_preparer, progress=is_preparer and sys.stderr.isatty())
 
-    For "stdlib", local rank 0 of each machine builds the corpus into `data.cache_dir` (showing
-    progress when stderr is a terminal) while the other local ranks wait for it.
+    urls, storage_options = _shard_urls(cfg, TEXT_SOURCES, embedded, local_rank)
+    index = read_index(urls, storage_options, (TEXT_FORMAT,), tokens.PREPARE_HINT)
+    decode = TokenBlockDecoder(seq_len, check_token_index(index, seq_len, vocab_size))
+    return _loader(cfg, urls, storage_options, index, decode, batch_size, rank, world_size, seed, cfg.shuffle_buffer)
+
+
+def build_image_loader(
+    cfg: DataConfig,
+    *,
+    image_size: int,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    local_rank: int,
+    seed: int,
+    train: bool,
+) -> ShardLoader:
+    """This rank's image batches ({'images': (B, 3, S, S), 'labels': (B,)}): scikit-learn's
+    digits prepared on first use, or the image shards at `data.urls`.
+
+    `train` picks the augmentation (random-resized crop and flip) and the seeded shuffle;
+    otherwise images are resized and centre-cropped, in shard order.
     """
-    if cfg.source == "stdlib":
-        is_preparer = local_rank == 0
-        directory = prepare_stdlib_corpus(
-            cfg.cache_dir,
-            seq_len + 1,
-            cfg.blocks_per_shard,
-            int(cfg.stdlib_max_mb * 2**20),
-            is_preparer=is_preparer,
-            progress=is_preparer and sys.stderr.isatty(),
-        )
-        urls: str | list[str] = _local_shard_urls(directory)
-        storage_options: dict = {}
-    elif cfg.source == "shards":
+    def embedded(is_preparer: bool) -> str:
+        return prepare_digits(cfg.cache_dir, cfg.samples_per_shard, is_preparer,
+                              progress=is_preparer and sys.stderr.isatty())
+
+    urls, storage_options = _shard_urls(cfg, IMAGE_SOURCES, embedded, local_rank)
+    index = read_index(urls, storage_options, (images.INDEX_FORMAT,), images.PREPARE_HINT)
+    decode = ImageDecoder(_image_transform(cfg.image, image_size, train), check_image_index(index))
+    shuffle_buffer = cfg.shuffle_buffer if train else 1
+    return _loader(cfg, urls, storage_options, index, decode, batch_size, rank, world_size, seed, shuffle_buffer)
+
+
+def _image_transform(cfg: ImageConfig, image_size: int, train: bool) -> TrainTransform | EvalTransform:
+    mean, std = tuple(cfg.mean), tuple(cfg.std)
+    if train:
+        return TrainTransform(image_size, scale=tuple(cfg.crop_scale), ratio=tuple(cfg.crop_ratio),
+                              flip_p=cfg.flip_p, mean=mean, std=std)
+    if not 0 < cfg.eval_crop_fraction <= 1:
+        raise UserError(f"data.image.eval_crop_fraction={cfg.eval_crop_fraction} must be in (0, 1]")
+    return EvalTransform(image_size, round(image_size / cfg.eval_crop_fraction), mean=mean, std=std)
+
+
+def _shard_urls(
+    cfg: DataConfig, sources: tuple[str, ...], embedded: Callable[[bool], str], local_rank: int
+) -> tuple[list[str], dict]:
+    """The shard URLs and their storage options. An embedded default (the first source) is
+    built by local rank 0 of each machine into `data.cache_dir` while the other ranks wait."""
+    if cfg.source == sources[0]:
+        directory = embedded(local_rank == 0)
+        index = json.loads(Path(directory, INDEX_NAME).read_text())
+        return [str(Path(directory, s["name"])) for s in index["shards"]], {}
+    if cfg.source == "shards":
         if cfg.urls in (None, MISSING):
             raise UserError(
                 "data.urls is required when data.source=shards: set it to the shard URLs, "
                 """e.g. 'data.urls="s3://bucket/dir/shard-{000000..000099}.tar"'"""
             )
-        urls, storage_options = cfg.urls, cfg.storage_options
-    else:
-        raise UserError(f"data.source={cfg.source!r} is not one of {', '.join(TEXT_SOURCES)}")
-    shard_urls = expand_urls(urls)
-    index = read_index(shard_urls, storage_options, (INDEX_FORMAT,), PREPARE_HINT)
-    decode = TokenBlockDecoder(seq_len, check_token_index(index, seq_len, vocab_size))
+        return expand_urls(cfg.urls), cfg.storage_options
+    raise UserError(f"data.source={cfg.source!r} is not one of {', '.join(sources)}")
+
+
+def _loader(
+    cfg: DataConfig,
+    urls: list[str],
+    storage_options: dict,
+    index: dict,
+    decode: Decoder,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    shuffle_buffer: int,
+) -> ShardLoader:
     samples = {s["name"]: s["samples"] for s in index["shards"]}
     stream = ShardStream(
-        shard_urls,
-        {url: samples[posixpath.basename(url)] for url in shard_urls},
+        urls,
+        {url: samples[posixpath.basename(url)] for url in urls},
         decode,
         rank=rank,
         world_size=world_size,
         num_workers=cfg.num_workers,
-        options=StreamOptions(seed=seed, shuffle_buffer=cfg.shuffle_buffer, retries=cfg.retries,
+        options=StreamOptions(seed=seed, shuffle_buffer=shuffle_buffer, retries=cfg.retries,
                               retry_backoff_s=cfg.retry_backoff_s, on_error=cfg.on_error),
         storage_options=storage_options,
     )
     return ShardLoader(stream, batch_size, cfg.num_workers)
-
-
-def _local_shard_urls(directory: str) -> list[str]:
-    """Every shard the prepared corpus's index lists, as paths."""
-    index = json.loads(Path(directory, INDEX_NAME).read_text())
-    return [str(Path(directory, s["name"])) for s in index["shards"]]

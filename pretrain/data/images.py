@@ -553,35 +553,37 @@ class EvalTransform:
         return left, top, left + self.size * step, top + self.size * step
 
 
-def decode_sample(
-    sample: dict, url: str, transform: Transform, generator: torch.Generator | None
-) -> dict[str, torch.Tensor]:
-    """A webdataset sample ({'__key__', 'jpg' | 'png', 'cls'}) -> {'images': (3, S, S) float32,
-    'labels': int64 scalar}; a bad or missing member is a one-line error naming shard and key."""
-    key = sample.get("__key__")
-    ext = next((e for e in IMAGE_MEMBERS if e in sample), None)
-    if ext is None:
-        raise UserError(f"sample {key} in shard {url} has no .jpg or .png member: {PREPARE_HINT}")
-    if LABEL_MEMBER not in sample:
-        raise UserError(f"sample {key} in shard {url} has no .{LABEL_MEMBER} member: {PREPARE_HINT}")
-    label = _parse_label(sample[LABEL_MEMBER], f"{key}.{LABEL_MEMBER} in shard {url}")
-    image = decode_image(sample[ext], f"{key}.{ext} in shard {url}")
-    return {"images": transform(image, generator), "labels": torch.tensor(label, dtype=torch.int64)}
-
-
-def _parse_label(raw: bytes, name: str) -> int:
-    text = raw.decode("ascii", errors="replace").strip()
-    if not text.isdecimal():
-        raise UserError(f"label {name} is {text[:20]!r}, not a non-negative integer: {PREPARE_HINT}")
-    return int(text)
+def check_image_index(index: dict) -> int:
+    """The number of classes of an image shard set's index; a one-line error if it has none."""
+    num_classes = index.get("num_classes")
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise UserError(f"the {INDEX_FORMAT} index has no valid num_classes: {PREPARE_HINT}")
+    return num_classes
 
 
 class ImageDecoder:
-    """`decode_sample` with its transform bound: the (sample, url, generator) decoder a shard
-    stream calls; a class rather than a lambda, so loader workers can pickle it."""
+    """The (sample, url, generator) decoder a shard stream calls for image shards: a webdataset
+    sample ({'__key__', 'jpg' | 'png', 'cls'}) -> {'images': (3, S, S) float32, 'labels': int64
+    scalar}. A bad or missing member, or a label outside the index's classes, is a one-line error
+    naming shard and key. A class rather than a closure, so loader workers can pickle it."""
 
-    def __init__(self, transform: Transform) -> None:
-        self.transform = transform
+    def __init__(self, transform: Transform, num_classes: int) -> None:
+        self.transform, self.num_classes = transform, num_classes
 
-    def __call__(self, sample: dict, url: str, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        return decode_sample(sample, url, self.transform, generator)
+    def __call__(self, sample: dict, url: str, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+        key = sample.get("__key__")
+        ext = next((e for e in IMAGE_MEMBERS if e in sample), None)
+        if ext is None:
+            raise UserError(f"sample {key} in shard {url} has no .jpg or .png member: {PREPARE_HINT}")
+        if LABEL_MEMBER not in sample:
+            raise UserError(f"sample {key} in shard {url} has no .{LABEL_MEMBER} member: {PREPARE_HINT}")
+        label = self._label(sample[LABEL_MEMBER], f"{key}.{LABEL_MEMBER} in shard {url}")
+        image = decode_image(sample[ext], f"{key}.{ext} in shard {url}")
+        return {"images": self.transform(image, generator), "labels": torch.tensor(label, dtype=torch.int64)}
+
+    def _label(self, raw: bytes, name: str) -> int:
+        text = raw.decode("ascii", errors="replace").strip()
+        if not text.isdecimal() or int(text) >= self.num_classes:
+            raise UserError(f"label {name} is {text[:20]!r}, not a class number 0..{self.num_classes - 1} "
+                            f"of the index: {PREPARE_HINT}")
+        return int(text)
