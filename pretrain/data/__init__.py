@@ -19,7 +19,7 @@ from pretrain.data.shards import Decoder, ShardStream, StreamOptions, expand_url
 from pretrain.data.storage import INDEX_NAME
 from pretrain.data.text import INDEX_FORMAT as TEXT_FORMAT
 from pretrain.data.text import prepare_stdlib_corpus
-from pretrain.data.tokens import TokenBlockDecoder, check_token_index
+from pretrain.data.tokens import TokenBlockDecoder, check_token_index, split_tokens, stack_blocks
 from pretrain.errors import UserError
 
 TEXT_SOURCES = ("stdlib", "shards")
@@ -45,7 +45,8 @@ def build_text_loader(
     urls, storage_options = _shard_urls(cfg, TEXT_SOURCES, embedded, local_rank)
     index = read_index(urls, storage_options, (TEXT_FORMAT,), tokens.PREPARE_HINT)
     decode = TokenBlockDecoder(seq_len, check_token_index(index, seq_len, vocab_size))
-    return _loader(cfg, urls, storage_options, index, decode, batch_size, rank, world_size, seed, cfg.shuffle_buffer)
+    return _loader(cfg, urls, storage_options, index, decode, batch_size, rank, world_size, seed, cfg.shuffle_buffer,
+                   collate=stack_blocks, finish=split_tokens)
 
 
 def build_image_loader(
@@ -116,6 +117,8 @@ def _loader(
     world_size: int,
     seed: int,
     shuffle_buffer: int,
+    collate: Callable[[list[dict]], dict] | None = None,
+    finish: Callable[[dict], dict] | None = None,
 ) -> ShardLoader:
     samples = {s["name"]: s["samples"] for s in index["shards"]}
     stream = ShardStream(
@@ -129,4 +132,4 @@ def _loader(
                               retry_backoff_s=cfg.retry_backoff_s, on_error=cfg.on_error),
         storage_options=storage_options,
     )
-    return ShardLoader(stream, batch_size, cfg.num_workers)
+    return ShardLoader(stream, batch_size, cfg.num_workers, collate, finish)

@@ -562,7 +562,7 @@ def check_image_index(index: dict) -> int:
 
 
 class ImageDecoder:
-    """The (sample, url, generator) decoder a shard stream calls for image shards: a webdataset
+    """The (sample, url, seed) decoder a shard stream calls for image shards: a webdataset
     sample ({'__key__', 'jpg' | 'png', 'cls'}) -> {'images': (3, S, S) float32, 'labels': int64
     scalar}. A bad or missing member, or a label outside the index's classes, is a one-line error
     naming shard and key. A class rather than a closure, so loader workers can pickle it."""
@@ -570,7 +570,7 @@ class ImageDecoder:
     def __init__(self, transform: Transform, num_classes: int) -> None:
         self.transform, self.num_classes = transform, num_classes
 
-    def __call__(self, sample: dict, url: str, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+    def __call__(self, sample: dict, url: str, seed: int) -> dict[str, torch.Tensor]:
         key = sample.get("__key__")
         ext = next((e for e in IMAGE_MEMBERS if e in sample), None)
         if ext is None:
@@ -579,7 +579,8 @@ class ImageDecoder:
             raise UserError(f"sample {key} in shard {url} has no .{LABEL_MEMBER} member: {PREPARE_HINT}")
         label = self._label(sample[LABEL_MEMBER], f"{key}.{LABEL_MEMBER} in shard {url}")
         image = decode_image(sample[ext], f"{key}.{ext} in shard {url}")
-        return {"images": self.transform(image, generator), "labels": torch.tensor(label, dtype=torch.int64)}
+        images = self.transform(image, torch.Generator().manual_seed(seed))
+        return {"images": images, "labels": torch.tensor(label, dtype=torch.int64)}
 
     def _label(self, raw: bytes, name: str) -> int:
         text = raw.decode("ascii", errors="replace").strip()

@@ -7,6 +7,7 @@ restarted with the same number of workers yields the same batches in the same or
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -14,11 +15,23 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from pretrain.data.shards import ShardStream
 
 
+Batch = dict[str, Any]
+
+
 class ShardLoader(StatefulDataLoader):
-    def __init__(self, stream: ShardStream, batch_size: int, num_workers: int) -> None:
-        """num_workers: 0 reads in this process; N >= 1 starts N worker processes."""
-        super().__init__(stream, batch_size=batch_size, num_workers=num_workers)
+    def __init__(self, stream: ShardStream, batch_size: int, num_workers: int,
+                 collate: Callable[[list[Batch]], Batch] | None = None,
+                 finish: Callable[[Batch], Batch] | None = None) -> None:
+        """num_workers: 0 reads in this process; N >= 1 starts N worker processes. `collate`
+        batches samples in the worker (default: torch's, stacking into tensors); `finish` turns
+        each batch into what training takes, in the training process."""
+        super().__init__(stream, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
         self._in_process = num_workers == 0
+        self._finish = finish
+
+    def __iter__(self) -> Iterator[Batch]:
+        batches = super().__iter__()
+        return batches if self._finish is None else map(self._finish, batches)
 
     def reader_states(self) -> list[dict[str, Any]]:
         """Each reader's ShardStream state, as of the last batch yielded."""

@@ -12,6 +12,7 @@ fsspec, with retries) and positions are kept here.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import posixpath
@@ -36,8 +37,9 @@ STATE_VERSION = 2
 ON_ERROR = ("raise", "skip")
 log = logging.getLogger("pretrain")
 
-# decode(raw webdataset sample, shard url, generator for any randomness) -> training sample
-Decoder = Callable[[dict, str, torch.Generator], dict[str, torch.Tensor]]
+# decode(raw webdataset sample, shard url, seed for any randomness) -> training sample. The seed is
+# drawn from (seed, epoch, shard, slot), so a sample is decoded the same way on every run.
+Decoder = Callable[[dict, str, int], dict[str, Any]]
 
 
 def expand_urls(urls: str | Iterable[str]) -> list[str]:
@@ -192,10 +194,10 @@ class ShardStream(IterableDataset):
             except (tarfile.TarError, EOFError, ValueError, KeyError) as exc:
                 raise _ShardError(f"{type(exc).__name__}: {exc}") from None
 
-    def _decode(self, sample: dict, url: str, salt: str) -> dict[str, torch.Tensor] | None:
-        generator = torch.Generator().manual_seed(random.Random(salt).getrandbits(63))
+    def _decode(self, sample: dict, url: str, salt: str) -> dict[str, Any] | None:
+        sample_seed = int.from_bytes(hashlib.blake2b(salt.encode(), digest_size=8).digest()) >> 1  # 63 bits
         try:
-            return self.decode(sample, url, generator)
+            return self.decode(sample, url, sample_seed)
         except UserError as exc:
             self._fail(url, sample.get("__key__"), str(exc), lost=1)
             return None

@@ -31,12 +31,33 @@ def check_token_index(index: dict, seq_len: int, vocab_size: int) -> np.dtype:
 
 
 class TokenBlockDecoder:
-    """One block of seq_len + 1 tokens -> input_ids = block[:-1], labels = block[1:] (int64)."""
+    """One block of seq_len + 1 tokens -> {'tokens': (seq_len + 1,) array of the shard's dtype}.
+
+    Blocks stay numpy arrays of the stored dtype until the training process: `stack_blocks`
+    batches them in the loader worker and `split_tokens` makes the int64 training pair. A small
+    numpy batch is pickled through the worker's pipe, about 5x faster per batch than the shared
+    memory handoff DataLoader uses for tensors (measured: 9,700 vs 1,900 batches/s of 12 x 1025
+    tokens), and stays uint16 (a quarter of the int64 bytes). A block whose .npy header is the one
+    the index promises is read by slicing past the header; anything else goes through np.load, so
+    a bad member is still named with what it holds.
+    """
 
     def __init__(self, seq_len: int, dtype: np.dtype) -> None:
         self.seq_len, self.dtype = seq_len, dtype
+        expected = io.BytesIO()
+        np.save(expected, np.zeros(seq_len + 1, dtype=dtype), allow_pickle=False)
+        self.header = expected.getvalue()[: -(seq_len + 1) * dtype.itemsize]
+        self.member_bytes = expected.tell()
 
-    def __call__(self, sample: dict, url: str, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def __call__(self, sample: dict, url: str, seed: int) -> dict[str, np.ndarray]:
+        raw = sample.get(BLOCK_MEMBER)
+        if raw is not None and len(raw) == self.member_bytes and raw.startswith(self.header):
+            block = np.frombuffer(raw, self.dtype, offset=len(self.header))
+        else:
+            block = self._load(sample, url)
+        return {"tokens": block}
+
+    def _load(self, sample: dict, url: str) -> np.ndarray:
         key = sample.get("__key__")
         if BLOCK_MEMBER not in sample:
             raise UserError(f"sample {key} in shard {url} has no .{BLOCK_MEMBER} member: {PREPARE_HINT}")
@@ -48,5 +69,15 @@ class TokenBlockDecoder:
             raise UserError(f"sample {key} in shard {url} is {block.dtype}{list(block.shape)}, the index says "
                             f"{self.dtype}[{self.seq_len + 1}]: the shard and index.json are from different runs; "
                             + PREPARE_HINT)
-        tokens = torch.from_numpy(block.astype(np.int64))
-        return {"input_ids": tokens[:-1], "labels": tokens[1:]}
+        return block
+
+
+def stack_blocks(samples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The loader's collate function: blocks -> one (B, seq_len + 1) array."""
+    return {"tokens": np.stack([s["tokens"] for s in samples])}
+
+
+def split_tokens(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """A batch of blocks (B, seq_len + 1) -> input_ids = blocks[:, :-1], labels = blocks[:, 1:] (int64)."""
+    tokens = torch.from_numpy(batch["tokens"].astype(np.int64))
+    return {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
