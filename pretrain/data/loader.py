@@ -7,6 +7,7 @@ restarted with the same number of workers yields the same batches in the same or
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -14,8 +15,9 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from pretrain.data.shards import ShardStream
 
-
 Batch = dict[str, Any]
+# torchdata calls a deprecated torch function on every loader start; the warning is not ours to act on.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
 
 
 class ShardLoader(StatefulDataLoader):
