@@ -22,7 +22,7 @@ from pretrain.data.images import (
     image_folder_samples,
     write_image_shards,
 )
-from pretrain.data.storage import parse_storage_options
+from pretrain.data.storage import add_storage_option_flag, parse_storage_options
 from pretrain.errors import UserError
 
 BAD_INPUT_EXIT = 2
@@ -42,9 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="shrink images whose shorter side exceeds N px to N (aspect kept); smaller ones are kept")
     p.add_argument("--jpeg-quality", type=int, default=JPEG_QUALITY,
                    help=f"quality of JPEGs re-encoded after shrinking (default: {JPEG_QUALITY})")
-    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="fsspec option for input and output URLs, repeatable; VALUE is parsed as JSON "
-                        "when it can be (true, 3), else kept as text (e.g. endpoint_url=http://...)")
+    add_storage_option_flag(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p.parse_args(argv)
 

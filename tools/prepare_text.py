@@ -29,7 +29,7 @@ from pretrain.data.text import (
     stdlib_documents,
 )
 from pretrain.data.tokenizer import GPT2_NAME, load_tokenizer
-from pretrain.data.storage import parse_storage_options
+from pretrain.data.storage import add_storage_option_flag, parse_storage_options
 from pretrain.errors import UserError
 
 BAD_INPUT_EXIT = 2
@@ -53,9 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="tokenizer processes (default: the number of CPUs)")
     p.add_argument("--chunk-chars", type=int, default=DEFAULT_CHUNK_CHARS,
                    help=f"characters of text per tokenization task (default: {DEFAULT_CHUNK_CHARS})")
-    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="fsspec option for inputs and output, repeatable (e.g. endpoint_url=http://host:9000); "
-                        "VALUE is read as JSON when it parses (true, 3, {...}), else as a string")
+    add_storage_option_flag(p)
     p.add_argument("--tokenizer", default=GPT2_NAME, help="'gpt2' or a directory with encoder.json + vocab.bpe")
     p.add_argument("--stdlib-mb", type=float, help="use N MB of the Python stdlib corpus instead of INPUT")
     p.add_argument("--overwrite", action="store_true",

@@ -7,6 +7,7 @@ written last, so a directory without it is unfinished.
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import tempfile
@@ -35,6 +36,13 @@ def url_to_fs(url: str, storage_options: dict, role: str) -> tuple[fsspec.Abstra
             f"cannot open {role} {url!r} ({exc}): use a local path or an fsspec URL like s3://bucket/dir, "
             "and check the storage options"
         ) from None
+
+
+def add_storage_option_flag(parser: argparse.ArgumentParser) -> None:
+    """The tools' repeatable --storage-option KEY=VALUE, read back by `parse_storage_options`."""
+    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="fsspec option for input and output URLs, repeatable (e.g. endpoint_url=http://host:9000); "
+                             "VALUE is read as JSON when it parses (true, 3, {...}), else as a string")
 
 
 def parse_storage_options(pairs: list[str]) -> dict:
