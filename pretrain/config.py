@@ -98,6 +98,12 @@ class TrainConfig:
 class CheckpointConfig:
     interval: int = 1000
     resume: str = "auto"
+    url: Optional[str] = None
+    storage_options: dict = field(default_factory=dict)
+    staging_dir: Optional[str] = None
+    keep_last: int = 3
+    keep_every: int = 0
+    commit_wait_s: float = 600.0
 
 
 @dataclass

@@ -3,9 +3,12 @@ not DeepSpeed or FSDP, and the model only through the registry."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import random
+import tempfile
 import time
 
 import numpy as np
@@ -13,11 +16,13 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from pretrain.checkpoint.manager import CheckpointManager
+from pretrain.checkpoint.manager import CheckpointManager, Restored, Retention
+from pretrain.checkpoint.store import CheckpointStore, Node
 from pretrain.config import Config, grad_accum_steps, redacted
 from pretrain.data import build_text_loader
 from pretrain.distributed import DistInfo
 from pretrain.engines import build_engine
+from pretrain.engines.base import Engine
 from pretrain.errors import UserError
 from pretrain.models import build_model
 from pretrain.tracking.metrics import memory_gib, mfu, peak_flops
@@ -40,15 +45,27 @@ class Trainer:
         self.grad_accum_steps = grad_accum_steps(cfg.train, dist_info.world_size)
         self.tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_len
 
-    def _resume_dir(self, ckpt: CheckpointManager) -> str | None:
-        resume = self.cfg.checkpoint.resume
+    def checkpoints(self) -> CheckpointManager:
+        """The checkpoint store at `checkpoint.url` (default: <run_dir>/checkpoints), staged in a
+        node-local directory named after the URL so that concurrent runs never share one."""
+        c, world = self.cfg.checkpoint, self.dist
+        url = c.url or os.path.join(self.run_dir, "checkpoints")
+        staging = c.staging_dir or os.path.join(tempfile.gettempdir(), "whitebox-staging",
+                                                hashlib.sha256(url.encode()).hexdigest()[:16])
+        node = Node(index=world.rank // world.local_world_size, count=world.world_size // world.local_world_size,
+                    is_leader=world.local_rank == 0)
+        store = CheckpointStore(url, c.storage_options, staging, node)
+        return CheckpointManager(store, world, Retention(c.keep_last, c.keep_every), c.commit_wait_s)
+
+    def _restore(self, ckpt: CheckpointManager, engine: Engine) -> Restored | None:
+        resume = str(self.cfg.checkpoint.resume)
         if resume == "none":
             return None
         if resume == "auto":
-            return ckpt.latest()
-        if not os.path.isdir(resume):
-            raise UserError(f"checkpoint.resume={resume!r} is neither auto, none nor an existing step directory")
-        return resume
+            return ckpt.restore(engine)
+        if not resume.isdecimal():
+            raise UserError(f"checkpoint.resume={resume!r} is neither auto, none nor a step number")
+        return ckpt.restore(engine, int(resume))
 
     def fit(self) -> float:
         """Train to `train.max_steps`; returns the last logged loss (mean over ranks)."""
@@ -66,16 +83,15 @@ class Trainer:
                                  batch_size=cfg.train.micro_batch_size,
                                  rank=world.rank, world_size=world.world_size, local_rank=world.local_rank,
                                  seed=cfg.train.seed)
-        ckpt = CheckpointManager(os.path.join(self.run_dir, "checkpoints"), world)
+        ckpt = self.checkpoints()
 
         step, run_id = 0, None
         seed_everything(cfg.train.seed + world.rank)  # dropout etc. differ across ranks
-        resume_dir = self._resume_dir(ckpt)
-        if resume_dir:
-            restored = ckpt.load(resume_dir, engine)
+        restored = self._restore(ckpt, engine)
+        if restored:
             data.load_state_dict(restored.data_state)
-            step, run_id = restored.step, restored.meta.get("mlflow_run_id")
-            log.info("resumed from %s (step %d)", resume_dir, step)
+            step, run_id = restored.step, restored.manifest.get("mlflow_run_id")
+            log.info("resumed from %s (step %d)", ckpt.store.step_url(step), step)
 
         tracker = Tracker(cfg.tracking, self.run_dir, enabled=world.is_main)
         run_id = tracker.start(redacted(cfg), resume_run_id=run_id)
@@ -89,7 +105,7 @@ class Trainer:
             raise
         tracker.finish()
         if world.is_main:
-            log.info("done: checkpoints in %s, MLflow run %s in %s", ckpt.root, run_id, tracker.uri)
+            log.info("done: checkpoints in %s, MLflow run %s in %s", ckpt.store.url, run_id, tracker.uri)
         return last_loss
 
     def _loop(self, step, engine, data, ckpt, tracker, run_id, flops_per_token) -> float:
@@ -128,12 +144,18 @@ class Trainer:
 
             if step % cfg.checkpoint.interval == 0 or step == cfg.train.max_steps:
                 save_start = time.perf_counter()
-                step_dir = ckpt.save(step, engine, data.state_dict(),
-                                     {"mlflow_run_id": run_id, "model": cfg.model.name})
+                step_url = ckpt.save(step, engine, data.state_dict(), self._checkpoint_record(run_id))
                 if world.is_main:
-                    log.info("checkpoint: %s", step_dir)
+                    log.info("checkpoint: %s", step_url)
                 interval_start += time.perf_counter() - save_start  # saving is not training time
         return last_loss
+
+    def _checkpoint_record(self, run_id: str | None) -> dict:
+        """What the manifest says of the run besides its files: enough to tell, on resume, what
+        wrote it (engine, config and its hash; credentials masked) and which MLflow run to continue."""
+        config = redacted(self.cfg)
+        return {"engine": self.cfg.engine.name, "model": self.cfg.model.name, "mlflow_run_id": run_id,
+                "config": config, "config_hash": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()}
 
     def _sum_over_ranks(self, value: float) -> float:
         t = torch.tensor([value], dtype=torch.float64, device=self.dist.device)

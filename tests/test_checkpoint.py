@@ -1,60 +1,122 @@
-"""What counts as a checkpoint: only committed step directories, and only for the same world."""
+"""The checkpoint store: a step exists only once its manifest is written, its files are checked
+against the manifest, and retention keeps what the config says; on local disk and on S3."""
 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 
-from pretrain.checkpoint.manager import CheckpointManager, step_dir_name
+from pretrain.checkpoint.store import MANIFEST_NAME, CheckpointStore, DamagedCheckpoint, Node, step_dir_name
 from pretrain.config import load_config
 from pretrain.distributed import DistInfo
 from pretrain.errors import UserError
 from pretrain.trainer import Trainer
 
+ONE_NODE = Node(index=0, count=1, is_leader=True)
 ONE_RANK = DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"))
 
 
-def commit(root, step, world_size=1):
-    step_dir = root / step_dir_name(step)
-    step_dir.mkdir(parents=True)
-    (step_dir / "meta.json").write_text(json.dumps({"step": step, "world_size": world_size}))
-    return step_dir
+@pytest.fixture(params=["file", "s3"])
+def store(request, tmp_path) -> CheckpointStore:
+    if request.param == "file":
+        return CheckpointStore(str(tmp_path / "ckpt"), {}, str(tmp_path / "staging"), ONE_NODE)
+    s3 = request.getfixturevalue("s3")
+    return CheckpointStore(s3.url(f"ckpt/{tmp_path.name}"), s3.storage_options, str(tmp_path / "staging"), ONE_NODE)
 
 
-def test_latest_is_the_newest_committed_step_and_ignores_interrupted_saves(tmp_path):
-    manager = CheckpointManager(str(tmp_path / "checkpoints"), ONE_RANK)
-    assert manager.committed_steps() == [] and manager.latest() is None
-    commit(tmp_path / "checkpoints", 100)
-    commit(tmp_path / "checkpoints", 20)
-    (tmp_path / "checkpoints" / step_dir_name(300)).mkdir()  # a save killed before meta.json
-    (tmp_path / "checkpoints" / "step_0000040").mkdir()  # not our naming
-    (tmp_path / "checkpoints" / "zero_to_fp32.py").write_text("")
-    assert manager.committed_steps() == [20, 100]
-    assert manager.latest() == str(tmp_path / "checkpoints" / step_dir_name(100))
+def stage(store: CheckpointStore, step: int, files: dict[str, bytes]) -> None:
+    for relative, data in files.items():
+        path = os.path.join(store.staging_dir(step), relative)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
 
 
-def test_loading_an_uncommitted_or_foreign_world_checkpoint_is_a_named_error(tmp_path):
-    manager = CheckpointManager(str(tmp_path), ONE_RANK)
-    half = tmp_path / step_dir_name(5)
-    half.mkdir()
-    with pytest.raises(UserError, match=f"{half} is not a committed checkpoint"):
-        manager.load(str(half), engine=None)
-    wider = commit(tmp_path, 6, world_size=8)
-    with pytest.raises(UserError, match="written by 8 ranks but this run has 1"):
-        manager.load(str(wider), engine=None)
+def save(store: CheckpointStore, step: int, files: dict[str, bytes] | None = None) -> dict:
+    stage(store, step, files or {"model.pt": f"weights {step}".encode(), "dcp/__0_0.distcp": os.urandom(1000)})
+    store.upload(step)
+    return store.commit(step, {"world_size": 1, "engine": "test"}, wait_s=5)
 
 
-def test_resume_setting(tmp_path):
-    def resume_dir(value):
-        cfg = load_config(["+exp=tost_gpt2_smoke", f"run_dir={tmp_path}", f"checkpoint.resume={value}"])
-        return Trainer(cfg, ONE_RANK)._resume_dir(CheckpointManager(str(tmp_path / "checkpoints"), ONE_RANK))
+def test_a_step_exists_once_its_manifest_is_written_and_names_every_file(store):
+    stage(store, 4, {"model.pt": b"abc", "sub/x.bin": b"0123456789"})
+    store.upload(4)
+    assert store.committed_steps() == []  # uploaded, not committed: a crash here loses nothing committed
+    assert not os.path.exists(store.staging_dir(4))
+    manifest = store.commit(4, {"world_size": 1, "engine": "test"}, wait_s=5)
+    assert store.committed_steps() == [4]
+    assert manifest["step"] == 4 and manifest["engine"] == "test"
+    assert manifest["files"] == {
+        "model.pt": {"size": 3, "sha256": "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"},
+        "sub/x.bin": {"size": 10, "sha256": "84d89877f0d4041efb6bf91a16f0248f2fd573e6af05c19f96bedb9f882f7882"},
+    }
+    assert store.manifest(4) == manifest
+    directory = store.fetch(4)
+    assert open(os.path.join(directory, "sub", "x.bin"), "rb").read() == b"0123456789"
+    assert sorted(p.rsplit("/", 1)[-1] for p in store.fs.ls(store._path(4, ""))) == sorted([MANIFEST_NAME, "model.pt", "sub"])
 
-    assert resume_dir("auto") is None  # nothing saved yet: a fresh start
-    step_dir = commit(tmp_path / "checkpoints", 7)
-    assert resume_dir("auto") == str(step_dir)
-    assert resume_dir("none") is None
-    assert resume_dir(str(step_dir)) == str(step_dir)
-    with pytest.raises(UserError, match="checkpoint.resume="):
-        resume_dir(str(tmp_path / "nowhere"))
+
+def test_commit_waits_for_every_node_then_gives_up_naming_it(tmp_path):
+    nodes = [CheckpointStore(str(tmp_path / "ckpt"), {}, str(tmp_path / f"staging{n}"), Node(n, 2, True)) for n in (0, 1)]
+    stage(nodes[0], 2, {"a": b"a"})
+    nodes[0].upload(2)
+    with pytest.raises(UserError, match=r"no upload record from 1 node\(s\) after 0s .*node1.json"):
+        nodes[0].commit(2, {"world_size": 2}, wait_s=0)
+    stage(nodes[1], 2, {"b": b"b"})
+    nodes[1].upload(2)
+    assert sorted(nodes[0].commit(2, {"world_size": 2}, wait_s=1)["files"]) == ["a", "b"]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda data: data[:-1] + bytes([data[-1] ^ 1]), "does not match its sha256"),
+    (lambda data: data + b"x", "has 1001 bytes, the manifest says 1000"),
+    (None, "is missing"),
+])
+def test_damaged_files_are_named(store, damage, message):
+    save(store, 3)
+    path = store._path(3, "dcp/__0_0.distcp")
+    if damage is None:
+        store.fs.rm(path)
+    else:
+        store.fs.pipe_file(path, damage(store.fs.cat_file(path)))
+    with pytest.raises(DamagedCheckpoint, match=rf"{step_dir_name(3)}/dcp/__0_0.distcp {message}"):
+        store.fetch(3)
+
+
+def test_unreadable_manifest_is_damage_not_a_crash(store):
+    save(store, 5)
+    store.fs.pipe_file(store._path(5, MANIFEST_NAME), b'{"format": "whitebox-checkpoint", "files": ')
+    with pytest.raises(DamagedCheckpoint, match=f"{step_dir_name(5)}/{MANIFEST_NAME} is unreadable"):
+        store.fetch(5)
+
+
+def test_retention_keeps_the_last_n_and_every_mth_and_clears_old_unfinished_saves(store):
+    for step in (2, 4, 6, 8, 10):
+        save(store, step)
+    stage(store, 7, {"model.pt": b"half"})
+    store.upload(7)  # uploaded, never committed (a crash before the manifest)
+    stage(store, 12, {"model.pt": b"next"})
+    store.upload(12)  # newer than every committed step: maybe in flight, so never touched
+    assert store.retain(keep_last=2, keep_every=4) == [2, 6, 7]
+    assert store.committed_steps() == [4, 8, 10]
+    assert store.fs.exists(store._path(12, "model.pt"))
+    assert store.retain(keep_last=0, keep_every=0) == [4, 8]  # the newest committed one always stays
+    assert store.committed_steps() == [10]
+
+
+def test_saving_a_step_again_uncommits_it_first(store):
+    save(store, 6, {"model.pt": b"first"})
+    store.uncommit(6)
+    assert store.committed_steps() == []
+    assert save(store, 6, {"model.pt": b"second"})["files"]["model.pt"]["size"] == 6
+
+
+def test_resume_setting_is_checked(tmp_path):
+    cfg = load_config(["+exp=tost_gpt2_smoke", f"run_dir={tmp_path}", "checkpoint.resume=latest"])
+    with pytest.raises(UserError, match="checkpoint.resume='latest' is neither auto, none nor a step number"):
+        Trainer(cfg, ONE_RANK)._restore(None, None)
+    manifest_keys = json.loads(json.dumps(load_config(["+exp=tost_gpt2_smoke"]).checkpoint.__dict__))
+    assert manifest_keys["keep_last"] == 3 and manifest_keys["url"] is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import fsspec
 import pytest
 
 from conftest import TINY, check, launch, metric_history, mlflow_run
@@ -30,22 +31,28 @@ def test_deepspeed_zero2_trains_checkpoints_tracks_and_resumes_exactly(tmp_path,
     ckpt = ref / "checkpoints"
     assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step_00000004", "step_00000008"]
     last = ckpt / "step_00000008"
-    meta = json.loads((last / "meta.json").read_text())
-    assert meta["step"] == 8 and meta["world_size"] == 2 and meta["mlflow_run_id"]
+    manifest = json.loads((last / "MANIFEST.json").read_text())
+    assert manifest["step"] == 8 and manifest["world_size"] == 2 and manifest["mlflow_run_id"] == run.info.run_id
+    assert manifest["engine"] == "deepspeed" and manifest["config"]["engine"]["zero_stage"] == 2
+    written = {str(p.relative_to(last)) for p in last.rglob("*") if p.is_file()} - {"MANIFEST.json"}
+    assert set(manifest["files"]) == written
     for rank in (0, 1):
-        assert json.loads((last / f"data_rank{rank}.json").read_text())
-        assert (last / f"rng_rank{rank}.pt").is_file()
-        assert (last / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").is_file()
-    assert (last / "mp_rank_00_model_states.pt").is_file()
+        assert f"data_rank{rank}.json" in written and f"rng_rank{rank}.pt" in written
+        assert f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" in written
+    assert "mp_rank_00_model_states.pt" in written
 
-    # The same run cut at step 4 and resumed must continue exactly where the uninterrupted one went.
-    cut = tmp_path / "resumed"
-    check(launch("deepspeed", smoke(cut, corpus_cache, "engine.zero_stage=2", "train.max_steps=4")))
-    resumed = check(launch("deepspeed", smoke(cut, corpus_cache, "engine.zero_stage=2", "train.max_steps=8")))
-    assert "resumed from" in resumed.stdout and "step_00000004 (step 4)" in resumed.stdout
-    continued = metric_history(cut)  # one MLflow run, continued across the restart
-    assert sorted(continued) == list(range(1, 9))
+    # A flipped byte in the newest checkpoint: the restart reports it, resumes from step 4, and
+    # continues exactly where the uninterrupted run went.
+    model_file = last / "mp_rank_00_model_states.pt"
+    data = bytearray(model_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model_file.write_bytes(bytes(data))
+    resumed = check(launch("deepspeed", smoke(ref, corpus_cache, "engine.zero_stage=2", "train.max_steps=8")))
+    assert "skipping damaged checkpoint: " + str(model_file) + " does not match its sha256" in resumed.stdout
+    assert "step_00000004 (step 4)" in resumed.stdout
+    continued = metric_history(ref)  # the same MLflow run, steps 5-8 logged again
     assert [continued[s] for s in range(5, 9)] == [losses[s] for s in range(5, 9)]
+    assert json.loads((last / "MANIFEST.json").read_text())["committed_unix"] > manifest["committed_unix"]
 
 
 def test_torchrun_rendezvous_fsdp_gpt2_tracked_on_an_mlflow_server_and_resumed(tmp_path, corpus_cache, mlflow_server):
@@ -86,11 +93,21 @@ def test_smoke_experiment_streams_its_shards_from_s3(tmp_path, s3):
     urls = s3.url(f"e2e/tokens/shard-{{000000..{len(index['shards']) - 1:06d}}}.tar")
     credentials = [f"+data.storage_options.{k}={v}" for k, v in s3.storage_options.items()]
     run_dir = tmp_path / "s3"
-    check(launch("deepspeed", smoke(run_dir, "/unused", "data=shards", f'data.urls="{urls}"', *credentials,
-                                    "data.num_workers=2", "train.max_steps=3")))
+    checkpoints = [f"checkpoint.url={s3.url('e2e/checkpoints')}", "checkpoint.interval=2",
+                   *(f"+checkpoint.storage_options.{k}={v}" for k, v in s3.storage_options.items())]
+    args = smoke(run_dir, "/unused", "data=shards", f'data.urls="{urls}"', *credentials, *checkpoints,
+                 "data.num_workers=2")
+    check(launch("deepspeed", args + ["train.max_steps=3"]))
     assert sorted(metric_history(run_dir)) == [1, 2, 3]
+    assert not (run_dir / "checkpoints").exists()
+    resumed = check(launch("deepspeed", args + ["train.max_steps=4"]))
+    assert f"resumed from {s3.url('e2e/checkpoints/step_00000003')} (step 3)" in resumed.stdout
+    assert sorted(metric_history(run_dir)) == [1, 2, 3, 4]
     _, run = mlflow_run(run_dir)
     assert run.data.params["data.storage_options.secret"] == "***" and run.data.params["data.storage_options.key"] == "***"
     assert run.data.params["data.storage_options.endpoint_url"] == s3.endpoint
     assert "testing" not in (run_dir / "config.yaml").read_text()  # the moto credentials
-    assert metric_history(run_dir, "data_skipped") == {1: 0.0, 2: 0.0, 3: 0.0}
+    assert metric_history(run_dir, "data_skipped") == {1: 0.0, 2: 0.0, 3: 0.0, 4: 0.0}
+    fs = fsspec.filesystem("s3", **s3.storage_options)
+    manifest = fs.cat_file(f"{s3.bucket}/e2e/checkpoints/step_00000004/MANIFEST.json").decode()
+    assert "testing" not in manifest and json.loads(manifest)["config"]["checkpoint"]["storage_options"]["key"] == "***"

@@ -1,21 +1,18 @@
-"""What a checkpoint holds and when it counts as written.
+"""What a checkpoint holds, and which one a run resumes from.
 
-A step directory `<root>/step_XXXXXXXX/` holds the engine's native files (written collectively
-by every rank), one `data_rank{r}.json` and `rng_rank{r}.pt` per rank, and `meta.json`, which
-rank 0 writes last, after every rank has finished: a directory without `meta.json` is an
-interrupted save and is ignored. "Latest" is found by listing committed steps, never from a
-pointer file that could name a half-written one.
-
-Storage here is the local (or shared) filesystem; uploading to object storage and manifests
-with checksums belong to a store behind this same save/load surface.
+A step holds the engine's native files (written collectively by every rank), each rank's data
+position (`data_rank{r}.json`) and RNG state (`rng_rank{r}.pt`: python, numpy, torch), and a
+manifest carrying the step, world size, engine, MLflow run id and the resolved config. Where the
+files live and when a step counts as written is the store's business (store.py).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
-import re
+import shutil
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,23 +20,25 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pretrain.checkpoint.store import CheckpointStore, DamagedCheckpoint
 from pretrain.distributed import DistInfo
 from pretrain.engines.base import Engine
 from pretrain.errors import UserError
 
-META_FILE = "meta.json"
-STEP_DIR_RE = re.compile(r"^step_(\d{8})$")
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
+log = logging.getLogger("pretrain")
 
 
 @dataclass(frozen=True)
 class Restored:
     step: int
     data_state: dict[str, Any]
-    meta: dict[str, Any]
+    manifest: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Retention:
+    keep_last: int
+    keep_every: int
 
 
 def _rng_state() -> dict[str, Any]:
@@ -57,62 +56,84 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _write_json_atomic(path: str, obj: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class CheckpointManager:
-    def __init__(self, root: str, dist_info: DistInfo):
-        self.root = root
-        self.dist = dist_info
+    def __init__(self, store: CheckpointStore, dist_info: DistInfo, retention: Retention, commit_wait_s: float):
+        self.store, self.dist = store, dist_info
+        self.retention, self.commit_wait_s = retention, commit_wait_s
 
-    def committed_steps(self) -> list[int]:
-        if not os.path.isdir(self.root):
-            return []
-        steps = []
-        for name in os.listdir(self.root):
-            match = STEP_DIR_RE.match(name)
-            if match and os.path.isfile(os.path.join(self.root, name, META_FILE)):
-                steps.append(int(match.group(1)))
-        return sorted(steps)
-
-    def latest(self) -> str | None:
-        steps = self.committed_steps()
-        return os.path.join(self.root, step_dir_name(steps[-1])) if steps else None
-
-    def save(self, step: int, engine: Engine, data_state: dict[str, Any], meta: dict[str, Any]) -> str:
-        """Collective: every rank calls it with its own data state; returns the step directory."""
-        step_dir = os.path.join(self.root, step_dir_name(step))
-        os.makedirs(step_dir, exist_ok=True)
-        engine.save(step_dir)
+    def save(self, step: int, engine: Engine, data_state: dict[str, Any], record: dict[str, Any]) -> str:
+        """Collective: every rank calls it with its own data state; returns the step's URL once
+        committed. `record` (JSON) goes into the manifest."""
+        staged = self.store.staging_dir(step)
+        if self.dist.is_main:
+            self.store.uncommit(step)
+        if self.store.node.is_leader:
+            shutil.rmtree(staged, ignore_errors=True)  # what a killed earlier attempt left
+            os.makedirs(staged)
+        dist.barrier()
+        engine.save(staged)
         rank = self.dist.rank
-        _write_json_atomic(os.path.join(step_dir, f"data_rank{rank}.json"), data_state)
-        torch.save(_rng_state(), os.path.join(step_dir, f"rng_rank{rank}.pt"))
+        with open(os.path.join(staged, f"data_rank{rank}.json"), "w") as f:
+            json.dump(data_state, f)
+        torch.save(_rng_state(), os.path.join(staged, f"rng_rank{rank}.pt"))
+        dist.barrier()
+        self.store.upload(step)
         dist.barrier()
         if self.dist.is_main:
-            _write_json_atomic(os.path.join(step_dir, META_FILE),
-                               {**meta, "step": step, "world_size": self.dist.world_size})
+            self.store.commit(step, {**record, "world_size": self.dist.world_size}, self.commit_wait_s)
+            deleted = self.store.retain(self.retention.keep_last, self.retention.keep_every)
+            if deleted:
+                log.info("checkpoint retention: deleted steps %s", ", ".join(map(str, deleted)))
         dist.barrier()
-        return step_dir
+        return self.store.step_url(step)
 
-    def load(self, step_dir: str, engine: Engine) -> Restored:
-        meta_path = os.path.join(step_dir, META_FILE)
-        if not os.path.isfile(meta_path):
-            raise UserError(f"{step_dir} is not a committed checkpoint (no {META_FILE}); "
-                            f"pick a step directory that has one, or checkpoint.resume=none")
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if meta["world_size"] != self.dist.world_size:
-            raise UserError(f"checkpoint {step_dir} was written by {meta['world_size']} ranks but this run "
-                            f"has {self.dist.world_size}; resume with the same number of processes")
-        engine.load(step_dir)
+    def restore(self, engine: Engine, step: int | None = None) -> Restored | None:
+        """Collective: load the newest committed step whose files verify (or exactly `step`).
+
+        A damaged step is reported, naming the file, and the next older one is tried; with an
+        explicit `step` it is an error. None when there is nothing to resume from.
+        """
+        committed = self.store.committed_steps()
+        if step is not None:
+            if step not in committed:
+                raise UserError(f"checkpoint.resume={step}: {self.store.step_url(step)} is not a committed "
+                                f"checkpoint (committed: {committed or 'none'}); pick one of those, auto or none")
+            committed = [step]
+        for candidate in reversed(committed):
+            directory, problem = self._fetch(candidate)
+            if problem is None:
+                return self._load(candidate, directory, engine)
+            if step is not None:
+                raise UserError(f"checkpoint.resume={step}: {problem}; resume from another step")
+            log.warning("skipping damaged checkpoint: %s", problem)
+        return None
+
+    def _fetch(self, step: int) -> tuple[str, str | None]:
+        """(local directory, None) when every node's leader has verified the step's files, else
+        (_, what was wrong); every rank gets the same verdict."""
+        directory, problem = "", None
+        if self.store.node.is_leader:
+            try:
+                directory = self.store.fetch(step)
+            except DamagedCheckpoint as exc:
+                problem = str(exc)
+        verdicts: list[Any] = [None] * self.dist.world_size
+        dist.all_gather_object(verdicts, (directory, problem))
+        problems = [p for _, p in verdicts if p is not None]
+        leader = self.dist.rank - self.dist.local_rank  # this node's local rank 0
+        return verdicts[leader][0], (problems[0] if problems else None)
+
+    def _load(self, step: int, directory: str, engine: Engine) -> Restored:
+        manifest = self.store.manifest(step)
+        if manifest["world_size"] != self.dist.world_size:
+            raise UserError(f"checkpoint {self.store.step_url(step)} was written by {manifest['world_size']} ranks "
+                            f"but this run has {self.dist.world_size}; resume with the same number of processes")
+        engine.load(directory)
         rank = self.dist.rank
-        with open(os.path.join(step_dir, f"data_rank{rank}.json")) as f:
+        with open(os.path.join(directory, f"data_rank{rank}.json")) as f:
             data_state = json.load(f)
-        _set_rng_state(torch.load(os.path.join(step_dir, f"rng_rank{rank}.pt"), weights_only=False))
-        return Restored(meta["step"], data_state, meta)
+        _set_rng_state(torch.load(os.path.join(directory, f"rng_rank{rank}.pt"), weights_only=False))
+        dist.barrier()
+        if self.store.node.is_leader and not self.store.is_local:
+            shutil.rmtree(directory, ignore_errors=True)  # a downloaded copy, loaded by every rank now
+        return Restored(step, data_state, manifest)
