@@ -141,6 +141,24 @@ def redacted(cfg: Config) -> dict:
     return mask(asdict(cfg))
 
 
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"optim": {"lr": 1e-3}} -> {"optim.lr": 1e-3}: the form of MLflow params and config diffs."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Flattened keys whose value differs between two (redacted) configs: key -> (saved, current)."""
+    old, new = flatten(saved), flatten(current)
+    return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
+
+
 def grad_accum_steps(train: TrainConfig, world_size: int) -> int:
     """Micro-batches per optimizer step, so that every world size trains on the same global batch."""
     per_step = train.micro_batch_size * world_size

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from pretrain.checkpoint.manager import CheckpointManager, Restored, Retention
 from pretrain.checkpoint.store import CheckpointStore, Node
-from pretrain.config import Config, grad_accum_steps, redacted
+from pretrain.config import Config, config_changes, grad_accum_steps, redacted
 from pretrain.data import build_text_loader
 from pretrain.distributed import DistInfo
 from pretrain.engines import build_engine
@@ -29,6 +29,10 @@ from pretrain.tracking.metrics import memory_gib, mfu, peak_flops
 from pretrain.tracking.mlflow import Tracker
 
 log = logging.getLogger("pretrain")
+# Config keys whose change makes a checkpoint's state unusable: the engine that wrote its files,
+# and every model key except these (they change no parameter's shape).
+STATE_SHAPING_KEYS = frozenset({"engine.name"})
+MODEL_KEYS_FREE_TO_CHANGE = frozenset({"model.dropout"})
 
 
 def seed_everything(seed: int) -> None:
@@ -61,11 +65,21 @@ class Trainer:
         resume = str(self.cfg.checkpoint.resume)
         if resume == "none":
             return None
-        if resume == "auto":
-            return ckpt.restore(engine)
-        if not resume.isdecimal():
+        if resume != "auto" and not resume.isdecimal():
             raise UserError(f"checkpoint.resume={resume!r} is neither auto, none nor a step number")
-        return ckpt.restore(engine, int(resume))
+        return ckpt.restore(engine, None if resume == "auto" else int(resume), check=self._check_saved_config)
+
+    def _check_saved_config(self, manifest: dict) -> None:
+        """Warn of every config key changed since the checkpoint; refuse the changes that make its
+        state unusable (the model's shape, the engine that wrote the files), naming the key."""
+        changes = config_changes(manifest.get("config", {}), redacted(self.cfg))
+        for key, (saved, current) in changes.items():
+            if key in STATE_SHAPING_KEYS or (key.startswith("model.") and key not in MODEL_KEYS_FREE_TO_CHANGE):
+                raise UserError(f"{key}={current!r} but the checkpoint was trained with {key}={saved!r}: its state "
+                                f"does not fit; set {key}={saved!r} to resume, or checkpoint.resume=none to start afresh")
+        if changes and self.dist.is_main:
+            log.warning("config changed since the checkpoint: %s",
+                        ", ".join(f"{k} {saved!r} -> {current!r}" for k, (saved, current) in changes.items()))
 
     def fit(self) -> float:
         """Train to `train.max_steps`; returns the last logged loss (mean over ranks)."""

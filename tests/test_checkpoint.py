@@ -120,3 +120,17 @@ def test_resume_setting_is_checked(tmp_path):
         Trainer(cfg, ONE_RANK)._restore(None, None)
     manifest_keys = json.loads(json.dumps(load_config(["+exp=tost_gpt2_smoke"]).checkpoint.__dict__))
     assert manifest_keys["keep_last"] == 3 and manifest_keys["url"] is None
+
+
+def test_config_changes_since_the_checkpoint_warn_or_refuse_naming_the_key(tmp_path, caplog):
+    def trainer(*overrides):
+        return Trainer(load_config(["+exp=tost_gpt2_smoke", f"run_dir={tmp_path}", *overrides]), ONE_RANK)
+
+    saved = {"config": trainer()._checkpoint_record(None)["config"]}
+    with caplog.at_level("WARNING", logger="pretrain"):
+        trainer("optim.lr=0.5", "model.dropout=0.1")._check_saved_config(saved)
+    assert "config changed since the checkpoint: model.dropout 0.0 -> 0.1, optim.lr 0.002 -> 0.5" in caplog.text
+    with pytest.raises(UserError, match=r"model.n_layer=3 but the checkpoint was trained with model.n_layer=4"):
+        trainer("model.n_layer=3")._check_saved_config(saved)  # the smoke model has 4
+    with pytest.raises(UserError, match=r"engine.name='fsdp' .* engine.name='deepspeed'.*checkpoint.resume=none"):
+        trainer("engine=fsdp")._check_saved_config(saved)

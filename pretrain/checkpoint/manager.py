@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,11 +88,13 @@ class CheckpointManager:
         dist.barrier()
         return self.store.step_url(step)
 
-    def restore(self, engine: Engine, step: int | None = None) -> Restored | None:
+    def restore(self, engine: Engine, step: int | None = None,
+                check: Callable[[dict[str, Any]], None] | None = None) -> Restored | None:
         """Collective: load the newest committed step whose files verify (or exactly `step`).
 
         A damaged step is reported, naming the file, and the next older one is tried; with an
-        explicit `step` it is an error. None when there is nothing to resume from.
+        explicit `step` it is an error. `check(manifest)` runs before anything is loaded and may
+        refuse the step (UserError). None when there is nothing to resume from.
         """
         committed = self.store.committed_steps()
         if step is not None:
@@ -102,7 +105,7 @@ class CheckpointManager:
         for candidate in reversed(committed):
             directory, problem = self._fetch(candidate)
             if problem is None:
-                return self._load(candidate, directory, engine)
+                return self._load(candidate, directory, engine, check)
             if step is not None:
                 raise UserError(f"checkpoint.resume={step}: {problem}; resume from another step")
             log.warning("skipping damaged checkpoint: %s", problem)
@@ -123,11 +126,13 @@ class CheckpointManager:
         leader = self.dist.rank - self.dist.local_rank  # this node's local rank 0
         return verdicts[leader][0], (problems[0] if problems else None)
 
-    def _load(self, step: int, directory: str, engine: Engine) -> Restored:
+    def _load(self, step: int, directory: str, engine: Engine, check: Callable[[dict[str, Any]], None] | None) -> Restored:
         manifest = self.store.manifest(step)
         if manifest["world_size"] != self.dist.world_size:
             raise UserError(f"checkpoint {self.store.step_url(step)} was written by {manifest['world_size']} ranks "
                             f"but this run has {self.dist.world_size}; resume with the same number of processes")
+        if check is not None:
+            check(manifest)
         engine.load(directory)
         rank = self.dist.rank
         with open(os.path.join(directory, f"data_rank{rank}.json")) as f:

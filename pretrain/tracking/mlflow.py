@@ -6,21 +6,9 @@ import os
 import time
 from typing import Any
 
-from pretrain.config import TrackingConfig
+from pretrain.config import TrackingConfig, flatten
 
 PARAMS_PER_CALL = 100  # MLflow's limit on params in one log_batch request
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"optim": {"lr": 1e-3}} -> {"optim.lr": 1e-3}, the form MLflow params take."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
 
 
 class Tracker:
