@@ -104,6 +104,8 @@ class CheckpointConfig:
     keep_last: int = 3
     keep_every: int = 0
     commit_wait_s: float = 600.0
+    async_upload: bool = True
+    on_upload_error: str = "continue"
 
 
 @dataclass

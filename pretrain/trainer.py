@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from pretrain.checkpoint.manager import CheckpointManager, Restored, Retention
+from pretrain.checkpoint.manager import CheckpointManager, Restored, SavePolicy
 from pretrain.checkpoint.store import CheckpointStore, Node
 from pretrain.config import Config, config_changes, grad_accum_steps, redacted
 from pretrain.data import build_text_loader
@@ -59,7 +59,8 @@ class Trainer:
         node = Node(index=world.rank // world.local_world_size, count=world.world_size // world.local_world_size,
                     is_leader=world.local_rank == 0)
         store = CheckpointStore(url, c.storage_options, staging, node)
-        return CheckpointManager(store, world, Retention(c.keep_last, c.keep_every), c.commit_wait_s)
+        policy = SavePolicy(c.keep_last, c.keep_every, c.commit_wait_s, c.async_upload, c.on_upload_error)
+        return CheckpointManager(store, world, policy)
 
     def _restore(self, ckpt: CheckpointManager, engine: Engine) -> Restored | None:
         resume = str(self.cfg.checkpoint.resume)
@@ -157,12 +158,18 @@ class Trainer:
                 interval_start = time.perf_counter()
 
             if step % cfg.checkpoint.interval == 0 or step == cfg.train.max_steps:
-                save_start = time.perf_counter()
-                step_url = ckpt.save(step, engine, data.state_dict(), self._checkpoint_record(run_id))
-                if world.is_main:
-                    log.info("checkpoint: %s", step_url)
-                interval_start += time.perf_counter() - save_start  # saving is not training time
+                blocked = ckpt.save(step, engine, data.state_dict(), self._checkpoint_record(run_id))
+                tracker.log_metrics({"ckpt_blocked_s": blocked}, step)
+                interval_start += blocked  # saving is not training time
+            self._log_committed_saves(ckpt, tracker)
+        ckpt.wait()  # the last checkpoint is committed before the run reports done
+        self._log_committed_saves(ckpt, tracker)
         return last_loss
+
+    @staticmethod
+    def _log_committed_saves(ckpt: CheckpointManager, tracker: Tracker) -> None:
+        for saved_step, seconds in ckpt.committed_save_seconds().items():
+            tracker.log_metrics({"ckpt_save_s": seconds}, saved_step)
 
     def _checkpoint_record(self, run_id: str | None) -> dict:
         """What the manifest says of the run besides its files: enough to tell, on resume, what

@@ -13,6 +13,9 @@ import logging
 import os
 import random
 import shutil
+import threading
+import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,9 +40,17 @@ class Restored:
 
 
 @dataclass(frozen=True)
-class Retention:
+class SavePolicy:
+    """checkpoint.* knobs on how a save proceeds once the files are staged."""
+
     keep_last: int
     keep_every: int
+    commit_wait_s: float
+    async_upload: bool
+    on_upload_error: str  # one of UPLOAD_ERROR_MODES
+
+
+UPLOAD_ERROR_MODES = ("continue", "fail")
 
 
 def _rng_state() -> dict[str, Any]:
@@ -58,16 +69,28 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 class CheckpointManager:
-    def __init__(self, store: CheckpointStore, dist_info: DistInfo, retention: Retention, commit_wait_s: float):
-        self.store, self.dist = store, dist_info
-        self.retention, self.commit_wait_s = retention, commit_wait_s
+    """Saves and restores through a CheckpointStore. A save blocks training only while the files
+    are staged; the upload and commit run in a background thread (with `async_upload`), at most
+    one at a time: the next save, and the end of the run, wait for it."""
 
-    def save(self, step: int, engine: Engine, data_state: dict[str, Any], record: dict[str, Any]) -> str:
-        """Collective: every rank calls it with its own data state; returns the step's URL once
-        committed. `record` (JSON) goes into the manifest."""
+    def __init__(self, store: CheckpointStore, dist_info: DistInfo, policy: SavePolicy):
+        if policy.on_upload_error not in UPLOAD_ERROR_MODES:
+            raise UserError(f"checkpoint.on_upload_error={policy.on_upload_error!r} is not one of "
+                            f"{', '.join(UPLOAD_ERROR_MODES)}")
+        self.store, self.dist, self.policy = store, dist_info, policy
+        self._upload: threading.Thread | None = None
+        self._failure: str | None = None
+        self._save_seconds: dict[int, float] = {}  # committed step -> seconds from staging to commit
+
+    def save(self, step: int, engine: Engine, data_state: dict[str, Any], record: dict[str, Any]) -> float:
+        """Collective: every rank calls it with its own data state; `record` (JSON) goes into
+        the manifest. Returns the seconds training was blocked (waiting for the previous upload,
+        then staging)."""
+        started = time.perf_counter()
+        self.wait()
         staged = self.store.staging_dir(step)
-        if self.dist.is_main:
-            self.store.uncommit(step)
+        attempt = [uuid.uuid4().hex]
+        dist.broadcast_object_list(attempt, src=0)  # names this save's upload records on every node
         if self.store.node.is_leader:
             shutil.rmtree(staged, ignore_errors=True)  # what a killed earlier attempt left
             os.makedirs(staged)
@@ -78,15 +101,52 @@ class CheckpointManager:
             json.dump(data_state, f)
         torch.save(_rng_state(), os.path.join(staged, f"rng_rank{rank}.pt"))
         dist.barrier()
-        self.store.upload(step)
-        dist.barrier()
-        if self.dist.is_main:
-            self.store.commit(step, {**record, "world_size": self.dist.world_size}, self.commit_wait_s)
-            deleted = self.store.retain(self.retention.keep_last, self.retention.keep_every)
-            if deleted:
-                log.info("checkpoint retention: deleted steps %s", ", ".join(map(str, deleted)))
-        dist.barrier()
-        return self.store.step_url(step)
+        record = {**record, "world_size": self.dist.world_size}
+        if self.policy.async_upload:
+            self._upload = threading.Thread(target=self._upload_and_commit, args=(step, attempt[0], record, started),
+                                            name=f"checkpoint-upload-{step}", daemon=True)
+            self._upload.start()
+        else:
+            self._upload_and_commit(step, attempt[0], record, started)
+            self.wait()
+        return time.perf_counter() - started
+
+    def wait(self) -> None:
+        """Block until the upload in flight, if any, has committed or failed. A failure stops the
+        run under on_upload_error=fail."""
+        if self._upload is not None:
+            self._upload.join()
+            self._upload = None
+        if self._failure is not None and self.policy.on_upload_error == "fail":
+            raise UserError(f"{self._failure} (checkpoint.on_upload_error=fail; set it to continue to train on)")
+
+    def committed_save_seconds(self) -> dict[int, float]:
+        """Steps committed since the last call, with how long each save took end to end (rank 0)."""
+        done, self._save_seconds = self._save_seconds, {}
+        return done
+
+    def _upload_and_commit(self, step: int, attempt: str, record: dict[str, Any], started: float) -> None:
+        """Without collectives, so that it can run beside training, and the only part of a save
+        that touches the store, so that a store outage never stalls training: node leaders
+        upload, rank 0 waits for every node's record of its upload, then commits and applies
+        retention."""
+        self._failure = None
+        try:
+            if self.dist.is_main:
+                self.store.uncommit(step)
+            self.store.upload(step, attempt)
+            if self.dist.is_main:
+                self.store.commit(step, attempt, record, self.policy.commit_wait_s)
+                self._save_seconds[step] = time.perf_counter() - started
+                log.info("checkpoint committed: %s (%.1f s)", self.store.step_url(step), self._save_seconds[step])
+                deleted = self.store.retain(self.policy.keep_last, self.policy.keep_every)
+                if deleted:
+                    log.info("checkpoint retention: deleted steps %s", ", ".join(map(str, deleted)))
+        except Exception as exc:  # the thread's boundary: whatever the store raised (botocore's connection
+            # errors are not OSErrors) must be reported, not end the thread unseen
+            self._failure = (f"checkpoint step {step} was not committed: {type(exc).__name__}: "
+                             f"{' '.join(str(exc).split())}")
+            log.error("%s", self._failure)
 
     def restore(self, engine: Engine, step: int | None = None,
                 check: Callable[[dict[str, Any]], None] | None = None) -> Restored | None:

@@ -67,14 +67,15 @@ class CheckpointStore:
         return os.path.join(self.staging_root, step_dir_name(step))
 
     def uncommit(self, step: int) -> None:
-        """Rank 0, before a step is saved again (a rerun after a crash): drop its old manifest and
-        parts first, so no manifest ever describes a mix of old and new files."""
-        for relative in (MANIFEST_NAME, PARTS_DIR):
-            if self.fs.exists(self._path(step, relative)):
-                self.fs.rm(self._path(step, relative), recursive=True)
+        """Rank 0, before a step is saved again (a rerun after a crash): drop its old manifest, so
+        that it stops counting as soon as new files may replace old ones. (Were a new file to land
+        first, the old manifest's hashes would no longer match and resume would pass it over.)"""
+        if self.fs.exists(self._path(step, MANIFEST_NAME)):
+            self.fs.rm(self._path(step, MANIFEST_NAME))
 
-    def upload(self, step: int) -> None:
-        """Node leader: upload the node's staged files, then record them in this node's part."""
+    def upload(self, step: int, attempt: str) -> None:
+        """Node leader: upload the node's staged files, then record them in this node's part of
+        this save `attempt` (parts left by an earlier, crashed attempt never count)."""
         if not self.node.is_leader:
             return
         staged = self.staging_dir(step)
@@ -88,12 +89,12 @@ class CheckpointStore:
                 if self.is_local:
                     os.makedirs(os.path.dirname(remote), exist_ok=True)
                 self.fs.put_file(local, remote)
-        self._write_json(self._path(step, f"{PARTS_DIR}/node{self.node.index}.json"), files)
+        self._write_json(self._path(step, f"{PARTS_DIR}/{attempt}/node{self.node.index}.json"), files)
         shutil.rmtree(staged, ignore_errors=True)
 
-    def commit(self, step: int, record: dict[str, Any], wait_s: float) -> dict[str, Any]:
-        """Rank 0: once every node's part is there, write the manifest (the commit point)."""
-        parts = [self._path(step, f"{PARTS_DIR}/node{n}.json") for n in range(self.node.count)]
+    def commit(self, step: int, attempt: str, record: dict[str, Any], wait_s: float) -> dict[str, Any]:
+        """Rank 0: once every node's part of `attempt` is there, write the manifest (the commit point)."""
+        parts = [self._path(step, f"{PARTS_DIR}/{attempt}/node{n}.json") for n in range(self.node.count)]
         deadline = time.monotonic() + wait_s
         while not all(self.fs.exists(p) for p in parts):
             if time.monotonic() > deadline:
