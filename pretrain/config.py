@@ -106,6 +106,7 @@ class CheckpointConfig:
     commit_wait_s: float = 600.0
     async_upload: bool = True
     on_upload_error: str = "continue"
+    preempt_signals: list = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
 
 
 @dataclass

@@ -14,6 +14,7 @@ from pretrain.config import load_config
 from pretrain.distributed import init_distributed, shutdown, strip_launcher_args
 from pretrain.engines import check_engine_config
 from pretrain.errors import UserError
+from pretrain.preemption import PREEMPTED_EXIT_CODE, Preempted
 from pretrain.trainer import Trainer
 
 
@@ -36,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Preempted:
+        return PREEMPTED_EXIT_CODE
     return 0
 
 

@@ -25,6 +25,7 @@ from pretrain.engines import build_engine
 from pretrain.engines.base import Engine
 from pretrain.errors import UserError
 from pretrain.models import build_model
+from pretrain.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatch
 from pretrain.tracking.metrics import memory_gib, mfu, peak_flops
 from pretrain.tracking.mlflow import Tracker
 
@@ -83,7 +84,16 @@ class Trainer:
                         ", ".join(f"{k} {saved!r} -> {current!r}" for k, (saved, current) in changes.items()))
 
     def fit(self) -> float:
-        """Train to `train.max_steps`; returns the last logged loss (mean over ranks)."""
+        """Train to `train.max_steps`; returns the last logged loss (mean over ranks). Raises
+        Preempted once a preemption signal's checkpoint is committed."""
+        # From the start: a notice that comes during setup still ends the run after its first step.
+        watch = PreemptionWatch(self.cfg.checkpoint.preempt_signals)
+        try:
+            return self._fit(watch)
+        finally:
+            watch.close()
+
+    def _fit(self, watch: PreemptionWatch) -> float:
         cfg, world = self.cfg, self.dist
         if world.is_main:
             os.makedirs(self.run_dir, exist_ok=True)
@@ -97,7 +107,7 @@ class Trainer:
         data = build_text_loader(cfg.data, seq_len=cfg.model.seq_len, vocab_size=cfg.model.vocab_size,
                                  batch_size=cfg.train.micro_batch_size,
                                  rank=world.rank, world_size=world.world_size, local_rank=world.local_rank,
-                                 seed=cfg.train.seed)
+                                 seed=cfg.train.seed, worker_init=watch.worker_init)
         ckpt = self.checkpoints()
 
         step, run_id = 0, None
@@ -114,7 +124,10 @@ class Trainer:
                  cfg.model.name, n_params / 1e6, world.world_size, world.device, self.tokens_per_step,
                  step, cfg.train.max_steps)
         try:
-            last_loss = self._loop(step, engine, data, ckpt, tracker, run_id, flops_per_token)
+            last_loss = self._loop(step, engine, data, ckpt, tracker, run_id, flops_per_token, watch)
+        except Preempted:
+            tracker.finish("KILLED")
+            raise
         except BaseException:
             tracker.finish("FAILED")
             raise
@@ -123,7 +136,7 @@ class Trainer:
             log.info("done: checkpoints in %s, MLflow run %s in %s", ckpt.store.url, run_id, tracker.uri)
         return last_loss
 
-    def _loop(self, step, engine, data, ckpt, tracker, run_id, flops_per_token) -> float:
+    def _loop(self, step, engine, data, ckpt, tracker, run_id, flops_per_token, watch) -> float:
         cfg, world = self.cfg, self.dist
         peak = peak_flops(world.device, cfg.engine.precision)
         batches = iter(data)
@@ -157,11 +170,21 @@ class Trainer:
                 losses.clear()
                 interval_start = time.perf_counter()
 
-            if step % cfg.checkpoint.interval == 0 or step == cfg.train.max_steps:
+            preempted = self._any_rank_signalled(watch)
+            if preempted or step % cfg.checkpoint.interval == 0 or step == cfg.train.max_steps:
                 blocked = ckpt.save(step, engine, data.state_dict(), self._checkpoint_record(run_id))
                 tracker.log_metrics({"ckpt_blocked_s": blocked}, step)
                 interval_start += blocked  # saving is not training time
             self._log_committed_saves(ckpt, tracker)
+            if preempted:
+                ckpt.wait()
+                dist.barrier()  # no rank exits (and no launcher kills the rest) before rank 0 has committed
+                self._log_committed_saves(ckpt, tracker)
+                if world.is_main:
+                    log.warning("preempted (%s) after step %d: checkpoint %s; exiting with %d so that the "
+                                "scheduler requeues the run", watch.signal_name or "signal on another rank", step,
+                                ckpt.store.step_url(step), PREEMPTED_EXIT_CODE)
+                raise Preempted(step)
         ckpt.wait()  # the last checkpoint is committed before the run reports done
         self._log_committed_saves(ckpt, tracker)
         return last_loss
@@ -177,6 +200,12 @@ class Trainer:
         config = redacted(self.cfg)
         return {"engine": self.cfg.engine.name, "model": self.cfg.model.name, "mlflow_run_id": run_id,
                 "config": config, "config_hash": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()}
+
+    def _any_rank_signalled(self, watch: PreemptionWatch) -> bool:
+        """Whether a preemption signal reached any rank: all ranks must stop after the same step."""
+        flag = torch.tensor([watch.signal_name is not None], dtype=torch.int32, device=self.dist.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def _sum_over_ranks(self, value: float) -> float:
         t = torch.tensor([value], dtype=torch.float64, device=self.dist.device)

@@ -25,8 +25,9 @@ TINY = [
 ]
 
 
-def launch(launcher: str, overrides: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run pretrain/main.py under `deepspeed`, `torchrun` (2 processes each) or plain `python`."""
+def launch_command(launcher: str, overrides: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment that run pretrain/main.py under `deepspeed`, `torchrun`
+    (2 processes each) or plain `python`."""
     if launcher == "deepspeed":
         cmd = [shutil.which("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), MAIN]
     elif launcher == "torchrun":
@@ -38,7 +39,36 @@ def launch(launcher: str, overrides: list[str], timeout: float = 300) -> subproc
     # PYTHONPATH: the processes import this checkout, whatever tree an editable install points at.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run(cmd + overrides, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return cmd + overrides, env
+
+
+def launch(launcher: str, overrides: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd, env = launch_command(launcher, overrides)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def launch_and_signal(launcher: str, overrides: list[str], when: str, sig: int, timeout: float = 300) -> tuple[int, str]:
+    """Run like `launch`, and once a stdout line contains `when`, send `sig` to every training
+    process (not the launcher), as Slurm and Kubernetes do; returns (exit code, stdout)."""
+    import psutil
+
+    cmd, env = launch_command(launcher, overrides)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if when in line:
+                started = psutil.Process(proc.pid)
+                ranks = [p for p in started.children(recursive=True)
+                         if MAIN in p.cmdline() and "LOCAL_RANK" in p.environ()]  # not the launchers
+                for process in ranks or [started]:
+                    process.send_signal(sig)
+                when = "\0"  # signal once
+        return proc.wait(timeout=timeout), "".join(lines)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

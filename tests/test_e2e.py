@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
+import signal
 
 import fsspec
 import pytest
 
-from conftest import TINY, check, launch, metric_history, mlflow_run
+from conftest import TINY, check, launch, launch_and_signal, metric_history, mlflow_run
+
+from pretrain.preemption import PREEMPTED_EXIT_CODE
 
 
 def smoke(run_dir, corpus_cache, *extra: str) -> list[str]:
@@ -53,6 +57,23 @@ def test_deepspeed_zero2_trains_checkpoints_tracks_and_resumes_exactly(tmp_path,
     continued = metric_history(ref)  # the same MLflow run, steps 5-8 logged again
     assert [continued[s] for s in range(5, 9)] == [losses[s] for s in range(5, 9)]
     assert json.loads((last / "MANIFEST.json").read_text())["committed_unix"] > manifest["committed_unix"]
+
+    # SIGTERM to every rank as training starts: the step in progress finishes, its checkpoint is
+    # committed, the run exits with the documented code, and a restart continues exactly.
+    preempted = tmp_path / "preempted"
+    args = smoke(preempted, corpus_cache, "engine.zero_stage=2", "train.max_steps=8")
+    code, out = launch_and_signal("deepspeed", args, when="tost: ", sig=signal.SIGTERM)
+    assert code == PREEMPTED_EXIT_CODE, out[-3000:]
+    (at,) = re.findall(r"preempted \(SIGTERM\) after step (\d+)", out)
+    at = int(at)
+    assert 1 <= at < 8
+    assert json.loads((preempted / "checkpoints" / f"step_{at:08d}" / "MANIFEST.json").read_text())["step"] == at
+    _, run = mlflow_run(preempted)
+    assert run.info.status == "KILLED"
+    resumed = check(launch("deepspeed", args))
+    assert f"step_{at:08d} (step {at})" in resumed.stdout
+    again = metric_history(preempted)
+    assert [again[s] for s in range(at + 1, 9)] == [losses[s] for s in range(at + 1, 9)]
 
 
 def test_torchrun_rendezvous_fsdp_gpt2_tracked_on_an_mlflow_server_and_resumed(tmp_path, corpus_cache, mlflow_server):

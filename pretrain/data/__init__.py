@@ -36,8 +36,10 @@ def build_text_loader(
     world_size: int,
     local_rank: int,
     seed: int,
+    worker_init: Callable[[int], None] | None = None,
 ) -> ShardLoader:
-    """This rank's token-block batches: the embedded stdlib corpus, or the shards at `data.urls`."""
+    """This rank's token-block batches: the embedded stdlib corpus, or the shards at `data.urls`.
+    `worker_init` runs first in each loader worker."""
     def embedded(is_preparer: bool) -> str:
         return prepare_stdlib_corpus(cfg.cache_dir, seq_len + 1, cfg.samples_per_shard, int(cfg.stdlib_max_mb * 2**20),
                                      is_preparer=is_preparer, progress=is_preparer and sys.stderr.isatty())
@@ -46,7 +48,7 @@ def build_text_loader(
     index = read_index(urls, storage_options, (TEXT_FORMAT,), tokens.PREPARE_HINT)
     decode = TokenBlockDecoder(seq_len, check_token_index(index, seq_len, vocab_size))
     return _loader(cfg, urls, storage_options, index, decode, batch_size, rank, world_size, seed, cfg.shuffle_buffer,
-                   collate=stack_blocks, finish=split_tokens)
+                   collate=stack_blocks, finish=split_tokens, worker_init=worker_init)
 
 
 def build_image_loader(
@@ -59,6 +61,7 @@ def build_image_loader(
     local_rank: int,
     seed: int,
     train: bool,
+    worker_init: Callable[[int], None] | None = None,
 ) -> ShardLoader:
     """This rank's image batches ({'images': (B, 3, S, S), 'labels': (B,)}): scikit-learn's
     digits prepared on first use, or the image shards at `data.urls`.
@@ -74,7 +77,8 @@ def build_image_loader(
     index = read_index(urls, storage_options, (images.INDEX_FORMAT,), images.PREPARE_HINT)
     decode = ImageDecoder(_image_transform(cfg.image, image_size, train), check_image_index(index))
     shuffle_buffer = cfg.shuffle_buffer if train else 1
-    return _loader(cfg, urls, storage_options, index, decode, batch_size, rank, world_size, seed, shuffle_buffer)
+    return _loader(cfg, urls, storage_options, index, decode, batch_size, rank, world_size, seed, shuffle_buffer,
+                   worker_init=worker_init)
 
 
 def _image_transform(cfg: ImageConfig, image_size: int, train: bool) -> TrainTransform | EvalTransform:
@@ -119,6 +123,7 @@ def _loader(
     shuffle_buffer: int,
     collate: Callable[[list[dict]], dict] | None = None,
     finish: Callable[[dict], dict] | None = None,
+    worker_init: Callable[[int], None] | None = None,
 ) -> ShardLoader:
     samples = {s["name"]: s["samples"] for s in index["shards"]}
     stream = ShardStream(
@@ -132,4 +137,4 @@ def _loader(
                               retry_backoff_s=cfg.retry_backoff_s, on_error=cfg.on_error),
         storage_options=storage_options,
     )
-    return ShardLoader(stream, batch_size, cfg.num_workers, collate, finish)
+    return ShardLoader(stream, batch_size, cfg.num_workers, collate, finish, worker_init)

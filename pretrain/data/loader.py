@@ -23,11 +23,14 @@ warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=
 class ShardLoader(StatefulDataLoader):
     def __init__(self, stream: ShardStream, batch_size: int, num_workers: int,
                  collate: Callable[[list[Batch]], Batch] | None = None,
-                 finish: Callable[[Batch], Batch] | None = None) -> None:
+                 finish: Callable[[Batch], Batch] | None = None,
+                 worker_init: Callable[[int], None] | None = None) -> None:
         """num_workers: 0 reads in this process; N >= 1 starts N worker processes. `collate`
         batches samples in the worker (default: torch's, stacking into tensors); `finish` turns
-        each batch into what training takes, in the training process."""
-        super().__init__(stream, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+        each batch into what training takes, in the training process; `worker_init` runs first
+        in each worker."""
+        super().__init__(stream, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
+                         worker_init_fn=worker_init)
         self._in_process = num_workers == 0
         self._finish = finish
 
