@@ -27,9 +27,14 @@ TINY = [
 
 def launch_command(launcher: str, overrides: list[str]) -> tuple[list[str], dict[str, str]]:
     """The command line and environment that run pretrain/main.py under `deepspeed`, `torchrun`
-    (2 processes each) or plain `python`."""
+    (2 processes each), the cluster templates' per-node launcher (`node`) or plain `python`."""
+    extra_env: dict[str, str] = {}
     if launcher == "deepspeed":
         cmd = [shutil.which("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), MAIN]
+    elif launcher == "node":  # the cluster templates' per-node launcher, as one node of two ranks
+        cmd = [str(REPO / "cluster" / "launch_node.sh")]
+        extra_env = {"NNODES": "1", "NODE_RANK": "0", "PROCS_PER_NODE": "2", "MASTER_ADDR": "127.0.0.1",
+                     "MASTER_PORT": str(free_port())}
     elif launcher == "torchrun":
         # The multi-node form (rendezvous), with one node: what a cluster launch runs on each node.
         cmd = [shutil.which("torchrun"), "--nnodes", "1", "--nproc_per_node", "2", "--rdzv_backend", "c10d",
@@ -37,7 +42,7 @@ def launch_command(launcher: str, overrides: list[str]) -> tuple[list[str], dict
     else:
         cmd = [sys.executable, MAIN]
     # PYTHONPATH: the processes import this checkout, whatever tree an editable install points at.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+    env = {**os.environ, **extra_env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     return cmd + overrides, env
 
@@ -47,12 +52,15 @@ def launch(launcher: str, overrides: list[str], timeout: float = 300) -> subproc
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def launch_and_signal(launcher: str, overrides: list[str], when: str, sig: int, timeout: float = 300) -> tuple[int, str]:
-    """Run like `launch`, and once a stdout line contains `when`, send `sig` to every training
-    process (not the launcher), as Slurm and Kubernetes do; returns (exit code, stdout)."""
+def launch_and_signal(launcher: str, overrides: list[str], when: str, sig: int, to: str,
+                      env: dict[str, str] | None = None, timeout: float = 300) -> tuple[int, str]:
+    """Run like `launch`, and once a stdout line contains `when`, send `sig` `to` "every"
+    process (launcher, ranks, loader workers: as Slurm does) or only the "launcher" (as
+    Kubernetes signals PID 1); returns (exit code, stdout)."""
     import psutil
 
-    cmd, env = launch_command(launcher, overrides)
+    cmd, launch_env = launch_command(launcher, overrides)
+    env = {**launch_env, **(env or {})}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     try:
@@ -60,9 +68,7 @@ def launch_and_signal(launcher: str, overrides: list[str], when: str, sig: int, 
             lines.append(line)
             if when in line:
                 started = psutil.Process(proc.pid)
-                ranks = [p for p in started.children(recursive=True)
-                         if MAIN in p.cmdline() and "LOCAL_RANK" in p.environ()]  # not the launchers
-                for process in ranks or [started]:
+                for process in [started, *(started.children(recursive=True) if to == "every" else [])]:
                     process.send_signal(sig)
                 when = "\0"  # signal once
         return proc.wait(timeout=timeout), "".join(lines)

@@ -58,11 +58,13 @@ def test_deepspeed_zero2_trains_checkpoints_tracks_and_resumes_exactly(tmp_path,
     assert [continued[s] for s in range(5, 9)] == [losses[s] for s in range(5, 9)]
     assert json.loads((last / "MANIFEST.json").read_text())["committed_unix"] > manifest["committed_unix"]
 
-    # SIGTERM to every rank as training starts: the step in progress finishes, its checkpoint is
-    # committed, the run exits with the documented code, and a restart continues exactly.
+    # Preempted as Slurm does it, through the cluster templates' node launcher: SIGTERM to every
+    # process (launcher script, ranks, loader workers) as training starts. The step in progress
+    # finishes, its checkpoint is committed, the node exits 75, and a restart continues exactly.
     preempted = tmp_path / "preempted"
     args = smoke(preempted, corpus_cache, "engine.zero_stage=2", "train.max_steps=8")
-    code, out = launch_and_signal("deepspeed", args, when="tost: ", sig=signal.SIGTERM)
+    code, out = launch_and_signal("node", args, when="tost: ", sig=signal.SIGTERM, to="every",
+                                  env={"FORWARD_SIGNALS": "0"})
     assert code == PREEMPTED_EXIT_CODE, out[-3000:]
     (at,) = re.findall(r"preempted \(SIGTERM\) after step (\d+)", out)
     at = int(at)
@@ -70,10 +72,21 @@ def test_deepspeed_zero2_trains_checkpoints_tracks_and_resumes_exactly(tmp_path,
     assert json.loads((preempted / "checkpoints" / f"step_{at:08d}" / "MANIFEST.json").read_text())["step"] == at
     _, run = mlflow_run(preempted)
     assert run.info.status == "KILLED"
-    resumed = check(launch("deepspeed", args))
+    resumed = check(launch("node", args))
     assert f"step_{at:08d} (step {at})" in resumed.stdout
     again = metric_history(preempted)
     assert [again[s] for s in range(at + 1, 9)] == [losses[s] for s in range(at + 1, 9)]
+
+
+def test_kubernetes_style_notice_to_the_node_launcher_only_is_forwarded(tmp_path, corpus_cache):
+    """Kubernetes signals PID 1 only: the node launcher passes the notice on, and exits 75."""
+    run_dir = tmp_path / "k8s"
+    args = smoke(run_dir, corpus_cache, "engine=fsdp", "train.max_steps=50")
+    code, out = launch_and_signal("node", args, when="tost: ", sig=signal.SIGTERM, to="launcher",
+                                  env={"FORWARD_SIGNALS": "1"})
+    assert code == PREEMPTED_EXIT_CODE, out[-3000:]
+    (at,) = re.findall(r"preempted \(SIGTERM\) after step (\d+)", out)
+    assert (run_dir / "checkpoints" / f"step_{int(at):08d}" / "MANIFEST.json").is_file()
 
 
 def test_torchrun_rendezvous_fsdp_gpt2_tracked_on_an_mlflow_server_and_resumed(tmp_path, corpus_cache, mlflow_server):

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Start one node's training ranks as direct children of this script, one per accelerator, and exit
+# with a code the cluster templates act on: 75 when the ranks stopped for a preemption notice
+# (requeue), their failure code when one failed, else 0. Used by slurm/train.sbatch and
+# k8s/job.yaml; every argument goes to pretrain/main.py.
+#
+# Environment: NNODES, NODE_RANK, PROCS_PER_NODE, MASTER_ADDR (required); MASTER_PORT (29500);
+# FORWARD_SIGNALS=1 to pass SIGTERM/SIGUSR1 on to the ranks, where the scheduler signals only this
+# process (Kubernetes signals PID 1); leave it 0 where every process is signalled (Slurm), or the
+# ranks would see each notice twice, and a second notice means "stop at once".
+set -u
+: "${NNODES:?}" "${NODE_RANK:?}" "${PROCS_PER_NODE:?}" "${MASTER_ADDR:?}"
+export MASTER_ADDR MASTER_PORT="${MASTER_PORT:-29500}"
+PREEMPTED=75
+here=$(cd "$(dirname "$0")/.." && pwd)
+
+pids=()
+for ((i = 0; i < PROCS_PER_NODE; i++)); do
+  RANK=$((NODE_RANK * PROCS_PER_NODE + i)) LOCAL_RANK=$i WORLD_SIZE=$((NNODES * PROCS_PER_NODE)) \
+    LOCAL_WORLD_SIZE=$PROCS_PER_NODE python "$here/pretrain/main.py" "$@" &
+  pids+=($!)
+done
+if [ "${FORWARD_SIGNALS:-0}" = 1 ]; then
+  trap 'kill -TERM "${pids[@]}" 2>/dev/null' TERM
+  trap 'kill -USR1 "${pids[@]}" 2>/dev/null' USR1
+else
+  trap '' TERM USR1  # the ranks got the notice themselves; this script waits for their verdict
+fi
+
+status=0 preempted=0
+for pid in "${pids[@]}"; do
+  while kill -0 "$pid" 2>/dev/null; do wait "$pid"; done  # a trapped signal interrupts wait
+  wait "$pid"
+  code=$?
+  if [ "$code" -eq "$PREEMPTED" ]; then preempted=1; elif [ "$code" -ne 0 ]; then status=$code; fi
+done
+if [ "$status" -ne 0 ]; then exit "$status"; fi
+if [ "$preempted" -eq 1 ]; then exit "$PREEMPTED"; fi
+exit 0
