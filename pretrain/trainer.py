@@ -24,6 +24,7 @@ from pretrain.distributed import DistInfo
 from pretrain.engines import build_engine
 from pretrain.engines.base import Engine
 from pretrain.errors import UserError
+from pretrain.faults import crash_point
 from pretrain.models import build_model
 from pretrain.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatch
 from pretrain.tracking.metrics import memory_gib, mfu, peak_flops
@@ -148,6 +149,7 @@ class Trainer:
             result = engine.train_step(micro_batches)
             step += 1
             losses.append(result.loss)
+            crash_point("step", step)
 
             if step % cfg.train.log_interval == 0 or step == cfg.train.max_steps:
                 elapsed = time.perf_counter() - interval_start

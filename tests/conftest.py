@@ -47,9 +47,13 @@ def launch_command(launcher: str, overrides: list[str]) -> tuple[list[str], dict
     return cmd + overrides, env
 
 
-def launch(launcher: str, overrides: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    cmd, env = launch_command(launcher, overrides)
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+def launch(launcher: str, overrides: list[str], timeout: float = 300,
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    cmd, launch_env = launch_command(launcher, overrides)
+    env = {**launch_env, **(env or {})}
+    # A session of its own: a fault-injected crash kills the run's whole process group, not pytest.
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+                          start_new_session=True)
 
 
 def launch_and_signal(launcher: str, overrides: list[str], when: str, sig: int, to: str,
@@ -61,7 +65,8 @@ def launch_and_signal(launcher: str, overrides: list[str], when: str, sig: int, 
 
     cmd, launch_env = launch_command(launcher, overrides)
     env = {**launch_env, **(env or {})}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     lines = []
     try:
         for line in proc.stdout:

@@ -28,6 +28,7 @@ from pretrain.checkpoint.store import CheckpointStore, DamagedCheckpoint
 from pretrain.distributed import DistInfo
 from pretrain.engines.base import Engine
 from pretrain.errors import UserError
+from pretrain.faults import crash_point
 
 log = logging.getLogger("pretrain")
 
@@ -101,6 +102,7 @@ class CheckpointManager:
             json.dump(data_state, f)
         torch.save(_rng_state(), os.path.join(staged, f"rng_rank{rank}.pt"))
         dist.barrier()
+        crash_point("save.staged", step)
         record = {**record, "world_size": self.dist.world_size}
         if self.policy.async_upload:
             self._upload = threading.Thread(target=self._upload_and_commit, args=(step, attempt[0], record, started),

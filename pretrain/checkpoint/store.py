@@ -24,6 +24,7 @@ from typing import Any
 from fsspec.implementations.local import LocalFileSystem
 
 from pretrain.data.storage import url_to_fs
+from pretrain.faults import crash_point
 from pretrain.errors import UserError
 
 MANIFEST_NAME = "MANIFEST.json"
@@ -89,7 +90,10 @@ class CheckpointStore:
                 if self.is_local:
                     os.makedirs(os.path.dirname(remote), exist_ok=True)
                 self.fs.put_file(local, remote)
+                if len(files) == 1:
+                    crash_point("upload.first_file", step)
         self._write_json(self._path(step, f"{PARTS_DIR}/{attempt}/node{self.node.index}.json"), files)
+        crash_point("upload.recorded", step)
         shutil.rmtree(staged, ignore_errors=True)
 
     def commit(self, step: int, attempt: str, record: dict[str, Any], wait_s: float) -> dict[str, Any]:
@@ -108,7 +112,9 @@ class CheckpointStore:
             files.update(self._read_json(part))
         manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, **record, "step": step,
                     "files": dict(sorted(files.items())), "committed_unix": time.time()}
+        crash_point("commit.before_manifest", step)
         self._write_json(self._path(step, MANIFEST_NAME), manifest)
+        crash_point("commit.after_manifest", step)
         self.fs.rm(self._path(step, PARTS_DIR), recursive=True)
         return manifest
 

@@ -1,0 +1,71 @@
+"""Kill -9 at any instant, restart with the same command: the run ends exactly as if nothing had
+happened. Kill points are drawn by a seeded generator, always including every phase of a save."""
+
+from __future__ import annotations
+
+import random
+import signal
+
+import pytest
+from conftest import TINY, check, launch
+
+from pretrain.faults import ENV, POINTS
+
+STEPS, INTERVAL, KILLS, SEED = 8, 2, 8, 20261123
+SAVE_PHASES = POINTS[1:]
+
+
+def kill_points(seed: int) -> list[tuple[str, int]]:
+    """KILLS distinct (point, step) pairs in the order a run reaches them: one in each phase of
+    a save, the rest anywhere, all on steps a run of STEPS steps with saves every INTERVAL meets."""
+    rng = random.Random(seed)
+    saves = range(INTERVAL, STEPS + 1, INTERVAL)
+    every = [("step", s) for s in range(1, STEPS + 1)] + [(p, s) for s in saves for p in SAVE_PHASES]
+    chosen = {(phase, rng.choice(saves)) for phase in SAVE_PHASES[:4]}  # before/during/after upload, before manifest
+    while len(chosen) < KILLS:
+        chosen.add(rng.choice(every))
+    return sorted(chosen, key=lambda p: (p[1], POINTS.index(p[0])))
+
+
+def all_losses(run_dir) -> dict[int, list[float]]:
+    """Every value ever logged for each step, over every MLflow run in the run's database (a
+    replayed step is logged again; a crash before the first commit starts a new MLflow run)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir}/mlflow.db")
+    by_step: dict[int, list[float]] = {}
+    for run in client.search_runs([client.get_experiment_by_name("whitebox-pretrain").experiment_id]):
+        for m in client.get_metric_history(run.info.run_id, "loss"):
+            by_step.setdefault(m.step, []).append(m.value)
+    return by_step
+
+
+@pytest.mark.parametrize("engine, store", [("deepspeed", "s3"), ("fsdp", "file")])
+def test_kill_9_anywhere_then_restart_ends_exactly_like_an_uninterrupted_run(engine, store, tmp_path, corpus_cache,
+                                                                             request):
+    def args(run_dir, checkpoint_url):
+        return ["+exp=tost_gpt2_smoke", *TINY, f"run_dir={run_dir}", f"data.cache_dir={corpus_cache}",
+                f"engine={engine}", "engine.precision=fp32", "optim.lr=1e-2", "optim.warmup_steps=2",
+                "optim.decay_steps=8", f"train.max_steps={STEPS}", f"checkpoint.interval={INTERVAL}",
+                f"checkpoint.url={checkpoint_url}", *storage]
+
+    storage: list[str] = []
+    url = str(tmp_path / "crashed-checkpoints")
+    if store == "s3":
+        s3 = request.getfixturevalue("s3")
+        storage = [f"+checkpoint.storage_options.{k}={v}" for k, v in s3.storage_options.items()]
+        url = s3.url(f"faults/{tmp_path.name}")
+    check(launch("node", args(tmp_path / "clean", tmp_path / "clean-checkpoints")))
+    expected = {step: values[-1] for step, values in all_losses(tmp_path / "clean").items()}
+    assert sorted(expected) == list(range(1, STEPS + 1))
+
+    crashed = tmp_path / "crashed"
+    for point, step in kill_points(SEED):
+        proc = launch("node", args(crashed, url), env={ENV: f"{point}:{step}"})
+        assert proc.returncode == -signal.SIGKILL or proc.returncode != 0 and "Killed" in proc.stderr, (
+            f"{point}:{step} was not reached: exit {proc.returncode}\n{proc.stdout[-3000:]}")
+    check(launch("node", args(crashed, url)))
+    replayed = all_losses(crashed)
+    assert sorted(replayed) == list(range(1, STEPS + 1))
+    for step, values in replayed.items():
+        assert values == [expected[step]] * len(values), step  # every replay of a step gave the same loss
