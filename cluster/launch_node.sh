@@ -4,7 +4,7 @@
 # (requeue), their failure code when one failed, else 0. Used by slurm/train.sbatch and
 # k8s/job.yaml; every argument goes to pretrain/main.py.
 #
-# Environment: NNODES, NODE_RANK, PROCS_PER_NODE, MASTER_ADDR (required); MASTER_PORT (29500);
+# Needs bash >= 5.1. Environment: NNODES, NODE_RANK, PROCS_PER_NODE, MASTER_ADDR (required); MASTER_PORT (29500);
 # FORWARD_SIGNALS=1 to pass SIGTERM/SIGUSR1 on to the ranks, where the scheduler signals only this
 # process (Kubernetes signals PID 1); leave it 0 where every process is signalled (Slurm), or the
 # ranks would see each notice twice, and a second notice means "stop at once".
@@ -27,12 +27,23 @@ else
   trap '' TERM USR1  # the ranks got the notice themselves; this script waits for their verdict
 fi
 
-status=0 preempted=0
-for pid in "${pids[@]}"; do
-  while kill -0 "$pid" 2>/dev/null; do wait "$pid"; done  # a trapped signal interrupts wait
-  wait "$pid"
+# Reap ranks as they exit (bash >= 5.1 for wait -p). A failed rank leaves the others blocked in a
+# collective, so it takes them down at once; preempted ranks all exit by themselves.
+status=0 preempted=0 running=("${pids[@]}")
+while [ "${#running[@]}" -gt 0 ]; do
+  finished=""
+  wait -n -p finished "${running[@]}"
   code=$?
-  if [ "$code" -eq "$PREEMPTED" ]; then preempted=1; elif [ "$code" -ne 0 ]; then status=$code; fi
+  [ -z "${finished:-}" ] && continue  # a trapped signal interrupted the wait (and unset finished)
+  still=()
+  for pid in "${running[@]}"; do [ "$pid" = "$finished" ] || still+=("$pid"); done
+  running=("${still[@]}")
+  if [ "$code" -eq "$PREEMPTED" ]; then
+    preempted=1
+  elif [ "$code" -ne 0 ] && [ "$status" -eq 0 ]; then
+    status=$code
+    kill -KILL "${pids[@]}" 2>/dev/null
+  fi
 done
 if [ "$status" -ne 0 ]; then exit "$status"; fi
 if [ "$preempted" -eq 1 ]; then exit "$PREEMPTED"; fi

@@ -120,6 +120,8 @@ class Trainer:
             log.info("resumed from %s (step %d)", ckpt.store.step_url(step), step)
 
         tracker = Tracker(cfg.tracking, self.run_dir, enabled=world.is_main)
+        if run_id is None and str(cfg.checkpoint.resume) == "auto":
+            run_id = tracker.previous_run_id()  # restarted before its first checkpoint committed
         run_id = tracker.start(redacted(cfg), resume_run_id=run_id)
         log.info("%s: %.2fM params, %d ranks on %s, %d tokens/step, steps %d -> %d",
                  cfg.model.name, n_params / 1e6, world.world_size, world.device, self.tokens_per_step,

@@ -145,3 +145,8 @@ def test_smoke_experiment_streams_its_shards_from_s3(tmp_path, s3):
     fs = fsspec.filesystem("s3", **s3.storage_options)
     manifest = fs.cat_file(f"{s3.bucket}/e2e/checkpoints/step_00000004/MANIFEST.json").decode()
     assert "testing" not in manifest and json.loads(manifest)["config"]["checkpoint"]["storage_options"]["key"] == "***"
+
+
+def test_node_launcher_passes_on_a_rank_failure_without_hanging():
+    proc = launch("node", ["+exp=tost_gpt2_smoke", "optim.lrr=1"], timeout=120)
+    assert proc.returncode == 2 and "config key 'optim.lrr'" in proc.stderr

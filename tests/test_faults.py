@@ -7,7 +7,7 @@ import random
 import signal
 
 import pytest
-from conftest import TINY, check, launch
+from conftest import TINY, check, launch, mlflow_run
 
 from pretrain.faults import ENV, POINTS
 
@@ -28,15 +28,12 @@ def kill_points(seed: int) -> list[tuple[str, int]]:
 
 
 def all_losses(run_dir) -> dict[int, list[float]]:
-    """Every value ever logged for each step, over every MLflow run in the run's database (a
-    replayed step is logged again; a crash before the first commit starts a new MLflow run)."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir}/mlflow.db")
+    """Every value ever logged for each step in the run's one MLflow run (kept across every
+    restart, including one before the first checkpoint); a replayed step is logged again."""
+    client, run = mlflow_run(run_dir)
     by_step: dict[int, list[float]] = {}
-    for run in client.search_runs([client.get_experiment_by_name("whitebox-pretrain").experiment_id]):
-        for m in client.get_metric_history(run.info.run_id, "loss"):
-            by_step.setdefault(m.step, []).append(m.value)
+    for m in client.get_metric_history(run.info.run_id, "loss"):
+        by_step.setdefault(m.step, []).append(m.value)
     return by_step
 
 

@@ -9,6 +9,7 @@ from typing import Any
 from pretrain.config import TrackingConfig, flatten
 
 PARAMS_PER_CALL = 100  # MLflow's limit on params in one log_batch request
+RUN_ID_FILE = "mlflow_run_id"  # in run_dir: the run a restart before the first checkpoint continues
 
 
 class Tracker:
@@ -26,24 +27,44 @@ class Tracker:
         self.cfg = cfg
         self.run_dir = run_dir
 
+    def previous_run_id(self) -> str | None:
+        """The MLflow run this run_dir's last start opened, if this tracking server still has it:
+        a run restarted before its first checkpoint (which records the id) continues that run."""
+        if not self.enabled or not os.path.isfile(path := os.path.join(self.run_dir, RUN_ID_FILE)):
+            return None
+        with open(path) as f:
+            run_id = f.read().strip()
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_run(run_id)
+        except MlflowException:  # not on this tracking server (tracking.uri changed, run deleted): a new run
+            return None
+        return run_id
+
     def start(self, params: dict[str, Any], resume_run_id: str | None) -> str | None:
         """Continue `resume_run_id` if given, else open a new run and log `params` (flattened)."""
         if not self.enabled:
             return None
+        self.run_id = self._open(params, resume_run_id)
+        with open(os.path.join(self.run_dir, RUN_ID_FILE), "w") as f:
+            f.write(self.run_id)
+        return self.run_id
+
+    def _open(self, params: dict[str, Any], resume_run_id: str | None) -> str:
         from mlflow.entities import Param
 
         if resume_run_id:
             self.client.update_run(resume_run_id, status="RUNNING")
-            self.run_id = resume_run_id
-            return self.run_id
+            return resume_run_id
         experiment = self.client.get_experiment_by_name(self.cfg.experiment)
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(
             self.cfg.experiment, artifact_location=self._artifact_location())
-        self.run_id = self.client.create_run(experiment_id, run_name=self.cfg.run_name).info.run_id
+        run_id = self.client.create_run(experiment_id, run_name=self.cfg.run_name).info.run_id
         items = [Param(k, str(v)) for k, v in sorted(flatten(params).items())]
         for i in range(0, len(items), PARAMS_PER_CALL):
-            self.client.log_batch(self.run_id, params=items[i:i + PARAMS_PER_CALL])
-        return self.run_id
+            self.client.log_batch(run_id, params=items[i:i + PARAMS_PER_CALL])
+        return run_id
 
     def _artifact_location(self) -> str | None:
         # A local tracking database keeps its artifacts beside it, not in the current directory.
