@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 from loader import LocalS3
-from report import device_name, write_section
+from report import TOST_BASE, device_name, write_section
 
 from pretrain.checkpoint.manager import CheckpointManager, SavePolicy
 from pretrain.checkpoint.store import CheckpointStore, Node
@@ -35,7 +35,6 @@ from pretrain.config import load_config
 from pretrain.launch import run_local_world
 from pretrain.models import build_model
 
-BASE_EXP = ["+exp=tost_gpt2", 'data.urls="file:///unused/shard-{0..1}.tar"']  # the shards are never read
 ONE_NODE = Node(index=0, count=1, is_leader=True)
 MB = 2**20
 LOOP_MATMUL = 1024  # the stand-in step multiplies two square fp32 matrices of this size
@@ -54,7 +53,7 @@ class StateWriter:
     """ToST-Base's weights and AdamW state, written as an engine writes its files."""
 
     def __init__(self) -> None:
-        model = build_model(load_config(BASE_EXP).model)
+        model = build_model(load_config(TOST_BASE).model)
         optimizer = torch.optim.AdamW(model.parameters())
         for p in model.parameters():
             p.grad = torch.zeros_like(p)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from report import device_name, write_section
+from report import UNUSED_DATA, device_name, write_section
 
 from pretrain.config import Config, load_config
 from pretrain.distributed import DistInfo
@@ -47,8 +47,6 @@ CPU_ENGINES = {
     "fsdp": ["engine=fsdp"],
 }
 GPU_ENGINES = {"zero0": ["engine=deepspeed", "engine.zero_stage=0"], "ddp": ["engine=ddp"]}
-# The Base configs require shard URLs; the benchmark never reads them.
-UNUSED_DATA = 'data.urls="file:///unused/shard-{0..1}.tar"'
 # Per mode: (steps, micro-batch, global batch or None for one micro-batch per rank, ranks, precision).
 MODE_DEFAULTS = {"cpu": (10, 4, 8, 2, "fp32"), "gpu": (50, 8, None, 1, "bf16")}
 DATA_SEED = 0

@@ -34,7 +34,7 @@ import fsspec
 import numpy as np
 import torch
 from PIL import Image
-from report import device_name, write_section
+from report import TOST_BASE, device_name, write_section
 from sklearn.datasets import load_sample_images
 
 from pretrain.config import DataConfig, load_config
@@ -46,7 +46,6 @@ from pretrain.distributed import free_port
 from pretrain.models import build_model
 from pretrain.tracking.metrics import PEAK_BF16_FLOPS
 
-BASE_EXP = ["+exp=tost_gpt2", 'data.urls="file:///unused/shard-{0..1}.tar"']  # the shards are never read
 TEXT_CORPUS_MB = 16
 TEXT_SHARD_BLOCKS = 1024  # 2 MiB shards
 PHOTO_SIZE = (500, 375)  # ImageNet's most common training image size
@@ -176,7 +175,7 @@ def bench_images(urls: list[str], storage_options: dict, workers: int, seconds: 
 def gpu_ceiling() -> dict:
     """Tokens/s one GPU could consume training ToST-Base: its dense bf16 peak over the model's
     training FLOPs per token (100% MFU; any real run consumes less)."""
-    cfg = load_config(BASE_EXP)
+    cfg = load_config(TOST_BASE)
     with torch.device("meta"):  # the FLOP count needs shapes only
         flops_per_token = build_model(cfg.model).flops_per_token()
     peak = PEAK_BF16_FLOPS[TARGET_GPU]
