@@ -20,6 +20,16 @@ def smoke(run_dir, corpus_cache, *extra: str) -> list[str]:
             "checkpoint.interval=4", *extra]
 
 
+def preempt_node(args: list[str], to: str, forward_signals: str) -> int:
+    """Run through the node launcher, SIGTERM `to` "every" process or the "launcher" once
+    training starts; asserts the documented exit code and returns the step it stopped after."""
+    code, out = launch_and_signal("node", args, when="tost: ", sig=signal.SIGTERM, to=to,
+                                  env={"FORWARD_SIGNALS": forward_signals})
+    assert code == PREEMPTED_EXIT_CODE, out[-3000:]
+    (at,) = re.findall(r"preempted \(SIGTERM\) after step (\d+)", out)
+    return int(at)
+
+
 def test_deepspeed_zero2_trains_checkpoints_tracks_and_resumes_exactly(tmp_path, corpus_cache):
     ref = tmp_path / "uninterrupted"
     check(launch("deepspeed", smoke(ref, corpus_cache, "engine.zero_stage=2", "train.max_steps=8")))
@@ -63,11 +73,7 @@ def test_deepspeed_zero2_trains_checkpoints_tracks_and_resumes_exactly(tmp_path,
     # finishes, its checkpoint is committed, the node exits 75, and a restart continues exactly.
     preempted = tmp_path / "preempted"
     args = smoke(preempted, corpus_cache, "engine.zero_stage=2", "train.max_steps=8")
-    code, out = launch_and_signal("node", args, when="tost: ", sig=signal.SIGTERM, to="every",
-                                  env={"FORWARD_SIGNALS": "0"})
-    assert code == PREEMPTED_EXIT_CODE, out[-3000:]
-    (at,) = re.findall(r"preempted \(SIGTERM\) after step (\d+)", out)
-    at = int(at)
+    at = preempt_node(args, to="every", forward_signals="0")
     assert 1 <= at < 8
     assert json.loads((preempted / "checkpoints" / f"step_{at:08d}" / "MANIFEST.json").read_text())["step"] == at
     _, run = mlflow_run(preempted)
@@ -82,11 +88,8 @@ def test_kubernetes_style_notice_to_the_node_launcher_only_is_forwarded(tmp_path
     """Kubernetes signals PID 1 only: the node launcher passes the notice on, and exits 75."""
     run_dir = tmp_path / "k8s"
     args = smoke(run_dir, corpus_cache, "engine=fsdp", "train.max_steps=50")
-    code, out = launch_and_signal("node", args, when="tost: ", sig=signal.SIGTERM, to="launcher",
-                                  env={"FORWARD_SIGNALS": "1"})
-    assert code == PREEMPTED_EXIT_CODE, out[-3000:]
-    (at,) = re.findall(r"preempted \(SIGTERM\) after step (\d+)", out)
-    assert (run_dir / "checkpoints" / f"step_{int(at):08d}" / "MANIFEST.json").is_file()
+    at = preempt_node(args, to="launcher", forward_signals="1")
+    assert (run_dir / "checkpoints" / f"step_{at:08d}" / "MANIFEST.json").is_file()
 
 
 def test_torchrun_rendezvous_fsdp_gpt2_tracked_on_an_mlflow_server_and_resumed(tmp_path, corpus_cache, mlflow_server):
