@@ -52,6 +52,7 @@ class DataConfig:
     stdlib_max_mb: float = 4.0
     samples_per_shard: int = 256
     num_workers: int = 2
+    readers: int = 0
     shuffle_buffer: int = 1000
     retries: int = 3
     retry_backoff_s: float = 1.0

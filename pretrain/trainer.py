@@ -20,6 +20,7 @@ from pretrain.checkpoint.manager import CheckpointManager, Restored, SavePolicy
 from pretrain.checkpoint.store import CheckpointStore, Node
 from pretrain.config import Config, config_changes, grad_accum_steps, redacted
 from pretrain.data import build_text_loader
+from pretrain.data.shards import merge_states
 from pretrain.distributed import DistInfo
 from pretrain.engines import build_engine
 from pretrain.engines.base import Engine
@@ -35,6 +36,11 @@ log = logging.getLogger("pretrain")
 # and every model key except these (they change no parameter's shape).
 STATE_SHAPING_KEYS = frozenset({"engine.name"})
 MODEL_KEYS_FREE_TO_CHANGE = frozenset({"model.dropout"})
+
+
+def stable_seed(*parts: int) -> int:
+    """A 32-bit seed mixed from `parts`, the same in every process and Python version."""
+    return int.from_bytes(hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=4).digest())
 
 
 def seed_everything(seed: int) -> None:
@@ -115,9 +121,17 @@ class Trainer:
         seed_everything(cfg.train.seed + world.rank)  # dropout etc. differ across ranks
         restored = self._restore(ckpt, engine)
         if restored:
-            data.load_state_dict(restored.data_state)
+            data.load_state_dict(merge_states(restored.data_states))
             step, run_id = restored.step, restored.manifest.get("mlflow_run_id")
             log.info("resumed from %s (step %d)", ckpt.store.step_url(step), step)
+            if restored.resharded:
+                # The saved per-rank RNG streams belong to other ranks: start new ones, distinct
+                # per rank and per resume point.
+                seed_everything(stable_seed(cfg.train.seed, world.rank, step))
+                if world.is_main:
+                    log.warning("resharded: checkpoint written by %d ranks, resumed on %d; the data continue "
+                                "the same sequence, per-rank random streams (dropout) start afresh",
+                                restored.manifest["world_size"], world.world_size)
 
         tracker = Tracker(cfg.tracking, self.run_dir, enabled=world.is_main)
         if run_id is None and str(cfg.checkpoint.resume) == "auto":

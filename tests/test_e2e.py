@@ -153,3 +153,23 @@ def test_smoke_experiment_streams_its_shards_from_s3(tmp_path, s3):
 def test_node_launcher_passes_on_a_rank_failure_without_hanging():
     proc = launch("node", ["+exp=tost_gpt2_smoke", "optim.lrr=1"], timeout=120)
     assert proc.returncode == 2 and "config key 'optim.lrr'" in proc.stderr
+
+
+@pytest.mark.parametrize("engine", [["engine=fsdp"], ["engine=deepspeed", "engine.zero_stage=2"]])
+def test_checkpoint_reshards_2_to_1_to_2_ranks_with_the_same_losses(engine, tmp_path, corpus_cache):
+    """FSDP2 through DCP, DeepSpeed through its universal checkpoint; the data continue the same
+    sequence of global batches: 2 ranks to step 2, 1 rank to step 4, 2 ranks to step 6 take the
+    steps of an unbroken 2-rank run (fp32, within 1e-5)."""
+    def args(run_dir, steps):
+        return smoke(run_dir, corpus_cache, *engine, "checkpoint.interval=2", f"train.max_steps={steps}")
+
+    check(launch("torchrun", args(tmp_path / "unbroken", 6)))
+    expected = metric_history(tmp_path / "unbroken")
+    resharded = tmp_path / "resharded"
+    check(launch("torchrun", args(resharded, 2)))
+    one = check(launch("python", args(resharded, 4)))
+    assert "resharded: checkpoint written by 2 ranks, resumed on 1" in one.stdout + one.stderr
+    check(launch("torchrun", args(resharded, 6)))
+    got = metric_history(resharded)
+    assert sorted(got) == list(range(1, 7))
+    assert max(abs(got[s] - expected[s]) for s in got) < 1e-5, (got, expected)

@@ -139,7 +139,7 @@ def bf16_train_save_load(dist_info, variants, root):
         saved = engine.full_state_dict()
         next_loss = step(engine, blocks[8], dist_info, cfg)
         restored, _ = train(dist_info, cfg, [], seed=cfg.train.seed + 1)
-        restored.load(step_dir)
+        restored.load(step_dir, dist_info.world_size)
         out[label] = (losses, saved, restored.full_state_dict(), next_loss, step(restored, blocks[8], dist_info, cfg))
     return out if dist_info.rank == 0 else None
 

@@ -17,6 +17,7 @@ from pretrain.config import DataConfig, load_config
 from pretrain.data import build_image_loader, build_text_loader
 from pretrain.data.images import digits_samples, write_image_shards
 from pretrain.data.loader import ShardLoader
+from pretrain.data.shards import merge_states
 from pretrain.data.text import write_token_shards
 from pretrain.errors import UserError
 
@@ -140,13 +141,47 @@ def test_resume_replays_exactly_mid_shard_at_shard_and_epoch_boundaries(where, k
             assert all(torch.equal(a, b) for a, b in zip(got, expected)), (rank, cut)
 
 
-def test_resume_with_another_world_size_is_refused(local_shards):
-    first = loader(config(local_shards), rank=0, world=1)
-    take(iter(first), 3)
-    second = loader(config(local_shards), rank=0, world=2)
-    second.load_state_dict(first.state_dict())
-    with pytest.raises(UserError, match="data changed since the checkpoint.*readers 1 -> 2"):
-        next(iter(second))
+def run_steps(cfg: DataConfig, layout: tuple[int, int], steps: int, state: dict | None,
+              micro_batches: int = 4) -> tuple[list[list[tuple]], dict]:
+    """`steps` optimizer steps of `micro_batches` single-sample micro-batches over `layout`
+    (ranks, workers): each step's samples, sorted, and every rank's data state joined."""
+    ranks, workers = layout
+    per_step: list[list[tuple]] = [[] for _ in range(steps)]
+    states = []
+    for rank in range(ranks):
+        rank_loader = loader(config(cfg.urls.rsplit("/", 1)[0], num_workers=workers, readers=cfg.readers),
+                             rank=rank, world=ranks, batch=1)
+        if state is not None:
+            rank_loader.load_state_dict(state)
+        batches = iter(rank_loader)
+        for step in range(steps):
+            per_step[step] += [tuple(t[0].tolist()) for t in take(batches, micro_batches // ranks)]
+        states.append(json.loads(json.dumps(rank_loader.state_dict())))  # as checkpoints store them
+    return [sorted(samples) for samples in per_step], merge_states(states)
+
+
+def test_resharded_resume_takes_the_same_samples_each_step(local_shards):
+    """4 logical readers: 2 ranks x 2 workers for 3 steps, then 1 rank in-process for 3, then
+    4 ranks x 1 worker for 2 give every step the samples an unbroken 2 x 2 run gives it, over
+    an epoch boundary (8 samples per reader)."""
+    cfg = config(local_shards, readers=4)
+    expected, _ = run_steps(cfg, (2, 2), 8, None)
+    first, state = run_steps(cfg, (2, 2), 3, None)
+    second, state = run_steps(cfg, (1, 0), 3, state)
+    third, _ = run_steps(cfg, (4, 1), 2, state)
+    assert first + second + third == expected
+    assert len({s for step in expected for s in step}) == 32  # the 32 samples each once in 8 steps of 4
+
+
+def test_a_layout_that_cannot_share_the_readers_is_refused_naming_a_fix(local_shards):
+    _, state = run_steps(config(local_shards, readers=4), (2, 0), 1, None)
+    with pytest.raises(UserError, match=r"run's 4 logical readers .* 2 ranks x 4 loader workers: set data.num_workers=2"):
+        loader(config(local_shards, num_workers=4), rank=0, world=2, batch=1).load_state_dict(state)
+    with pytest.raises(UserError, match=r"data.readers=6 cannot be shared evenly by 4 ranks x 1 loader workers: "
+                                        r"use a number of ranks that divides 6"):
+        loader(config(local_shards, readers=6, num_workers=1), rank=0, world=4)
+    with pytest.raises(UserError, match=r"batch_size 1 -> 2\): resume with the same shards, train.micro_batch_size"):
+        loader(config(local_shards), rank=0, world=2, batch=2).load_state_dict(state)
 
 
 def test_too_few_shards_for_ranks_and_workers_is_an_error_at_once(local_shards):
@@ -224,7 +259,7 @@ def test_bad_data_raises_naming_the_shard_or_is_skipped_and_counted(case, reques
     take(iter(skipping), 32 - (lost or 4))  # what one epoch holds besides the bad samples
     skipped = skipping.skipped_samples()
     assert skipped == lost if lost else skipped >= 1
-    assert skipping.reader_states()[0]["epoch"] == 0
+    assert skipping.state_dict()["positions"]["0"]["epoch"] == 0
 
 
 # --------------------------------------------------------------------------- retries

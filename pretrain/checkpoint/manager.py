@@ -36,8 +36,9 @@ log = logging.getLogger("pretrain")
 @dataclass(frozen=True)
 class Restored:
     step: int
-    data_state: dict[str, Any]
+    data_states: list[dict[str, Any]]  # every saving rank's, in rank order
     manifest: dict[str, Any]
+    resharded: bool  # written by another number of ranks: the RNG state was not restored
 
 
 @dataclass(frozen=True)
@@ -190,17 +191,18 @@ class CheckpointManager:
 
     def _load(self, step: int, directory: str, engine: Engine, check: Callable[[dict[str, Any]], None] | None) -> Restored:
         manifest = self.store.manifest(step)
-        if manifest["world_size"] != self.dist.world_size:
-            raise UserError(f"checkpoint {self.store.step_url(step)} was written by {manifest['world_size']} ranks "
-                            f"but this run has {self.dist.world_size}; resume with the same number of processes")
         if check is not None:
             check(manifest)
-        engine.load(directory)
-        rank = self.dist.rank
-        with open(os.path.join(directory, f"data_rank{rank}.json")) as f:
-            data_state = json.load(f)
-        _set_rng_state(torch.load(os.path.join(directory, f"rng_rank{rank}.pt"), weights_only=False))
+        saved_world = manifest["world_size"]
+        engine.load(directory, saved_world)
+        data_states = []
+        for saved_rank in range(saved_world):
+            with open(os.path.join(directory, f"data_rank{saved_rank}.json")) as f:
+                data_states.append(json.load(f))
+        resharded = saved_world != self.dist.world_size
+        if not resharded:  # per-rank RNG streams exist for the ranks that wrote them only
+            _set_rng_state(torch.load(os.path.join(directory, f"rng_rank{self.dist.rank}.pt"), weights_only=False))
         dist.barrier()
         if self.store.node.is_leader and not self.store.is_local:
             shutil.rmtree(directory, ignore_errors=True)  # a downloaded copy, loaded by every rank now
-        return Restored(step, data_state, manifest)
+        return Restored(step, data_states, manifest, resharded)

@@ -133,8 +133,11 @@ def _loader(
         rank=rank,
         world_size=world_size,
         num_workers=cfg.num_workers,
+        batch_size=batch_size,
+        readers=cfg.readers,
         options=StreamOptions(seed=seed, shuffle_buffer=shuffle_buffer, retries=cfg.retries,
                               retry_backoff_s=cfg.retry_backoff_s, on_error=cfg.on_error),
         storage_options=storage_options,
+        collate=collate,
     )
-    return ShardLoader(stream, batch_size, cfg.num_workers, collate, finish, worker_init)
+    return ShardLoader(stream, cfg.num_workers, finish, worker_init)

@@ -1,51 +1,51 @@
-"""Batches from a ShardStream, resumable with loader workers.
+"""Batches from a ShardStream, resumable on any layout of ranks and loader workers.
 
-torchdata's StatefulDataLoader does the part that is hard to hand-roll: it snapshots every
-worker's dataset state together with which worker yields next, and restores both, so a run
-restarted with the same number of workers yields the same batches in the same order.
+A plain DataLoader without auto-batching: the stream's workers make whole micro-batches, and
+the DataLoader takes them from its workers in turn, which is the order the stream's reader
+cycle assumes. Each micro-batch travels with its reader's position, so the record of what
+training consumed is exact however far the workers have read ahead.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from torchdata.stateful_dataloader import StatefulDataLoader
+from torch.utils.data import DataLoader
 
 from pretrain.data.shards import ShardStream
 
 Batch = dict[str, Any]
-# torchdata calls a deprecated torch function on every loader start; the warning is not ours to act on.
-warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
 
 
-class ShardLoader(StatefulDataLoader):
-    def __init__(self, stream: ShardStream, batch_size: int, num_workers: int,
-                 collate: Callable[[list[Batch]], Batch] | None = None,
+def _as_is(item: Any) -> Any:
+    return item
+
+
+class ShardLoader(DataLoader):
+    def __init__(self, stream: ShardStream, num_workers: int,
                  finish: Callable[[Batch], Batch] | None = None,
                  worker_init: Callable[[int], None] | None = None) -> None:
-        """num_workers: 0 reads in this process; N >= 1 starts N worker processes. `collate`
-        batches samples in the worker (default: torch's, stacking into tensors); `finish` turns
-        each batch into what training takes, in the training process; `worker_init` runs first
-        in each worker."""
-        super().__init__(stream, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
+        """num_workers: 0 reads in this process; N >= 1 starts N worker processes. `finish` turns
+        each micro-batch into what training takes, in the training process; `worker_init` runs
+        first in each worker."""
+        super().__init__(stream, batch_size=None, num_workers=num_workers, collate_fn=_as_is,
                          worker_init_fn=worker_init)
-        self._in_process = num_workers == 0
+        self.stream = stream
         self._finish = finish
 
     def __iter__(self) -> Iterator[Batch]:
-        batches = super().__iter__()
-        return batches if self._finish is None else map(self._finish, batches)
+        """From the last micro-batch consumed on: workers start from the stream's record."""
+        for batch, (reader, position) in super().__iter__():
+            self.stream.consumed(reader, position)
+            yield batch if self._finish is None else self._finish(batch)
 
-    def reader_states(self) -> list[dict[str, Any]]:
-        """Each reader's ShardStream state, as of the last batch yielded."""
-        state = self.state_dict()
-        if self._in_process:
-            return [state["dataset_state"]] if state.get("dataset_state") else []
-        workers = state.get("_snapshot", {}).get("_worker_snapshots", {})
-        return [w["dataset_state"] for w in workers.values() if w.get("dataset_state")]
+    def state_dict(self) -> dict[str, Any]:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stream.load_state_dict(state)
 
     def skipped_samples(self) -> int:
         """Bad samples skipped so far under data.on_error=skip (0 under raise)."""
-        return sum(s["skipped"] for s in self.reader_states())
+        return self.stream.skipped()

@@ -1,13 +1,19 @@
 """Endless, resumable samples from webdataset shards on any fsspec URL, for any sample kind.
 
-Every DataLoader worker of every rank is one *reader*. Each epoch, all shards are put in an
-order drawn from (seed, epoch) and reader r of R takes every R-th: no sample is read twice or
-missed in an epoch, and ranks never run out of data at different times (the caller stops on a
-step count). Within a shard, samples are shuffled in windows of `shuffle_buffer`, each window by
-its own seeded permutation, so a position (epoch, shard, sample) fixes everything that follows:
-the reader's state is that position, and a restart replays exactly. webdataset contributes its
-tar iterator; it has neither an s3 scheme nor resumable state, so opening streams (through
-fsspec, with retries) and positions are kept here.
+The shards are split among a fixed number L of *logical readers*: each epoch, all shards are put
+in an order drawn from (seed, epoch) and logical reader l takes every L-th, so no sample is read
+twice or missed in an epoch. Within a shard, samples are shuffled in windows of `shuffle_buffer`,
+each window by its own seeded permutation, so a reader's position (epoch, shard, slot) fixes
+everything it yields next.
+
+What makes a run resumable on another number of ranks or loader workers is that the order of
+micro-batches does not depend on them: micro-batch g of the run (counted over all ranks) is the
+next `batch_size` samples of logical reader g mod L, and rank r takes micro-batches r, r+W, ...
+of W ranks. So rank r owns readers r, r+W, ... and cycles through them; its loader workers split
+that cycle. L is set when a run starts (`data.readers`, by default ranks x workers) and kept
+in its checkpoints; any later layout whose ranks x workers divides L continues the same
+sequence. webdataset contributes its tar iterator; it has neither an s3 scheme nor resumable
+state, so opening streams (through fsspec, with retries) and positions are kept here.
 """
 
 from __future__ import annotations
@@ -27,13 +33,13 @@ from typing import Any
 import braceexpand
 import fsspec
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, default_collate, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from pretrain.errors import UserError
 
 INDEX_NAME = "index.json"
-STATE_VERSION = 2
+STATE_VERSION = 3
 ON_ERROR = ("raise", "skip")
 log = logging.getLogger("pretrain")
 
@@ -88,84 +94,120 @@ class StreamOptions:
 
 
 @dataclass
-class _Position:
-    """The next sample of this reader: an epoch, a place in its shard order, a slot in the shard."""
+class ReaderState:
+    """Where a logical reader is: the epoch, the place in its shard order, the slot in that
+    shard, and how many bad samples it skipped (under on_error=skip)."""
 
     epoch: int = 0
     shard_pos: int = 0
     sample: int = 0
+    skipped: int = 0
 
 
 class _ShardError(Exception):
     """A shard that cannot be read (after retries): missing, truncated, not a tar."""
 
 
-class ShardStream(IterableDataset):
-    """Decoded samples of one rank, split again over this process's DataLoader workers.
+def reader_cycle(readers: int, rank: int, world_size: int, worker: int, workers: int, batches: int) -> list[int]:
+    """The logical readers one loader worker reads, in the order it reads them, once `batches`
+    micro-batches of the run have been consumed. The rank's cycle r, r+W, ... starts where the
+    run's micro-batch count puts it, and the DataLoader takes batches from its workers in turn,
+    so worker w takes every N-th reader of the cycle from the w-th on."""
+    per_rank = readers // world_size
+    start = batches // world_size % per_rank
+    return [rank + (start + worker + m * workers) % per_rank * world_size for m in range(per_rank // workers)]
 
-    `num_workers` must be the DataLoader's, so that the split is known before any worker starts
-    (and too few shards are an error at once, not a hang). `state_dict` / `load_state_dict` run
-    inside each worker under torchdata's StatefulDataLoader, which keeps one state per worker.
+
+class ShardStream(IterableDataset):
+    """One rank's micro-batches (`collate`d lists of `batch_size` decoded samples), each with the
+    logical reader it came from and that reader's position after it.
+
+    The stream in the training process is the record of what training consumed (`consumed`,
+    `state_dict`, `load_state_dict`); each DataLoader worker gets a copy of it when iteration
+    starts and reads its share of the rank's readers from there.
     """
 
     def __init__(self, urls: list[str], samples_per_shard: dict[str, int], decode: Decoder, *,
-                 rank: int, world_size: int, num_workers: int, options: StreamOptions,
-                 storage_options: dict | None = None) -> None:
+                 rank: int, world_size: int, num_workers: int, batch_size: int, readers: int,
+                 options: StreamOptions, storage_options: dict | None = None,
+                 collate: Callable[[list[dict]], Any] | None = None) -> None:
+        """readers: L for a run that starts now (0: ranks x workers); a loaded state brings its own."""
         if options.on_error not in ON_ERROR:
             raise UserError(f"data.on_error={options.on_error!r} is not one of {', '.join(ON_ERROR)}")
-        readers = world_size * max(1, num_workers)
-        if len(urls) < readers:
-            raise UserError(f"data.urls gives {len(urls)} shards for {world_size} ranks x {max(1, num_workers)} "
-                            f"loader workers: every reader needs one; write more, smaller shards or lower "
-                            f"data.num_workers")
         self.urls, self.samples_per_shard, self.decode = urls, samples_per_shard, decode
-        self.rank, self.world_size, self.num_workers = rank, world_size, max(1, num_workers)
-        self.options = options
+        self.rank, self.world_size, self.workers = rank, world_size, max(1, num_workers)
+        self.batch_size, self.options = batch_size, options
         self.storage_options = dict(storage_options or {})
-        self._pos = _Position()
-        self.skipped = 0
+        self.collate = collate or default_collate
+        self.readers = readers or world_size * self.workers
+        self._check_split(f"data.readers={readers}" if readers else None)
+        self.batches = 0  # micro-batches of the run consumed, over all ranks
+        self.positions = {reader: ReaderState() for reader in self._own_readers()}
 
-    @property
-    def reader(self) -> int:
-        info = get_worker_info()
-        return self.rank * self.num_workers + (info.id if info else 0)
+    def _own_readers(self) -> range:
+        return range(self.rank, self.readers, self.world_size)
 
-    @property
-    def readers(self) -> int:
-        return self.world_size * self.num_workers
+    def _check_split(self, source: str | None) -> None:
+        """L readers must split evenly over ranks x workers, and each needs a shard. `source`
+        names where L came from when it was set explicitly (None: a checkpoint)."""
+        layout = f"{self.world_size} ranks x {self.workers} loader workers"
+        if self.readers > len(self.urls):
+            raise UserError(f"data.urls gives {len(self.urls)} shards for {source or layout} ({self.readers} "
+                            f"readers): every reader needs one; write more, smaller shards or lower data.num_workers")
+        if self.readers % (self.world_size * self.workers):
+            fits = [n for n in range(self.workers, 0, -1) if self.readers % (self.world_size * n) == 0]
+            hint = f"set data.num_workers={fits[0]}" if fits else f"use a number of ranks that divides {self.readers}"
+            what = source or (f"the run's {self.readers} logical readers (data.readers, fixed when it started; "
+                              f"kept in its checkpoints)")
+            raise UserError(f"{what} cannot be shared evenly by {layout}: {hint}")
 
-    def epoch_order(self, epoch: int) -> list[str]:
-        """This reader's shards in the order epoch `epoch` reads them."""
+    def epoch_order(self, epoch: int, reader: int) -> list[str]:
+        """Logical reader `reader`'s shards in the order epoch `epoch` reads them."""
         order = list(self.urls)
         random.Random(self.options.seed + epoch).shuffle(order)
-        return order[self.reader::self.readers]
+        return order[reader::self.readers]
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        pos = self._pos
+    def __iter__(self) -> Iterator[tuple[Any, tuple[int, dict[str, int]]]]:
+        info = get_worker_info()
+        cycle = reader_cycle(self.readers, self.rank, self.world_size, info.id if info else 0, self.workers,
+                             self.batches)
+        states = {reader: ReaderState(**asdict(self.positions[reader])) for reader in cycle}
+        samples = {reader: self._samples(reader, states[reader]) for reader in cycle}
         while True:
-            shards = self.epoch_order(pos.epoch)
-            while pos.shard_pos < len(shards):
-                url = shards[pos.shard_pos]
-                try:
-                    yield from self._shard(url, pos)
-                except _ShardError as exc:
-                    self._fail(url, None, str(exc), lost=self.samples_per_shard[url] - pos.sample)
-                pos.shard_pos, pos.sample = pos.shard_pos + 1, 0
-            pos.epoch, pos.shard_pos = pos.epoch + 1, 0
+            for reader in cycle:
+                batch = list(islice(samples[reader], self.batch_size))
+                yield self.collate(batch), (reader, asdict(states[reader]))
 
-    def _shard(self, url: str, pos: _Position) -> Iterator[dict[str, torch.Tensor]]:
-        """The shard's samples from slot `pos.sample` on, advancing it as each slot is taken."""
+    def consumed(self, reader: int, position: dict[str, int]) -> None:
+        """Training took a micro-batch that left `reader` at `position`."""
+        self.positions[reader] = ReaderState(**position)
+        self.batches += self.world_size  # every rank takes one in the same turn
+
+    def _samples(self, reader: int, state: ReaderState) -> Iterator[dict[str, Any]]:
+        while True:
+            shards = self.epoch_order(state.epoch, reader)
+            while state.shard_pos < len(shards):
+                url = shards[state.shard_pos]
+                try:
+                    yield from self._shard(url, state)
+                except _ShardError as exc:
+                    self._fail(url, None, str(exc), state, lost=self.samples_per_shard[url] - state.sample)
+                state.shard_pos, state.sample = state.shard_pos + 1, 0
+            state.epoch, state.shard_pos = state.epoch + 1, 0
+
+    def _shard(self, url: str, state: ReaderState) -> Iterator[dict[str, Any]]:
+        """The shard's samples from slot `state.sample` on, advancing it as each slot is taken."""
         window_size = max(1, self.options.shuffle_buffer)
-        window_index = pos.sample // window_size
+        window_index = state.sample // window_size
         raw = self._raw_samples(url, window_index * window_size)
         while window := list(islice(raw, window_size)):
             order = list(range(len(window)))
-            salt = f"{self.options.seed}:{pos.epoch}:{url}:{window_index}"
+            salt = f"{self.options.seed}:{state.epoch}:{url}:{window_index}"
             random.Random(salt).shuffle(order)
-            for slot in range(pos.sample - window_index * window_size, len(window)):
-                pos.sample += 1
+            for slot in range(state.sample - window_index * window_size, len(window)):
+                state.sample += 1
                 raw_index = window_index * window_size + order[slot]
-                sample = self._decode(window[order[slot]], url, f"{salt}:{raw_index}")
+                sample = self._decode(window[order[slot]], url, f"{salt}:{raw_index}", state)
                 if sample is not None:
                     yield sample
             window_index += 1
@@ -194,43 +236,69 @@ class ShardStream(IterableDataset):
             except (tarfile.TarError, EOFError, ValueError, KeyError) as exc:
                 raise _ShardError(f"{type(exc).__name__}: {exc}") from None
 
-    def _decode(self, sample: dict, url: str, salt: str) -> dict[str, Any] | None:
+    def _decode(self, sample: dict, url: str, salt: str, state: ReaderState) -> dict[str, Any] | None:
         sample_seed = int.from_bytes(hashlib.blake2b(salt.encode(), digest_size=8).digest()) >> 1  # 63 bits
         try:
             return self.decode(sample, url, sample_seed)
         except UserError as exc:
-            self._fail(url, sample.get("__key__"), str(exc), lost=1)
+            self._fail(url, sample.get("__key__"), str(exc), state, lost=1)
             return None
 
-    def _fail(self, url: str, key: str | None, cause: str, lost: int) -> None:
+    def _fail(self, url: str, key: str | None, cause: str, state: ReaderState, lost: int) -> None:
         """on_error=raise: one line naming the shard (and member); skip: count and go on."""
         where = f"shard {url}" + (f" member {key}" if key else "")
         if self.options.on_error == "raise":
             raise UserError(f"cannot read {where} ({' '.join(cause.split())}): re-create it, or set "
                             "data.on_error=skip to count and skip bad samples")
-        self.skipped += lost
+        state.skipped += lost
         log.warning("skipped %d sample(s) of %s: %s", lost, where, " ".join(cause.split()))
 
+    def skipped(self) -> int:
+        """Bad samples this rank's readers skipped, as of the last micro-batch consumed."""
+        return sum(p.skipped for p in self.positions.values())
+
     def state_dict(self) -> dict[str, Any]:
-        """JSON-serialisable position of this reader's next sample, and what it was cut from."""
-        return {"version": STATE_VERSION, **asdict(self._pos), "skipped": self.skipped,
-                "reader": self.reader, "readers": self.readers, "num_shards": len(self.urls),
+        """JSON: this rank's readers' positions as of the last micro-batch consumed, and what the
+        run's sequence of micro-batches is cut from. merge_states joins those of all ranks."""
+        return {"version": STATE_VERSION, **self._sequence(), "batches": self.batches,
+                "positions": {str(reader): asdict(p) for reader, p in self.positions.items()}}
+
+    def _sequence(self) -> dict[str, int]:
+        """What fixes the run's sequence of micro-batches, besides the shards' contents."""
+        return {"readers": self.readers, "batch_size": self.batch_size, "num_shards": len(self.urls),
                 "seed": self.options.seed, "shuffle_buffer": self.options.shuffle_buffer}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue exactly where the reader that saved `state` stopped.
-
-        A checkpoint from another world size or worker count is refused rather than re-split:
-        the readers' positions cannot be mapped onto a different split without repeating or
-        skipping samples of the current epoch.
-        """
-        expected = {"version": STATE_VERSION, "reader": self.reader, "readers": self.readers,
-                    "num_shards": len(self.urls), "seed": self.options.seed,
-                    "shuffle_buffer": self.options.shuffle_buffer}
+        """Continue the run's sequence of micro-batches where `state` (this rank's, or every
+        rank's joined by merge_states) left it, on this layout of ranks and workers."""
+        expected = {"version": STATE_VERSION, **self._sequence()}
+        del expected["readers"]  # the checkpoint's count of readers is kept, whatever this run's default
         changed = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
         if changed:
             detail = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
             raise UserError(f"the data changed since the checkpoint ({detail}): resume with the same shards, "
-                            "ranks, data.num_workers, seed and data.shuffle_buffer, or start a new run")
-        self._pos = _Position(state["epoch"], state["shard_pos"], state["sample"])
-        self.skipped = state["skipped"]
+                            "train.micro_batch_size, seed and data.shuffle_buffer, or start a new run")
+        self.readers = state["readers"]
+        self._check_split(None)
+        if state["batches"] % self.world_size:
+            raise UserError(f"the checkpoint's data state is cut after {state['batches']} micro-batches, which "
+                            f"{self.world_size} ranks cannot have taken in equal turns; resume from another checkpoint")
+        positions = state["positions"]
+        missing = [reader for reader in self._own_readers() if str(reader) not in positions]
+        if missing:
+            raise UserError(f"the checkpoint's data state has no position for logical readers {missing}: "
+                            "a rank's data_rank*.json is missing from it; resume from another checkpoint")
+        self.batches = state["batches"]
+        self.positions = {reader: ReaderState(**positions[str(reader)]) for reader in self._own_readers()}
+
+
+def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every rank's data state joined into one, from which any layout of ranks and workers that
+    splits the run's readers evenly can continue (ShardStream.load_state_dict)."""
+    first = states[0]
+    sequence = {k: v for k, v in first.items() if k != "positions"}
+    for state in states[1:]:
+        if {k: v for k, v in state.items() if k != "positions"} != sequence:
+            raise UserError("the checkpoint's data_rank*.json files disagree on where the run's data stand; "
+                            "resume from another checkpoint")
+    return {**sequence, "positions": {reader: p for state in states for reader, p in state["positions"].items()}}

@@ -23,7 +23,8 @@ class Engine(ABC):
 
     `train_step` takes every micro-batch of one optimizer step (gradient accumulation is the
     engine's business); `save`/`load` write and read the engine's native files in a step
-    directory, on every rank, collectively.
+    directory, on every rank, collectively. `load` is told how many ranks wrote the files: an
+    engine reshards them onto this run's ranks, or refuses with a UserError saying why.
     """
 
     device: torch.device
@@ -40,7 +41,7 @@ class Engine(ABC):
     def save(self, step_dir: str) -> None: ...
 
     @abstractmethod
-    def load(self, step_dir: str) -> None: ...
+    def load(self, step_dir: str, saved_world_size: int) -> None: ...
 
     @abstractmethod
     def full_state_dict(self) -> dict[str, torch.Tensor]:

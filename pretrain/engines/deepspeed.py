@@ -8,10 +8,18 @@ own stream: `deepspeed.initialize(training_data=...)` would need a dataset with 
 
 from __future__ import annotations
 
+import contextlib
+import glob
+import hashlib
+import io
 import os
+import shutil
+import tempfile
+from types import SimpleNamespace
 
 import deepspeed
 import torch
+from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 from torch import nn
 
 from pretrain.config import Config, grad_accum_steps
@@ -64,7 +72,7 @@ def _optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
 
 class DeepSpeedEngine(Engine):
     def __init__(self, model: nn.Module, cfg: Config, dist: DistInfo):
-        self.device = dist.device
+        self.device, self.local_rank = dist.device, dist.local_rank
         self._model = model
         self.engine, _, _, _ = deepspeed.initialize(
             model=model,
@@ -105,13 +113,40 @@ class DeepSpeedEngine(Engine):
         root, tag = os.path.split(os.path.normpath(step_dir))
         self.engine.save_checkpoint(root, tag=tag, save_latest=False)
 
-    def load(self, step_dir: str) -> None:
-        root, tag = os.path.split(os.path.normpath(step_dir))
-        path, _ = self.engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
-        if path is None:
+    def load(self, step_dir: str, saved_world_size: int) -> None:
+        """ZeRO partitions the optimizer state by rank: files written by another number of
+        ranks go through DeepSpeed's universal checkpoint (one file per parameter), converted
+        by each node's first rank into node-local scratch space, loaded, and removed."""
+        if not os.path.isfile(os.path.join(step_dir, "mp_rank_00_model_states.pt")) and \
+                not glob.glob(os.path.join(step_dir, "zero_pp_rank_*_model_states.pt")):
             raise UserError(f"checkpoint {step_dir} holds no DeepSpeed engine files; "
                             f"was it written by another engine?")
+        if saved_world_size == torch.distributed.get_world_size() or not self.engine.zero_optimization():
+            self._load(step_dir)
+            return
+        universal = os.path.join(tempfile.gettempdir(), "whitebox-universal",
+                                 hashlib.sha256(os.path.abspath(step_dir).encode()).hexdigest()[:16], "universal")
+        if self.local_rank == 0:
+            shutil.rmtree(os.path.dirname(universal), ignore_errors=True)
+            with contextlib.redirect_stdout(io.StringIO()):  # the converter prints its progress
+                ds_to_universal(SimpleNamespace(input_folder=step_dir, output_folder=universal, num_extract_workers=1,
+                                                num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                                inject_missing_state=True))
+        torch.distributed.barrier()
+        # DeepSpeed reads this flag only while loading; it must be off again for the next
+        # ordinary checkpoint. There is no public setter.
+        self.engine._config.load_universal_checkpoint = True
+        try:
+            self._load(universal)
+        finally:
+            self.engine._config.load_universal_checkpoint = False
+        torch.distributed.barrier()
+        if self.local_rank == 0:
+            shutil.rmtree(os.path.dirname(universal), ignore_errors=True)
+
+    def _load(self, step_dir: str) -> None:
+        root, tag = os.path.split(os.path.normpath(step_dir))
+        self.engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         if self.engine.zero_optimization_partition_weights():

@@ -86,7 +86,9 @@ class TorchEngine(Engine):
         if self.is_main:
             torch.save(self.scheduler.state_dict(), os.path.join(step_dir, SCHEDULER_FILE))
 
-    def load(self, step_dir: str) -> None:
+    def load(self, step_dir: str, saved_world_size: int) -> None:
+        """DCP reads whatever shards of the saved tensors this rank's shards need, so any
+        number of saving ranks works."""
         if not os.path.isdir(os.path.join(step_dir, DCP_DIR)):
             raise UserError(f"checkpoint {step_dir} holds no {DCP_DIR}/ directory; "
                             f"was it written by engine=deepspeed?")
