@@ -93,6 +93,8 @@ class TrainConfig:
     micro_batch_size: int = 12
     seed: int = 1337
     log_interval: int = 10
+    bad_steps_to_reload: int = 3
+    max_reloads: int = 2
 
 
 @dataclass

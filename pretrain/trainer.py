@@ -25,7 +25,8 @@ from pretrain.distributed import DistInfo
 from pretrain.engines import build_engine
 from pretrain.engines.base import Engine
 from pretrain.errors import UserError
-from pretrain.faults import crash_point
+from pretrain.faults import crash_point, nan_loss
+from pretrain.guard import NonFiniteGuard
 from pretrain.models import build_model
 from pretrain.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatch
 from pretrain.tracking.metrics import memory_gib, mfu, peak_flops
@@ -108,6 +109,7 @@ class Trainer:
 
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
         model = build_model(cfg.model)
+        nan = nan_loss(model, world.rank)  # fault injection for the guard's tests; None in real runs
         flops_per_token = model.flops_per_token()
         n_params = model.num_params()
         engine = build_engine(model, cfg, world)
@@ -141,7 +143,7 @@ class Trainer:
                  cfg.model.name, n_params / 1e6, world.world_size, world.device, self.tokens_per_step,
                  step, cfg.train.max_steps)
         try:
-            last_loss = self._loop(step, engine, data, ckpt, tracker, run_id, flops_per_token, watch)
+            last_loss = self._loop(step, engine, data, ckpt, tracker, run_id, flops_per_token, watch, nan)
         except Preempted:
             tracker.finish("KILLED")
             raise
@@ -153,28 +155,39 @@ class Trainer:
             log.info("done: checkpoints in %s, MLflow run %s in %s", ckpt.store.url, run_id, tracker.uri)
         return last_loss
 
-    def _loop(self, step, engine, data, ckpt, tracker, run_id, flops_per_token, watch) -> float:
+    def _loop(self, step, engine, data, ckpt, tracker, run_id, flops_per_token, watch, nan) -> float:
         cfg, world = self.cfg, self.dist
         peak = peak_flops(world.device, cfg.engine.precision)
+        guard = NonFiniteGuard(cfg.train.bad_steps_to_reload, cfg.train.max_reloads, world.is_main)
         batches = iter(data)
-        losses: list[float] = []
-        last_loss = float("nan")
+        losses: list[float] = []  # of the interval's applied steps
+        interval_steps, last_loss = 0, float("nan")
         interval_start = time.perf_counter()
         while step < cfg.train.max_steps:
             micro_batches = [next(batches) for _ in range(self.grad_accum_steps)]
+            if nan:
+                nan.step = step + 1
             result = engine.train_step(micro_batches)
+            if nan:
+                nan.step_done()
             step += 1
-            losses.append(result.loss)
+            interval_steps += 1
+            if not result.bad:
+                losses.append(result.loss)
             crash_point("step", step)
+            if guard.reload_due(step, result):
+                step = self._reload(ckpt, engine, step)
+                continue
 
             if step % cfg.train.log_interval == 0 or step == cfg.train.max_steps:
                 elapsed = time.perf_counter() - interval_start
-                last_loss = self._mean_over_ranks(sum(losses) / len(losses))
-                tokens_per_s = self.tokens_per_step * len(losses) / elapsed
+                last_loss = self._mean_over_ranks(sum(losses) / len(losses) if losses else float("nan"))
+                tokens_per_s = self.tokens_per_step * interval_steps / elapsed
                 metrics = {"loss": last_loss, "lr": result.lr, "grad_norm": result.grad_norm,
                            "data_skipped": self._sum_over_ranks(data.skipped_samples()),
+                           "steps_skipped": guard.skipped, "reloads": guard.reloads,
                            "tokens_per_s": tokens_per_s, "samples_per_s": tokens_per_s / cfg.model.seq_len,
-                           "step_time_s": elapsed / len(losses),
+                           "step_time_s": elapsed / interval_steps,
                            "memory_gib": memory_gib(world.device)}
                 utilisation = mfu(tokens_per_s / world.world_size, flops_per_token, peak)
                 if utilisation is not None:
@@ -186,10 +199,12 @@ class Trainer:
                              "-" if utilisation is None else f"{100 * utilisation:.1f}%",
                              metrics["memory_gib"], metrics["step_time_s"])
                 losses.clear()
-                interval_start = time.perf_counter()
+                interval_steps, interval_start = 0, time.perf_counter()
 
             preempted = self._any_rank_signalled(watch)
-            if preempted or step % cfg.checkpoint.interval == 0 or step == cfg.train.max_steps:
+            # No scheduled save in a streak of skipped steps: the one before it is what a reload wants.
+            scheduled = step % cfg.checkpoint.interval == 0 and not guard.in_a_row
+            if preempted or scheduled or step == cfg.train.max_steps:
                 blocked = ckpt.save(step, engine, data.state_dict(), self._checkpoint_record(run_id))
                 tracker.log_metrics({"ckpt_blocked_s": blocked}, step)
                 interval_start += blocked  # saving is not training time
@@ -206,6 +221,19 @@ class Trainer:
         ckpt.wait()  # the last checkpoint is committed before the run reports done
         self._log_committed_saves(ckpt, tracker)
         return last_loss
+
+    def _reload(self, ckpt: CheckpointManager, engine: Engine, step: int) -> int:
+        """Load the newest committed checkpoint's model, optimizer, schedule and RNG; the data
+        go on from here. Returns the step to continue from."""
+        ckpt.wait()
+        restored = ckpt.restore(engine)
+        if restored is None:
+            raise UserError(f"steps up to {step} had a non-finite loss or gradient norm and there is no committed "
+                            f"checkpoint to reload; lower optim.lr, raise optim.warmup_steps or check the data")
+        if self.dist.is_main:
+            log.warning("reloaded %s (step %d) after %d skipped steps; the data go on from step %d's position",
+                        ckpt.store.step_url(restored.step), restored.step, self.cfg.train.bad_steps_to_reload, step)
+        return restored.step
 
     @staticmethod
     def _log_committed_saves(ckpt: CheckpointManager, tracker: Tracker) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import signal
 
@@ -11,6 +12,7 @@ import pytest
 
 from conftest import TINY, check, launch, launch_and_signal, metric_history, mlflow_run
 
+from pretrain.faults import NAN_ENV
 from pretrain.preemption import PREEMPTED_EXIT_CODE
 
 
@@ -173,3 +175,26 @@ def test_checkpoint_reshards_2_to_1_to_2_ranks_with_the_same_losses(engine, tmp_
     got = metric_history(resharded)
     assert sorted(got) == list(range(1, 7))
     assert max(abs(got[s] - expected[s]) for s in got) < 1e-5, (got, expected)
+
+
+def test_nan_steps_are_skipped_a_streak_reloads_and_a_relapse_gives_up(tmp_path, corpus_cache):
+    """Rank 0's loss made NaN (fault injection) in step 3, then in steps 5 and 6: step 3 is
+    skipped and counted; 5-6 reload the step-4 checkpoint and training goes on to step 8 with
+    fresh data. When 5-6 fail again after the one reload allowed, the run stops with one line."""
+    def args(run_dir):
+        return smoke(run_dir, corpus_cache, "engine=fsdp", "checkpoint.interval=2", "train.max_steps=8",
+                     "train.bad_steps_to_reload=2", "train.max_reloads=1")
+
+    recovered = tmp_path / "recovered"
+    out = check(launch("torchrun", args(recovered), env={NAN_ENV: "3,5,6"})).stdout
+    assert "step 3 skipped" in out and "step 6 skipped: gradient norm nan (2 in a row" in out
+    assert "(step 4) after 2 skipped steps; the data go on from step 6's position" in out
+    losses = metric_history(recovered)
+    assert sorted(losses) == list(range(1, 9))
+    assert math.isnan(losses.pop(3)) and all(map(math.isfinite, losses.values()))  # 5, 6 logged again after the reload
+    assert metric_history(recovered, "steps_skipped")[8] == 3 and metric_history(recovered, "reloads")[8] == 1
+
+    relapsed = launch("torchrun", args(tmp_path / "relapsed"), env={NAN_ENV: "5,6,5,6"})
+    assert relapsed.returncode != 0
+    assert ("error: steps 5-6 had a non-finite loss or gradient norm after 1 reloads of the last checkpoint "
+            "(train.max_reloads=1): giving up") in relapsed.stderr

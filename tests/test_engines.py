@@ -153,3 +153,44 @@ def test_bf16_runs_of_every_engine_train_save_and_load(tmp_path):
         for name in saved:
             assert torch.equal(saved[name], loaded[name]), (label, name)
         assert restored_loss == next_loss, label  # optimizer state and schedule came back too
+
+
+def skip_nan_step(dist_info, variants):
+    """Per engine: steps on batches 0, 1, then batch 2 with rank 0's loss NaN, then batch 3;
+    returns what every rank saw of the NaN step, the weights around it, and the losses."""
+    blocks = global_batches(4, 8)
+    out = {}
+    for label, overrides in variants.items():
+        cfg = config("tost_gpt2", overrides)
+        engine, losses = train(dist_info, cfg, blocks[:2])
+        before = engine.full_state_dict()
+        poisoned = engine.model.register_forward_hook(
+            lambda module, args, loss: loss * float("nan") if dist_info.rank == 0 else loss)
+        micro = rank_micro_batches(blocks[2], dist_info.rank, dist_info.world_size, cfg.train.micro_batch_size)
+        result = engine.train_step(micro)
+        poisoned.remove()
+        verdicts = [None] * dist_info.world_size
+        torch.distributed.all_gather_object(verdicts, (result.skipped, result.bad))
+        after = engine.full_state_dict()
+        out[label] = (verdicts, before, after, losses + [step(engine, blocks[3], dist_info, cfg)])
+    return out if dist_info.rank == 0 else None
+
+
+def train_losses(dist_info, overrides, blocks):
+    return train(dist_info, config("tost_gpt2", overrides), blocks)[1]
+
+
+def test_a_nan_loss_on_one_rank_skips_the_step_on_every_rank_as_if_it_never_ran():
+    variants = {"ddp": ["engine=ddp"], "fsdp": ["engine=fsdp"], "zero0": ["engine=deepspeed", "engine.zero_stage=0"],
+                "zero2": ["engine=deepspeed", "engine.zero_stage=2"]}
+    results = run_local_world(skip_nan_step, 2, variants)[0]
+    blocks = global_batches(4, 8)
+    (clean,) = run_local_world(train_losses, 1, ["engine=ddp"], [blocks[0], blocks[1], blocks[3]])
+    for label, (verdicts, before, after, losses) in results.items():
+        if label == "zero0":  # DeepSpeed without ZeRO applies the step: bad, for the guard to reload
+            assert verdicts == [(False, True)] * 2
+            assert all(torch.isnan(after[k]).any() for k in after if k.endswith("weight"))
+            continue
+        assert verdicts == [(True, True)] * 2, label
+        assert all(torch.equal(before[k], after[k]) for k in before), label
+        assert losses == pytest.approx(clean, rel=1e-5), label

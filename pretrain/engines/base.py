@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -16,6 +17,13 @@ class StepResult:
     loss: float  # this rank's mean loss over the step's micro-batches
     grad_norm: float  # global norm before clipping
     lr: float  # the learning rate this step used
+    skipped: bool = False  # the gradient norm was not finite: no update, the schedule did not advance
+
+    @property
+    def bad(self) -> bool:
+        """A non-finite global gradient norm (a NaN or inf loss on any rank makes it so): the
+        same verdict on every rank, whether or not the engine could skip the update."""
+        return self.skipped or not math.isfinite(self.grad_norm)
 
 
 class Engine(ABC):
@@ -23,7 +31,9 @@ class Engine(ABC):
 
     `train_step` takes every micro-batch of one optimizer step (gradient accumulation is the
     engine's business); `save`/`load` write and read the engine's native files in a step
-    directory, on every rank, collectively. `load` is told how many ranks wrote the files: an
+    directory, on every rank, collectively. A step whose global gradient norm is not finite (a
+    NaN or inf loss on any rank makes it so) changes nothing and reports itself skipped, on
+    every rank alike, where the engine can skip it (all but DeepSpeed without ZeRO). `load` is told how many ranks wrote the files: an
     engine reshards them onto this run's ranks, or refuses with a UserError saying why.
     """
 

@@ -54,7 +54,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "gradient_accumulation_steps": grad_accum_steps(cfg.train, world_size),
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": cfg.engine.precision == "bf16"},
+        "bf16": {"enabled": cfg.engine.precision == "bf16"},  # its check_grad_overflow (default on) skips NaN steps
         "steps_per_print": 2**31 - 1,  # our trainer logs; keep DeepSpeed's own step log quiet
     }
     return _merge(generated, cfg.engine.deepspeed_overrides)
@@ -102,7 +102,8 @@ class DeepSpeedEngine(Engine):
             total += loss.item()
         if grad_norm is None:
             grad_norm = float(self.engine.get_global_grad_norm())
-        return StepResult(total / len(micro_batches), grad_norm, lr)
+        # ZeRO skips a step whose norm is not finite; without ZeRO DeepSpeed applies it.
+        return StepResult(total / len(micro_batches), grad_norm, lr, skipped=not self.engine.was_step_applied())
 
     def _grad_norm(self) -> float:
         """Global norm of the (already all-reduced) gradients, before DeepSpeed clips them."""

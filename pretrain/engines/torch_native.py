@@ -8,6 +8,7 @@ checkpoint and an FSDP one have the same layout, and DCP can reshard either to a
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from abc import abstractmethod
 
@@ -67,10 +68,12 @@ class TorchEngine(Engine):
                 (loss / len(micro_batches)).backward()
             total += loss.item()
         grad_norm = self._clip_grad_norm()
-        self.optimizer.step()
+        skipped = not math.isfinite(grad_norm)  # global, so every rank decides alike
+        if not skipped:
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        return StepResult(total / len(micro_batches), grad_norm, lr)
+        return StepResult(total / len(micro_batches), grad_norm, lr, skipped)
 
     def _clip_grad_norm(self) -> float:
         """Global norm before clipping; with sharded (DTensor) gradients torch reduces the
