@@ -175,8 +175,8 @@ def test_resharded_resume_takes_the_same_samples_each_step(local_shards):
 
 def test_a_layout_that_cannot_share_the_readers_is_refused_naming_a_fix(local_shards):
     _, state = run_steps(config(local_shards, readers=4), (2, 0), 1, None)
-    with pytest.raises(UserError, match=r"run's 4 logical readers .* 2 ranks x 4 loader workers: set data.num_workers=2"):
-        loader(config(local_shards, num_workers=4), rank=0, world=2, batch=1).load_state_dict(state)
+    with pytest.raises(UserError, match=r"run's 4 logical readers .* 4 ranks x 2 loader workers: set data.num_workers=1"):
+        loader(config(local_shards, num_workers=2), rank=0, world=4, batch=1).load_state_dict(state)
     with pytest.raises(UserError, match=r"data.readers=6 cannot be shared evenly by 4 ranks x 1 loader workers: "
                                         r"use a number of ranks that divides 6"):
         loader(config(local_shards, readers=6, num_workers=1), rank=0, world=4)

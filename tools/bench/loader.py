@@ -7,7 +7,7 @@ Text: token blocks of ToST-Base's length (1024 + 1) from the embedded stdlib cor
 `+exp=tost_gpt2`'s micro-batch. Images: JPEGs of ImageNet's typical size (500 x 375), cut from
 the two photos scikit-learn ships, through the training augmentation (random-resized crop to
 224 px, flip, normalisation). Each is read from local disk and from moto's S3 server on 127.0.0.1
-through s3fs, by the same ShardLoader training uses (torchdata's StatefulDataLoader, each worker a
+through s3fs, by the same ShardLoader training uses (a DataLoader whose workers are each a
 process), and timed by wall clock in the training process over whole batches after a warmup.
 
 The text target compares one worker with the most a GPU could consume: the H100's dense bf16
