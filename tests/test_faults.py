@@ -37,31 +37,48 @@ def all_losses(run_dir) -> dict[int, list[float]]:
     return by_step
 
 
-@pytest.mark.parametrize("engine, store", [("deepspeed", "s3"), ("fsdp", "file")])
-def test_kill_9_anywhere_then_restart_ends_exactly_like_an_uninterrupted_run(engine, store, tmp_path, corpus_cache,
-                                                                             request):
-    def args(run_dir, checkpoint_url):
-        return ["+exp=tost_gpt2_smoke", *TINY, f"run_dir={run_dir}", f"data.cache_dir={corpus_cache}",
-                f"engine={engine}", "engine.precision=fp32", "optim.lr=1e-2", "optim.warmup_steps=2",
-                "optim.decay_steps=8", f"train.max_steps={STEPS}", f"checkpoint.interval={INTERVAL}",
-                f"checkpoint.url={checkpoint_url}", *storage]
+def args(engine: str, run_dir, checkpoint_url, corpus_cache, storage: list[str]) -> list[str]:
+    return ["+exp=tost_gpt2_smoke", *TINY, f"run_dir={run_dir}", f"data.cache_dir={corpus_cache}",
+            f"engine={engine}", "engine.precision=fp32", "optim.lr=1e-2", "optim.warmup_steps=2",
+            "optim.decay_steps=8", f"train.max_steps={STEPS}", f"checkpoint.interval={INTERVAL}",
+            f"checkpoint.url={checkpoint_url}", *storage]
 
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, corpus_cache):
+    """engine -> the per-step losses of an uninterrupted run, made once per engine."""
+    runs: dict[str, dict[int, float]] = {}
+
+    def losses(engine: str) -> dict[int, float]:
+        if engine not in runs:
+            clean = tmp_path_factory.mktemp(f"clean-{engine}")
+            check(launch("node", args(engine, clean, clean / "checkpoints", corpus_cache, [])))
+            runs[engine] = {step: values[-1] for step, values in all_losses(clean).items()}
+        return runs[engine]
+
+    return losses
+
+
+@pytest.mark.parametrize("engine, store", [("deepspeed", "s3"), ("deepspeed", "file"), ("fsdp", "file"),
+                                           ("fsdp", "s3")])
+def test_kill_9_anywhere_then_restart_ends_exactly_like_an_uninterrupted_run(engine, store, tmp_path, corpus_cache,
+                                                                             uninterrupted, request):
     storage: list[str] = []
     url = str(tmp_path / "crashed-checkpoints")
     if store == "s3":
         s3 = request.getfixturevalue("s3")
         storage = [f"+checkpoint.storage_options.{k}={v}" for k, v in s3.storage_options.items()]
         url = s3.url(f"faults/{tmp_path.name}")
-    check(launch("node", args(tmp_path / "clean", tmp_path / "clean-checkpoints")))
-    expected = {step: values[-1] for step, values in all_losses(tmp_path / "clean").items()}
+    expected = uninterrupted(engine)
     assert sorted(expected) == list(range(1, STEPS + 1))
 
     crashed = tmp_path / "crashed"
+    command = args(engine, crashed, url, corpus_cache, storage)
     for point, step in kill_points(SEED):
-        proc = launch("node", args(crashed, url), env={ENV: f"{point}:{step}"})
+        proc = launch("node", command, env={ENV: f"{point}:{step}"})
         assert proc.returncode == -signal.SIGKILL or proc.returncode != 0 and "Killed" in proc.stderr, (
             f"{point}:{step} was not reached: exit {proc.returncode}\n{proc.stdout[-3000:]}")
-    check(launch("node", args(crashed, url)))
+    check(launch("node", command))
     replayed = all_losses(crashed)
     assert sorted(replayed) == list(range(1, STEPS + 1))
     for step, values in replayed.items():
