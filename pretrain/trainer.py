@@ -57,6 +57,7 @@ class Trainer:
         self.run_dir = os.path.abspath(cfg.run_dir)
         self.grad_accum_steps = grad_accum_steps(cfg.train, dist_info.world_size)
         self.tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_len
+        self.tokens_seen = 0  # by the model's current state: kept in checkpoints, as the batch size may change
 
     def checkpoints(self) -> CheckpointManager:
         """The checkpoint store at `checkpoint.url` (default: <run_dir>/checkpoints), staged in a
@@ -125,6 +126,7 @@ class Trainer:
         if restored:
             data.load_state_dict(merge_states(restored.data_states))
             step, run_id = restored.step, restored.manifest.get("mlflow_run_id")
+            self.tokens_seen = restored.manifest["tokens_seen"]
             log.info("resumed from %s (step %d)", ckpt.store.step_url(step), step)
             if restored.resharded:
                 # The saved per-rank RNG streams belong to other ranks: start new ones, distinct
@@ -172,6 +174,7 @@ class Trainer:
                 nan.step_done()
             step += 1
             interval_steps += 1
+            self.tokens_seen += self.tokens_per_step
             if not result.bad:
                 losses.append(result.loss)
             crash_point("step", step)
@@ -185,7 +188,7 @@ class Trainer:
                 tokens_per_s = self.tokens_per_step * interval_steps / elapsed
                 metrics = {"loss": last_loss, "lr": result.lr, "grad_norm": result.grad_norm,
                            "data_skipped": self._sum_over_ranks(data.skipped_samples()),
-                           "steps_skipped": guard.skipped, "reloads": guard.reloads,
+                           "steps_skipped": guard.skipped, "reloads": guard.reloads, "tokens_seen": self.tokens_seen,
                            "tokens_per_s": tokens_per_s, "samples_per_s": tokens_per_s / cfg.model.seq_len,
                            "step_time_s": elapsed / interval_steps,
                            "memory_gib": memory_gib(world.device)}
@@ -233,6 +236,7 @@ class Trainer:
         if self.dist.is_main:
             log.warning("reloaded %s (step %d) after %d skipped steps; the data go on from step %d's position",
                         ckpt.store.step_url(restored.step), restored.step, self.cfg.train.bad_steps_to_reload, step)
+        self.tokens_seen = restored.manifest["tokens_seen"]
         return restored.step
 
     @staticmethod
@@ -245,6 +249,7 @@ class Trainer:
         wrote it (engine, config and its hash; credentials masked) and which MLflow run to continue."""
         config = redacted(self.cfg)
         return {"engine": self.cfg.engine.name, "model": self.cfg.model.name, "mlflow_run_id": run_id,
+                "tokens_seen": self.tokens_seen,
                 "config": config, "config_hash": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()}
 
     def _any_rank_signalled(self, watch: PreemptionWatch) -> bool:

@@ -50,6 +50,7 @@ def test_deepspeed_zero2_trains_checkpoints_tracks_and_resumes_exactly(tmp_path,
     manifest = json.loads((last / "MANIFEST.json").read_text())
     assert manifest["step"] == 8 and manifest["world_size"] == 2 and manifest["mlflow_run_id"] == run.info.run_id
     assert manifest["engine"] == "deepspeed" and manifest["config"]["engine"]["zero_stage"] == 2
+    assert manifest["tokens_seen"] == 8 * 8 * 32  # steps x global batch x seq_len
     written = {str(p.relative_to(last)) for p in last.rglob("*") if p.is_file()} - {"MANIFEST.json"}
     assert set(manifest["files"]) == written
     for rank in (0, 1):
@@ -68,7 +69,8 @@ def test_deepspeed_zero2_trains_checkpoints_tracks_and_resumes_exactly(tmp_path,
     assert "step_00000004 (step 4)" in resumed.stdout
     continued = metric_history(ref)  # the same MLflow run, steps 5-8 logged again
     assert [continued[s] for s in range(5, 9)] == [losses[s] for s in range(5, 9)]
-    assert json.loads((last / "MANIFEST.json").read_text())["committed_unix"] > manifest["committed_unix"]
+    recommitted = json.loads((last / "MANIFEST.json").read_text())
+    assert recommitted["committed_unix"] > manifest["committed_unix"] and recommitted["tokens_seen"] == 8 * 8 * 32
 
     # Preempted as Slurm does it, through the cluster templates' node launcher: SIGTERM to every
     # process (launcher script, ranks, loader workers) as training starts. The step in progress
