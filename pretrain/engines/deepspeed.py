@@ -141,9 +141,26 @@ class DeepSpeedEngine(Engine):
             self._load(universal)
         finally:
             self.engine._config.load_universal_checkpoint = False
+        if self.engine.zero_optimization_partition_weights():
+            self._repair_zero3_universal_load(universal)
         torch.distributed.barrier()
         if self.local_rank == 0:
             shutil.rmtree(os.path.dirname(universal), ignore_errors=True)
+
+    def _repair_zero3_universal_load(self, universal: str) -> None:
+        """Undo two faults of DeepSpeed 0.19's ZeRO-3 universal loader (stage3.py): it copies
+        param group 0's settings (weight decay) onto every group, and puts one `step` tensor into
+        every sub-group's Adam state, which torch then increments once per sub-group, running the
+        bias correction ahead. Found by a 2 -> 1 -> 2 rank run diverging after one step."""
+        saved = torch.load(os.path.join(universal, "zero", "optimizer_state.pt"),
+                           weights_only=False)["optimizer_state_dict"]["param_groups"]
+        zero = self.engine.optimizer
+        for group, saved_group in zip(zero.param_groups, saved, strict=True):
+            group.update({k: v for k, v in saved_group.items() if k != "params"})
+        for flat in zero.fp32_partitioned_groups_flat:
+            state = zero.optimizer.state.get(flat, {})
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
 
     def _load(self, step_dir: str) -> None:
         root, tag = os.path.split(os.path.normpath(step_dir))
