@@ -160,7 +160,7 @@ def test_node_launcher_passes_on_a_rank_failure_without_hanging():
 
 
 @pytest.mark.parametrize("engine", [["engine=fsdp"], ["engine=deepspeed", "engine.zero_stage=2"],
-                                    ["engine=deepspeed", "engine.zero_stage=3"]])
+                                    ["engine=deepspeed", "engine.zero_stage=3"]], ids=["fsdp", "zero2", "zero3"])
 def test_checkpoint_reshards_2_to_1_to_2_ranks_with_the_same_losses(engine, tmp_path, corpus_cache):
     """FSDP2 through DCP, DeepSpeed ZeRO-2 and ZeRO-3 through its universal checkpoint (ZeRO-3 with
     two of DeepSpeed's loader faults repaired: without that, 0.11 apart); the data continue the same
