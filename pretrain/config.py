@@ -31,6 +31,14 @@ class ModelConfig:
     bias: bool = False
     layerscale_init: Optional[float] = None
     dropout: float = 0.0
+    norm_eps: float = 1e-5
+    image_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000
+    label_smoothing: float = 0.0
+    ista_step: float = 0.1
+    ista_lambda: float = 0.1
 
 
 @dataclass
@@ -160,8 +168,12 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """Flattened keys whose value differs between two (redacted) configs: key -> (saved, current)."""
+    """Flattened keys whose value differs between two (redacted) configs: key -> (saved, current).
+    A key the saved config lacks counts as its schema default: a setting added since a checkpoint
+    was written, left at its default, changes nothing."""
+    defaults = flatten(OmegaConf.to_container(OmegaConf.structured(Config)))
     old, new = flatten(saved), flatten(current)
+    old = {**{k: defaults[k] for k in new.keys() - old.keys() if k in defaults}, **old}
     return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
 
 

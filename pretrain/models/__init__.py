@@ -4,14 +4,19 @@ from __future__ import annotations
 
 from pretrain.config import ModelConfig
 from pretrain.errors import UserError
+from pretrain.models.crate import CRATE
 from pretrain.models.gpt import GPT2LM
 from pretrain.models.lm import CausalLM
 from pretrain.models.tost import ToSTLM
+from pretrain.models.vision import ImageClassifier
+from pretrain.models.vit import ViT
 
-MODELS: dict[str, type[CausalLM]] = {"tost": ToSTLM, "gpt2": GPT2LM}
+LANGUAGE_MODELS: dict[str, type[CausalLM]] = {"tost": ToSTLM, "gpt2": GPT2LM}
+VISION_MODELS: dict[str, type[ImageClassifier]] = {"crate": CRATE, "vit": ViT}
+MODELS = {**LANGUAGE_MODELS, **VISION_MODELS}
 
 
-def build_model(cfg: ModelConfig) -> CausalLM:
+def build_model(cfg: ModelConfig) -> CausalLM | ImageClassifier:
     """Build the model `cfg.name` names, after checking what the config alone can tell."""
     if cfg.name not in MODELS:
         raise UserError(f"model.name={cfg.name!r} is unknown; valid names: {', '.join(MODELS)}")

@@ -81,10 +81,10 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig, mixer: Callable[[ModelConfig], TokenMixer]) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
         self.attn = mixer(cfg)
         self.ls_1 = layer_scale(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
         self.mlp = MLP(cfg)
         self.ls_2 = layer_scale(cfg)
         self.drop = nn.Dropout(cfg.dropout)  # residual dropout, on both branches
@@ -92,3 +92,7 @@ class Block(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.ls_1(self.drop(self.attn(self.ln_1(x))))
         return x + self.ls_2(self.drop(self.mlp(self.ln_2(x))))
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token beyond the block's weight matmuls: the mixer's."""
+        return self.attn.flops_per_token()
