@@ -39,6 +39,9 @@ class ModelConfig:
     label_smoothing: float = 0.0
     ista_step: float = 0.1
     ista_lambda: float = 0.1
+    skeleton: str = "xcit"
+    class_attention_layers: int = 2
+    fourier_features: int = 16
 
 
 @dataclass

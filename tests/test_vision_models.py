@@ -1,4 +1,4 @@
-"""CRATE and ViT: the formulas of ../shared/MODELS.md on hand-checkable inputs, the papers'
+"""CRATE, ToST and ViT for images: the formulas of ../shared/MODELS.md on hand-checkable inputs, the papers'
 parameter counts, and one training step of each under DeepSpeed ZeRO-2 and FSDP2 on 2 ranks."""
 
 from __future__ import annotations
@@ -11,14 +11,17 @@ from torch import nn
 
 from pretrain.config import ModelConfig, load_config
 from pretrain.engines import build_engine
+from pretrain.errors import UserError
 from pretrain.launch import run_local_world
 from pretrain.models import build_model
 from pretrain.models.crate import ISTA, MSSA, CRATEBlock, patchify
+from pretrain.models.tost_vision import ClassAttentionBlock, FourierPositions
 from pretrain.trainer import seed_everything
 
 # MODELS.md's tables, in millions, to the digits they give.
 PAPER_PARAMS = {"crate_tiny": 6.09, "crate_small": 13.12, "crate_base": 22.80, "crate_large": 77.64,
-                "vit_tiny": 5.72, "vit_small": 22.05, "vit_base": 86.6, "vit_large": 304}
+                "vit_tiny": 5.72, "vit_small": 22.05, "vit_base": 86.6, "vit_large": 304,
+                "tost_vision_tiny": 5.8, "tost_vision_small": 22.6}  # ToST-M has no count in MODELS.md
 
 
 @pytest.mark.parametrize("name", list(PAPER_PARAMS))
@@ -82,21 +85,45 @@ def test_patches_are_flattened_channel_last_in_row_major_order():
     assert patches[1, 2, 6:9].tolist() == [images[1, c, 3, 0].item() for c in range(3)]
 
 
-@pytest.mark.parametrize("name", ["crate_smoke", "vit_smoke"])
+SMOKE_MODELS = {"crate": ["model=crate_smoke"], "vit": ["model=vit_smoke"], "tost-xcit": ["model=tost_vision_smoke"],
+                "tost-vit": ["model=tost_vision_smoke", "model.skeleton=vit"]}
+
+
+@pytest.mark.parametrize("name", list(SMOKE_MODELS))
 def test_forward_shapes_and_loss(name):
-    cfg = load_config([f"model={name}"]).model
+    cfg = load_config(SMOKE_MODELS[name]).model
     model = build_model(cfg)
     images = torch.randn(5, 3, cfg.image_size, cfg.image_size)
     assert model(images).shape == (5, cfg.num_classes)
     loss = model(images, torch.arange(5))
     assert loss.shape == () and abs(loss.item() - math.log(cfg.num_classes)) < 0.5  # near chance at init
-    tokens = model.tokens(images)
-    assert tokens.shape == (5, (cfg.image_size // cfg.patch_size) ** 2 + 1, cfg.n_embd)
+    patches = (cfg.image_size // cfg.patch_size) ** 2
+    class_token_in_blocks = name != "tost-xcit"  # XCiT's skeleton adds it after the TSSA blocks
+    assert model.embed(images).shape == (5, patches + class_token_in_blocks, cfg.n_embd)
+
+
+def test_an_unknown_skeleton_is_refused_naming_the_key():
+    with pytest.raises(UserError, match="model.skeleton='swin' is not one of xcit, vit"):
+        build_model(load_config(["model=tost_vision_smoke", "model.skeleton=swin"]).model)
+
+
+def test_class_attention_updates_the_class_token_only():
+    cfg = load_config(["model=tost_vision_smoke"]).model
+    x = torch.randn(2, 17, cfg.n_embd)
+    out = ClassAttentionBlock(cfg)(x)
+    assert torch.equal(out[:, 1:], x[:, 1:]) and not torch.allclose(out[:, 0], x[:, 0])
+
+
+def test_fourier_positions_tell_every_patch_apart():
+    cfg = load_config(["model=tost_vision_smoke"]).model
+    positions = FourierPositions(cfg)(4, 4, torch.device("cpu"))  # (16, D)
+    assert positions.shape == (16, cfg.n_embd)
+    assert torch.cdist(positions, positions).add(torch.eye(16) * 1e9).min() > 1e-4
 
 
 def train_two_steps(dist_info, name, engine):
     """Two steps on fixed image batches; returns (losses, whether every parameter moved)."""
-    cfg = load_config([f"model={name}", *engine, "engine.precision=fp32", "train.global_batch_size=8",
+    cfg = load_config([*SMOKE_MODELS[name], *engine, "engine.precision=fp32", "train.global_batch_size=8",
                        "train.micro_batch_size=2", "optim.lr=1e-3", "optim.warmup_steps=1"])
     seed_everything(0)
     model = build_model(cfg.model)
@@ -117,7 +144,7 @@ def train_two_steps(dist_info, name, engine):
     return losses, moved
 
 
-@pytest.mark.parametrize("name", ["crate_smoke", "vit_smoke"])
+@pytest.mark.parametrize("name", list(SMOKE_MODELS))
 @pytest.mark.parametrize("engine", [["engine=deepspeed", "engine.zero_stage=2"], ["engine=fsdp"]], ids=["zero2", "fsdp"])
 def test_every_vision_model_trains_under_zero2_and_fsdp_on_two_ranks(name, engine):
     (losses, moved), _ = run_local_world(train_two_steps, 2, name, engine)

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from pretrain.config import ModelConfig
 from pretrain.errors import UserError
 from pretrain.models.crate import CRATE
 from pretrain.models.gpt import GPT2LM
 from pretrain.models.lm import CausalLM
 from pretrain.models.tost import ToSTLM
+from pretrain.models.tost_vision import tost_vision
 from pretrain.models.vision import ImageClassifier
 from pretrain.models.vit import ViT
 
 LANGUAGE_MODELS: dict[str, type[CausalLM]] = {"tost": ToSTLM, "gpt2": GPT2LM}
-VISION_MODELS: dict[str, type[ImageClassifier]] = {"crate": CRATE, "vit": ViT}
+VISION_MODELS: dict[str, Callable[[ModelConfig], ImageClassifier]] = {"crate": CRATE, "vit": ViT,
+                                                                       "tost_vision": tost_vision}
 MODELS = {**LANGUAGE_MODELS, **VISION_MODELS}
 
 

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from pretrain.config import ModelConfig
 from pretrain.models.layers import TokenMixer, merge_heads, split_heads
-from pretrain.models.vision import ImageClassifier, num_patches
+from pretrain.models.vision import ClassTokenClassifier, num_patches
 
 
 class MSSA(TokenMixer):
@@ -99,7 +99,7 @@ def patchify(images: Tensor, P: int) -> Tensor:
     return patches.reshape(B, (H // P) * (W // P), P * P * C)
 
 
-class CRATE(ImageClassifier):
+class CRATE(ClassTokenClassifier):
     def __init__(self, cfg: ModelConfig) -> None:
         n_tokens = num_patches(cfg) + 1
         blocks = [CRATEBlock(cfg, causal=False, n_tokens=n_tokens) for _ in range(cfg.n_layer)]

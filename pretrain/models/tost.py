@@ -54,6 +54,29 @@ def causal_tssa(w: Tensor, temp: Tensor, denom_bias: Tensor) -> Tensor:
     return token_statistics(w, temp, causal=True, denom_bias=denom_bias)[0]
 
 
+class TSSA(TokenMixer):
+    """Non-causal TSSA layer (vision): shared projection U, per-head temperature, out_proj."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.n_embd = cfg.n_embd
+        self.U = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.temp = nn.Parameter(torch.ones(cfg.n_head, 1))
+        self.out_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = split_heads(self.U(x), self.n_head)  # (B, K, N, p)
+        return self.out_proj(merge_heads(tssa(w, self.temp)))
+
+    def flops_per_token(self) -> float:
+        # As causal TSSA's count, with sums over all tokens in place of prefix sums.
+        return 36 * self.n_embd
+
+    def no_weight_decay(self) -> set[str]:
+        return {"temp"}
+
+
 class CausalTSSA(TokenMixer):
     """Causal TSSA layer: shared projection U, per-head temperature, positional prior, out_proj."""
 

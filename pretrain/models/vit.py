@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from pretrain.config import ModelConfig
 from pretrain.models.attention import SelfAttention
 from pretrain.models.layers import Block
-from pretrain.models.vision import ImageClassifier, num_patches
+from pretrain.models.vision import ClassTokenClassifier, num_patches
 
 
 class ConvPatchEmbed(nn.Module):
@@ -24,7 +24,7 @@ class ConvPatchEmbed(nn.Module):
         return self.proj(images).flatten(2).transpose(1, 2)
 
 
-class ViT(ImageClassifier):
+class ViT(ClassTokenClassifier):
     def __init__(self, cfg: ModelConfig) -> None:
         attention = partial(SelfAttention, causal=False, n_tokens=num_patches(cfg) + 1)
         super().__init__(cfg, ConvPatchEmbed(cfg), [Block(cfg, attention) for _ in range(cfg.n_layer)])
