@@ -58,6 +58,7 @@ class ImageConfig:
 class DataConfig:
     source: str = "shards"
     urls: Any = MISSING
+    val_urls: Any = None
     storage_options: dict = field(default_factory=dict)
     cache_dir: str = "~/.cache/whitebox-pretrain"
     stdlib_max_mb: float = 4.0

@@ -124,12 +124,19 @@ def test_prepare_digits_once_and_waiters(tmp_path):
     waiter.join(timeout=30)
     assert results == [path]
     index = Path(path, "index.json")
-    assert json.loads(index.read_text())["total_samples"] == N_DIGITS
+    assert json.loads(index.read_text())["total_samples"] == 1498  # the train split: all but every 6th
     mtime = index.stat().st_mtime_ns
     assert prepare_digits(str(tmp_path), 1000, is_preparer=True) == path and index.stat().st_mtime_ns == mtime
     assert [p.name for p in tmp_path.iterdir()] == [Path(path).name]  # no temporary left behind
     with pytest.raises(UserError, match="waited"):
         prepare_digits(str(tmp_path / "empty"), 1000, is_preparer=False, wait_timeout_s=0.1, poll_interval_s=0.05)
+
+
+def test_digits_splits_partition_the_set():
+    train, val = digits_samples("train").samples, digits_samples("val").samples
+    assert (len(train), len(val)) == (1498, 299) and len(train) + len(val) == N_DIGITS
+    every = digits_samples().samples
+    assert val == every[5::6] and set(map(tuple, train)).isdisjoint(map(tuple, val))
 
 
 def test_image_folder_keeps_files_as_they_are(folder, tmp_path):

@@ -344,3 +344,23 @@ def test_embedded_digits_stream_with_train_and_eval_transforms(tmp_path):
     with pytest.raises(UserError, match="data.source='stdlib' is not one of digits, shards"):
         build_image_loader(DataConfig(source="stdlib"), image_size=16, batch_size=1, rank=0, world_size=1,
                            local_rank=0, seed=0, train=True)
+
+
+def test_evaluation_reads_the_validation_split_once_over_the_ranks(tmp_path):
+    """One finite pass: the digits' 299 held-out images, each exactly once over 2 ranks (the val
+    split's 3 shards cap the loader at 1 worker per rank), in the same order every time."""
+    cfg = load_config(["data=digits", f"data.cache_dir={tmp_path}", "data.num_workers=2"]).data
+    seen = []
+    for rank in (0, 1):
+        loader = build_image_loader(cfg, image_size=8, batch_size=16, rank=rank, world_size=2, local_rank=rank,
+                                    seed=3, train=False)
+        batches = list(loader)
+        assert [len(b["labels"]) for b in batches] == [len(b["labels"]) for b in loader]  # finite, repeatable
+        seen += [(tuple(image.flatten().tolist()), label) for b in batches
+                 for image, label in zip(b["images"], b["labels"].tolist())]
+    val = digits_samples("val").samples
+    assert len(seen) == len(val) == 299
+    assert sorted(label for _, label in seen) == sorted(label for _, _, label in val)
+    with pytest.raises(UserError, match="data.val_urls is required when data.source=shards"):
+        build_image_loader(load_config(["data=image_shards", "data.urls=/x/shard-000000.tar"]).data, image_size=8,
+                           batch_size=1, rank=0, world_size=1, local_rank=0, seed=0, train=False)

@@ -63,22 +63,29 @@ def build_image_loader(
     train: bool,
     worker_init: Callable[[int], None] | None = None,
 ) -> ShardLoader:
-    """This rank's image batches ({'images': (B, 3, S, S), 'labels': (B,)}): scikit-learn's
-    digits prepared on first use, or the image shards at `data.urls`.
+    """This rank's image batches ({'images': (B, 3, S, S), 'labels': (B,)}).
 
-    `train` picks the augmentation (random-resized crop and flip) and the seeded shuffle;
-    otherwise images are resized and centre-cropped, in shard order.
+    train: endless, shuffled and augmented (random-resized crop and flip) batches of the digits'
+    train split or the shards at `data.urls`. Otherwise one pass, in shard order, resized and
+    centre-cropped, over the digits' val split or `data.val_urls`; its loader workers are capped
+    so that every one has a shard.
     """
     def embedded(is_preparer: bool) -> str:
-        return prepare_digits(cfg.cache_dir, cfg.samples_per_shard, is_preparer,
+        return prepare_digits(cfg.cache_dir, cfg.samples_per_shard, is_preparer, split="train" if train else "val",
                               progress=is_preparer and sys.stderr.isatty())
 
-    urls, storage_options = _shard_urls(cfg, IMAGE_SOURCES, embedded, local_rank)
+    urls, storage_options = _shard_urls(cfg, IMAGE_SOURCES, embedded, local_rank, train)
     index = read_index(urls, storage_options, (images.INDEX_FORMAT,), images.PREPARE_HINT)
     decode = ImageDecoder(_image_transform(cfg.image, image_size, train), check_image_index(index))
-    shuffle_buffer = cfg.shuffle_buffer if train else 1
-    return _loader(cfg, urls, storage_options, index, decode, batch_size, rank, world_size, seed, shuffle_buffer,
-                   worker_init=worker_init)
+    if train:
+        return _loader(cfg, urls, storage_options, index, decode, batch_size, rank, world_size, seed,
+                       cfg.shuffle_buffer, worker_init=worker_init)
+    if len(urls) < world_size:
+        raise UserError(f"the validation set has {len(urls)} shards for {world_size} ranks: every rank needs one; "
+                        f"write it in more, smaller shards")
+    workers = min(cfg.num_workers, len(urls) // world_size)
+    return _loader(cfg, urls, storage_options, index, decode, batch_size, rank, world_size, seed, 1,
+                   worker_init=worker_init, epochs=1, workers=workers)
 
 
 def _image_transform(cfg: ImageConfig, image_size: int, train: bool) -> TrainTransform | EvalTransform:
@@ -92,21 +99,23 @@ def _image_transform(cfg: ImageConfig, image_size: int, train: bool) -> TrainTra
 
 
 def _shard_urls(
-    cfg: DataConfig, sources: tuple[str, ...], embedded: Callable[[bool], str], local_rank: int
+    cfg: DataConfig, sources: tuple[str, ...], embedded: Callable[[bool], str], local_rank: int, train: bool = True
 ) -> tuple[list[str], dict]:
-    """The shard URLs and their storage options. An embedded default (the first source) is
-    built by local rank 0 of each machine into `data.cache_dir` while the other ranks wait."""
+    """The shard URLs (`data.urls`, or `data.val_urls` when not `train`) and their storage
+    options. An embedded default (the first source) is built by local rank 0 of each machine
+    into `data.cache_dir` while the other ranks wait."""
     if cfg.source == sources[0]:
         directory = embedded(local_rank == 0)
         index = json.loads(Path(directory, INDEX_NAME).read_text())
         return [str(Path(directory, s["name"])) for s in index["shards"]], {}
     if cfg.source == "shards":
-        if cfg.urls in (None, MISSING):
+        key, urls = ("data.urls", cfg.urls) if train else ("data.val_urls", cfg.val_urls)
+        if urls in (None, MISSING):
             raise UserError(
-                "data.urls is required when data.source=shards: set it to the shard URLs, "
-                """e.g. 'data.urls="s3://bucket/dir/shard-{000000..000099}.tar"'"""
+                f"{key} is required when data.source=shards: set it to the shard URLs, "
+                f"""e.g. '{key}="s3://bucket/dir/shard-{{000000..000099}}.tar"'"""
             )
-        return expand_urls(cfg.urls), cfg.storage_options
+        return expand_urls(urls), cfg.storage_options
     raise UserError(f"data.source={cfg.source!r} is not one of {', '.join(sources)}")
 
 
@@ -124,20 +133,25 @@ def _loader(
     collate: Callable[[list[dict]], dict] | None = None,
     finish: Callable[[dict], dict] | None = None,
     worker_init: Callable[[int], None] | None = None,
+    epochs: int | None = None,
+    workers: int | None = None,
 ) -> ShardLoader:
+    """`workers` overrides data.num_workers, and then the logical readers are ranks x workers."""
     samples = {s["name"]: s["samples"] for s in index["shards"]}
+    num_workers, readers = (cfg.num_workers, cfg.readers) if workers is None else (workers, 0)
     stream = ShardStream(
         urls,
         {url: samples[posixpath.basename(url)] for url in urls},
         decode,
         rank=rank,
         world_size=world_size,
-        num_workers=cfg.num_workers,
+        num_workers=num_workers,
         batch_size=batch_size,
-        readers=cfg.readers,
+        readers=readers,
         options=StreamOptions(seed=seed, shuffle_buffer=shuffle_buffer, retries=cfg.retries,
                               retry_backoff_s=cfg.retry_backoff_s, on_error=cfg.on_error),
         storage_options=storage_options,
         collate=collate,
+        epochs=epochs,
     )
-    return ShardLoader(stream, cfg.num_workers, finish, worker_init)
+    return ShardLoader(stream, num_workers, finish, worker_init)

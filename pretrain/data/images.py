@@ -45,7 +45,9 @@ JPEG_QUALITY = 95  # for a shrunk JPEG; Pillow's docs: above 95 adds bytes, hard
 # Modes that resample as they are and that JPEG and PNG both store; others become RGB.
 RESIZE_MODES = ("L", "RGB")
 
-DIGITS_VERSION = 1  # bump when digits_samples changes, so older caches are not reused
+DIGITS_VERSION = 2  # bump when digits_samples changes, so older caches are not reused
+DIGITS_SPLITS = ("train", "val")
+DIGITS_VAL_EVERY = 6  # image i is held out for validation when i % 6 == 5: 299 of 1,797
 DIGITS_MAX_VALUE = 16  # scikit-learn's digits pixels are 0..16
 
 # The augmentation of the vision recipes (DeiT / XCiT, which ToST and CRATE follow).
@@ -305,19 +307,24 @@ def _class_list(labels: list[str]) -> tuple[list[str], list[int]]:
     return classes, [number[label] for label in labels]
 
 
-def digits_samples() -> ImageSource:
-    """scikit-learn's bundled digits (1797 8x8 images of 0..9), as grayscale (mode L) PNGs.
+def digits_samples(split: str | None = None) -> ImageSource:
+    """scikit-learn's bundled digits (1797 8x8 images of 0..9), as grayscale (mode L) PNGs: all
+    of them, or the `split` "train" (1,498) or "val" (every 6th, 299).
 
     Pixels 0..16 are scaled to 0..255 and rounded. Grayscale keeps the shards small;
     `decode_image` turns every image into RGB, so the models see three equal channels.
     """
     from sklearn.datasets import load_digits  # here: importing sklearn costs a second nobody else pays
 
+    if split not in (None, *DIGITS_SPLITS):
+        raise UserError(f"digits split {split!r} is not one of {', '.join(DIGITS_SPLITS)}")
     digits = load_digits()
     pixels = np.rint(digits.images * (255 / DIGITS_MAX_VALUE)).astype(np.uint8)
-    samples = [(_encode(Image.fromarray(p), "PNG"), "png", int(t)) for p, t in zip(pixels, digits.target)]
+    held_out = [i % DIGITS_VAL_EVERY == DIGITS_VAL_EVERY - 1 for i in range(len(pixels))]
+    samples = [(_encode(Image.fromarray(p), "PNG"), "png", int(t))
+               for p, t, val in zip(pixels, digits.target, held_out) if split is None or val == (split == "val")]
     classes = [str(name) for name in digits.target_names]
-    description = f"scikit-learn digits (8x8 grayscale, 0..16 scaled to 0..255), v{DIGITS_VERSION}"
+    description = f"scikit-learn digits (8x8 grayscale, 0..16 scaled to 0..255), {split or 'all'}, v{DIGITS_VERSION}"
     return ImageSource(classes, samples, description)
 
 
@@ -405,14 +412,15 @@ def prepare_digits(
     is_preparer: bool,
     wait_timeout_s: float = 600,
     *,
+    split: str = "train",
     poll_interval_s: float = 0.5,
     progress: bool = False,
 ) -> str:
-    """Local directory of digits shards, built once per cache and machine (`build_once`)."""
-    final = Path(cache_dir).expanduser() / f"digits-v{DIGITS_VERSION}-{samples_per_shard}-per-shard"
+    """Local directory of the digits `split`'s shards, built once per cache and machine (`build_once`)."""
+    final = Path(cache_dir).expanduser() / f"digits-v{DIGITS_VERSION}-{split}-{samples_per_shard}-per-shard"
 
     def build(directory: Path) -> None:
-        source = digits_samples()
+        source = digits_samples(split)
         write_image_shards(source.samples, str(directory), samples_per_shard, source.classes, progress=progress,
                            source=source.description)
 

@@ -35,9 +35,11 @@ class ShardLoader(DataLoader):
         self._finish = finish
 
     def __iter__(self) -> Iterator[Batch]:
-        """From the last micro-batch consumed on: workers start from the stream's record."""
+        """From the last micro-batch consumed on (workers start from the stream's record); a
+        finite stream (evaluation) from its start, every time."""
         for batch, (reader, position) in super().__iter__():
-            self.stream.consumed(reader, position)
+            if self.stream.epochs is None:
+                self.stream.consumed(reader, position)
             yield batch if self._finish is None else self._finish(batch)
 
     def state_dict(self) -> dict[str, Any]:

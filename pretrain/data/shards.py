@@ -130,8 +130,10 @@ class ShardStream(IterableDataset):
     def __init__(self, urls: list[str], samples_per_shard: dict[str, int], decode: Decoder, *,
                  rank: int, world_size: int, num_workers: int, batch_size: int, readers: int,
                  options: StreamOptions, storage_options: dict | None = None,
-                 collate: Callable[[list[dict]], Any] | None = None) -> None:
-        """readers: L for a run that starts now (0: ranks x workers); a loaded state brings its own."""
+                 collate: Callable[[list[dict]], Any] | None = None, epochs: int | None = None) -> None:
+        """readers: L for a run that starts now (0: ranks x workers); a loaded state brings its own.
+        epochs: None reads on forever (training); N stops each reader after N epochs, its last
+        micro-batch possibly short (evaluation)."""
         if options.on_error not in ON_ERROR:
             raise UserError(f"data.on_error={options.on_error!r} is not one of {', '.join(ON_ERROR)}")
         self.urls, self.samples_per_shard, self.decode = urls, samples_per_shard, decode
@@ -139,6 +141,7 @@ class ShardStream(IterableDataset):
         self.batch_size, self.options = batch_size, options
         self.storage_options = dict(storage_options or {})
         self.collate = collate or default_collate
+        self.epochs = epochs
         self.readers = readers or world_size * self.workers
         self._check_split(f"data.readers={readers}" if readers else None)
         self.batches = 0  # micro-batches of the run consumed, over all ranks
@@ -173,10 +176,13 @@ class ShardStream(IterableDataset):
                              self.batches)
         states = {reader: ReaderState(**asdict(self.positions[reader])) for reader in cycle}
         samples = {reader: self._samples(reader, states[reader]) for reader in cycle}
-        while True:
-            for reader in cycle:
+        while cycle:
+            for reader in list(cycle):
                 batch = list(islice(samples[reader], self.batch_size))
-                yield self.collate(batch), (reader, asdict(states[reader]))
+                if batch:
+                    yield self.collate(batch), (reader, asdict(states[reader]))
+                else:  # only a reader of a finite stream runs out
+                    cycle.remove(reader)
 
     def consumed(self, reader: int, position: dict[str, int]) -> None:
         """Training took a micro-batch that left `reader` at `position`."""
@@ -184,7 +190,7 @@ class ShardStream(IterableDataset):
         self.batches += self.world_size  # every rank takes one in the same turn
 
     def _samples(self, reader: int, state: ReaderState) -> Iterator[dict[str, Any]]:
-        while True:
+        while self.epochs is None or state.epoch < self.epochs:
             shards = self.epoch_order(state.epoch, reader)
             while state.shard_pos < len(shards):
                 url = shards[state.shard_pos]
