@@ -74,6 +74,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = "adamw"
     lr: float = 6e-4
     min_lr: float = 6e-5
     warmup_steps: int = 2000
@@ -105,6 +106,7 @@ class TrainConfig:
     micro_batch_size: int = 12
     seed: int = 1337
     log_interval: int = 10
+    eval_interval: int = 1000
     bad_steps_to_reload: int = 3
     max_reloads: int = 2
 

@@ -1,4 +1,4 @@
-"""AdamW with weight-decay groups and the warmup + cosine schedule, shared by every engine."""
+"""AdamW or Lion with weight-decay groups, and the warmup + cosine schedule, shared by every engine."""
 
 from __future__ import annotations
 
@@ -22,9 +22,36 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                             betas=tuple(cfg.betas), eps=cfg.eps)
+OPTIMIZERS = ("adamw", "lion")
+
+
+class Lion(torch.optim.Optimizer):
+    """Lion (Chen et al., 2023, "Symbolic Discovery of Optimization Algorithms"): each coordinate
+    moves by lr in the sign of an interpolation of momentum and gradient; the momentum then
+    takes the gradient with the slower beta2. Weight decay is decoupled, as in AdamW."""
+
+    def __init__(self, params, lr: float, betas: tuple[float, float], weight_decay: float = 0.0) -> None:
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                momentum = self.state[p].setdefault("exp_avg", torch.zeros_like(p))
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(torch.sign(momentum * beta1 + p.grad * (1 - beta1)), alpha=-group["lr"])
+                momentum.lerp_(p.grad, 1 - beta2)
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """`optim.name`'s optimizer over the weight-decay groups."""
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.name == "lion":
+        return Lion(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
 def lr_at(step: int, cfg: OptimConfig) -> float:

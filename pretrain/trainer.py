@@ -19,7 +19,6 @@ from omegaconf import OmegaConf
 from pretrain.checkpoint.manager import CheckpointManager, Restored, SavePolicy
 from pretrain.checkpoint.store import CheckpointStore, Node
 from pretrain.config import Config, config_changes, grad_accum_steps, redacted
-from pretrain.data import build_text_loader
 from pretrain.data.shards import merge_states
 from pretrain.distributed import DistInfo
 from pretrain.engines import build_engine
@@ -29,6 +28,7 @@ from pretrain.faults import crash_point, nan_loss
 from pretrain.guard import NonFiniteGuard
 from pretrain.models import build_model
 from pretrain.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatch
+from pretrain.tasks import build_task
 from pretrain.tracking.metrics import memory_gib, mfu, peak_flops
 from pretrain.tracking.mlflow import Tracker
 
@@ -56,7 +56,7 @@ class Trainer:
         self.dist = dist_info
         self.run_dir = os.path.abspath(cfg.run_dir)
         self.grad_accum_steps = grad_accum_steps(cfg.train, dist_info.world_size)
-        self.tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_len
+        self.tokens_per_step = 0  # global batch x the task's tokens per sample, once the model is built
         self.tokens_seen = 0  # by the model's current state: kept in checkpoints, as the batch size may change
 
     def checkpoints(self) -> CheckpointManager:
@@ -114,10 +114,9 @@ class Trainer:
         flops_per_token = model.flops_per_token()
         n_params = model.num_params()
         engine = build_engine(model, cfg, world)
-        data = build_text_loader(cfg.data, seq_len=cfg.model.seq_len, vocab_size=cfg.model.vocab_size,
-                                 batch_size=cfg.train.micro_batch_size,
-                                 rank=world.rank, world_size=world.world_size, local_rank=world.local_rank,
-                                 seed=cfg.train.seed, worker_init=watch.worker_init)
+        self.task = build_task(cfg, model, world, watch.worker_init)
+        self.tokens_per_step = cfg.train.global_batch_size * self.task.tokens_per_sample
+        data = self.task.train_loader()
         ckpt = self.checkpoints()
 
         step, run_id = 0, None
@@ -189,7 +188,7 @@ class Trainer:
                 metrics = {"loss": last_loss, "lr": result.lr, "grad_norm": result.grad_norm,
                            "data_skipped": self._sum_over_ranks(data.skipped_samples()),
                            "steps_skipped": guard.skipped, "reloads": guard.reloads, "tokens_seen": self.tokens_seen,
-                           "tokens_per_s": tokens_per_s, "samples_per_s": tokens_per_s / cfg.model.seq_len,
+                           "tokens_per_s": tokens_per_s, "samples_per_s": tokens_per_s / self.task.tokens_per_sample,
                            "step_time_s": elapsed / interval_steps,
                            "memory_gib": memory_gib(world.device)}
                 utilisation = mfu(tokens_per_s / world.world_size, flops_per_token, peak)
@@ -204,6 +203,8 @@ class Trainer:
                 losses.clear()
                 interval_steps, interval_start = 0, time.perf_counter()
 
+            if step == cfg.train.max_steps or cfg.train.eval_interval and step % cfg.train.eval_interval == 0:
+                self._evaluate(engine, tracker, step)
             preempted = self._any_rank_signalled(watch)
             # No scheduled save in a streak of skipped steps: the one before it is what a reload wants.
             scheduled = step % cfg.checkpoint.interval == 0 and not guard.in_a_row
@@ -224,6 +225,14 @@ class Trainer:
         ckpt.wait()  # the last checkpoint is committed before the run reports done
         self._log_committed_saves(ckpt, tracker)
         return last_loss
+
+    def _evaluate(self, engine: Engine, tracker: Tracker, step: int) -> None:
+        metrics = self.task.evaluate(engine)
+        if metrics:
+            tracker.log_metrics(metrics, step)
+            if self.dist.is_main:
+                log.info("eval at step %d | %s", step, " | ".join(f"{k.removeprefix('eval_')} {v:.4f}"
+                                                                  for k, v in metrics.items()))
 
     def _reload(self, ckpt: CheckpointManager, engine: Engine, step: int) -> int:
         """Load the newest committed checkpoint's model, optimizer, schedule and RNG; the data

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from pretrain.config import ModelConfig, OptimConfig
 from pretrain.models import build_model
@@ -50,3 +51,20 @@ def test_scheduler_drives_the_optimizer_lr():
         optimizer.step()
         scheduler.step()
     assert seen == pytest.approx([lr_at(s, cfg) for s in range(25)])
+
+
+def test_lion_moves_each_coordinate_by_lr_in_the_sign_of_its_interpolated_momentum():
+    """p = (1, 1), g = (0.5, -2), m = 0, lr 0.1, wd 0.5, betas (0.9, 0.99): p -> p (1 - 0.05) -
+    0.1 sign(0.1 g) = (0.85, 1.05); m -> 0.01 g. Second step with g = (-0.01, 0): 0.9 m + 0.1 g =
+    (0.0035, -0.018), so the first coordinate still moves down although its gradient turned."""
+    from pretrain.optim import Lion
+
+    p = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
+    lion = Lion([p], lr=0.1, betas=(0.9, 0.99), weight_decay=0.5)
+    p.grad = torch.tensor([0.5, -2.0])
+    lion.step()
+    assert torch.allclose(p.detach(), torch.tensor([0.85, 1.05]))
+    assert torch.allclose(lion.state[p]["exp_avg"], torch.tensor([0.005, -0.02]))
+    p.grad = torch.tensor([-0.01, 0.0])
+    lion.step()
+    assert torch.allclose(p.detach(), torch.tensor([0.85 * 0.95 - 0.1, 1.05 * 0.95 + 0.1]))

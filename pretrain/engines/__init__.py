@@ -10,6 +10,7 @@ from pretrain.distributed import DistInfo
 from pretrain.engines.base import Engine, StepResult
 from pretrain.engines.blocks import AC_MODES, prepare_blocks
 from pretrain.errors import UserError
+from pretrain.optim import OPTIMIZERS
 
 ENGINES = ("deepspeed", "fsdp", "ddp")
 PRECISIONS = ("bf16", "fp32")
@@ -31,6 +32,10 @@ def check_engine_config(cfg: Config, world_size: int) -> None:
     if e.activation_checkpointing == "every_k" and e.activation_checkpointing_every < 1:
         fail(f"engine.activation_checkpointing_every={e.activation_checkpointing_every} must be >= 1")
     grad_accum_steps(cfg.train, world_size)  # the global batch must split evenly over the ranks
+    if cfg.optim.name not in OPTIMIZERS:
+        fail(f"optim.name={cfg.optim.name!r} is not one of {', '.join(OPTIMIZERS)}")
+    if e.offload_optimizer and cfg.optim.name != "adamw":
+        fail(f"engine.offload_optimizer runs DeepSpeed's CPU Adam: it cannot offload optim.name={cfg.optim.name}")
     if e.name != "deepspeed" and e.deepspeed_overrides:
         fail(f"engine.deepspeed_overrides only applies to engine=deepspeed, not engine={e.name}")
     if e.name == "deepspeed":

@@ -54,6 +54,11 @@ class Engine(ABC):
     def load(self, step_dir: str, saved_world_size: int) -> None: ...
 
     @abstractmethod
+    def predict(self, batch: Batch) -> torch.Tensor:
+        """Collective: the model's output for the batch's inputs (its labels left out), in eval
+        mode and without gradients."""
+
+    @abstractmethod
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Collective: the complete, unsharded weights on CPU on rank 0 (empty on other ranks)."""
 

@@ -105,6 +105,21 @@ class DeepSpeedEngine(Engine):
         # ZeRO skips a step whose norm is not finite; without ZeRO DeepSpeed applies it.
         return StepResult(total / len(micro_batches), grad_norm, lr, skipped=not self.engine.was_step_applied())
 
+    def predict(self, batch: Batch) -> torch.Tensor:
+        inputs = {k: v for k, v in self.to_device(batch).items() if k != "labels"}
+        self.engine.eval()
+        try:
+            with torch.no_grad():
+                return self.engine(**inputs)
+        finally:
+            self.engine.train()
+
+    def to_device(self, batch: Batch) -> Batch:
+        """DeepSpeed's bf16 holds the model in bf16 and leaves the inputs alone: cast images too."""
+        dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else None
+        return {k: v.to(self.device, dtype=dtype if v.is_floating_point() else None, non_blocking=True)
+                for k, v in batch.items()}
+
     def _grad_norm(self) -> float:
         """Global norm of the (already all-reduced) gradients, before DeepSpeed clips them."""
         norms = [p.grad.detach().float().norm() for p in self._model.parameters() if p.grad is not None]

@@ -75,6 +75,15 @@ class TorchEngine(Engine):
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(total / len(micro_batches), grad_norm, lr, skipped)
 
+    def predict(self, batch: Batch) -> torch.Tensor:
+        inputs = {k: v for k, v in self.to_device(batch).items() if k != "labels"}
+        self.wrapped.eval()
+        try:
+            with torch.no_grad(), self._autocast():
+                return self.wrapped(**inputs)
+        finally:
+            self.wrapped.train()
+
     def _clip_grad_norm(self) -> float:
         """Global norm before clipping; with sharded (DTensor) gradients torch reduces the
         per-shard norms across ranks, and the result is itself a DTensor to be gathered."""
