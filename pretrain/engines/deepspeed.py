@@ -56,6 +56,9 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "zero_optimization": zero,
         "bf16": {"enabled": cfg.engine.precision == "bf16"},  # its check_grad_overflow (default on) skips NaN steps
         "steps_per_print": 2**31 - 1,  # our trainer logs; keep DeepSpeed's own step log quiet
+        # ZeRO vets a list of known optimizers; ours (Lion) acts elementwise, so partitioning
+        # its state is as sound as Adam's.
+        "zero_allow_untested_optimizer": cfg.optim.name != "adamw",
     }
     return _merge(generated, cfg.engine.deepspeed_overrides)
 
