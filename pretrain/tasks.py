@@ -6,6 +6,7 @@ throughput and MFU) and an evaluation; it knows neither the data formats nor the
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -19,6 +20,7 @@ from pretrain.data.loader import ShardLoader
 from pretrain.distributed import DistInfo
 from pretrain.engines.base import Engine
 from pretrain.models.vision import ImageClassifier
+from pretrain.whitebox import Probe
 
 TOP_K = 5  # eval_top5
 
@@ -71,13 +73,16 @@ class ImageClassification(Task):
         size = self.cfg.model.image_size
         dummy = {"images": torch.zeros(1, 3, size, size), "labels": torch.tensor([-1])}
         totals = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1 hits, top-k hits, images
+        probe = Probe(engine.model)  # white-box measures, on each rank's first batch
         batches = iter(self._val)
         while True:
             batch = next(batches, None)
             if not _any_rank(batch is not None, self.dist.device):
                 break
+            measure = batch is not None and not probe.values
             batch = batch or dummy
-            logits = engine.predict(batch).float().cpu()
+            with probe if measure else contextlib.nullcontext():
+                logits = engine.predict(batch).float().cpu()
             labels = batch["labels"]
             counted = labels >= 0
             logits, labels = logits[counted], labels[counted]
@@ -88,7 +93,15 @@ class ImageClassification(Task):
         totals = totals.to(self.dist.device)
         dist.all_reduce(totals)
         loss, top1, top5, images = totals.tolist()
-        return {"eval_loss": loss / images, "eval_top1": top1 / images, f"eval_top{TOP_K}": top5 / images}
+        return {"eval_loss": loss / images, "eval_top1": top1 / images, f"eval_top{TOP_K}": top5 / images,
+                **_mean_over_ranks(probe.metrics(), self.dist)}
+
+
+def _mean_over_ranks(metrics: dict[str, float], dist_info: DistInfo) -> dict[str, float]:
+    keys = sorted(metrics)
+    values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=dist_info.device)
+    dist.all_reduce(values)
+    return dict(zip(keys, (values / dist_info.world_size).tolist()))
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from pretrain import whitebox
 from pretrain.checkpoint.manager import CheckpointManager, Restored, SavePolicy
 from pretrain.checkpoint.store import CheckpointStore, Node
 from pretrain.config import Config, config_changes, grad_accum_steps, redacted
@@ -227,12 +228,20 @@ class Trainer:
         return last_loss
 
     def _evaluate(self, engine: Engine, tracker: Tracker, step: int) -> None:
+        """The task's metrics, and at the end of the run a plot of the white-box measures
+        against depth (MLflow artifact whitebox.png)."""
         metrics = self.task.evaluate(engine)
-        if metrics:
-            tracker.log_metrics(metrics, step)
-            if self.dist.is_main:
-                log.info("eval at step %d | %s", step, " | ".join(f"{k.removeprefix('eval_')} {v:.4f}"
-                                                                  for k, v in metrics.items()))
+        if not metrics:
+            return
+        tracker.log_metrics(metrics, step)
+        if not self.dist.is_main:
+            return
+        log.info("eval at step %d | %s", step, " | ".join(f"{k.removeprefix('eval_')} {v:.4f}"
+                                                          for k, v in metrics.items() if k.startswith("eval_")))
+        if step == self.cfg.train.max_steps:
+            path = whitebox.plot(metrics, f"{self.cfg.model.name}, step {step}", os.path.join(self.run_dir, "whitebox.png"))
+            if path:
+                tracker.log_artifact(path)
 
     def _reload(self, ckpt: CheckpointManager, engine: Engine, step: int) -> int:
         """Load the newest committed checkpoint's model, optimizer, schedule and RNG; the data

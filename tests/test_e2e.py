@@ -217,3 +217,9 @@ def test_vision_smoke_recipes_learn_digits_and_beat_chance(recipe, model, launch
     top1, top5 = metric_history(run_dir, "eval_top1"), metric_history(run_dir, "eval_top5")
     assert sorted(top1) == [150, 300] and top1[300] > 0.4 and top5[300] >= top1[300]
     assert json.loads((run_dir / "checkpoints" / "step_00000300" / "MANIFEST.json").read_text())["model"] == model
+    # White-box measures per layer at each evaluation, and their plot against depth at the end.
+    client, run = mlflow_run(run_dir)
+    measured = {name.rsplit("_layer", 1)[0] for name in run.data.metrics if "_layer" in name}
+    assert measured == {"crate": {"rc_in", "rc_out", "sparsity"}, "tost_vision": {"rc_in", "rc_out", "pi_entropy"},
+                        "vit": set()}[model]
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == (["whitebox.png"] if measured else [])
