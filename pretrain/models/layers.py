@@ -6,7 +6,7 @@ A block is agnostic of how tokens are mixed; the mixer (softmax attention, TSSA,
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -89,8 +89,10 @@ class Block(nn.Module):
         self.ls_2 = layer_scale(cfg)
         self.drop = nn.Dropout(cfg.dropout)  # residual dropout, on both branches
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.ls_1(self.drop(self.attn(self.ln_1(x))))
+    def forward(self, x: Tensor, state: Any = None) -> Tensor:
+        """With a mixer's recurrent `state`, x is the next token (B, 1, D) and the mixer steps."""
+        mixed = self.attn(self.ln_1(x)) if state is None else self.attn.step(self.ln_1(x), state)
+        x = x + self.ls_1(self.drop(mixed))
         return x + self.ls_2(self.drop(self.mlp(self.ln_2(x))))
 
     def flops_per_token(self) -> float:

@@ -8,6 +8,7 @@ Causal TSSA uses inclusive prefix statistics (s <= t), computed with cumsum.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -77,6 +78,18 @@ class TSSA(TokenMixer):
         return {"temp"}
 
 
+@dataclass
+class TSSAState:
+    """All that causal TSSA needs of the past to process the next token, per head: the prefix
+    sums S = sum w^2 (p floats), M = sum pi w^2 (p floats) and P = sum pi (1 float), and the
+    next position t. O(D) per layer, whatever t is."""
+
+    S: Tensor  # (B, K, p)
+    M: Tensor  # (B, K, p)
+    P: Tensor  # (B, K)
+    t: int = 0
+
+
 class CausalTSSA(TokenMixer):
     """Causal TSSA layer: shared projection U, per-head temperature, positional prior, out_proj."""
 
@@ -94,6 +107,27 @@ class CausalTSSA(TokenMixer):
         c = causal_tssa(w, self.temp, self.denom_bias)  # (B, K, T, p)
         return self.out_proj(merge_heads(c))
 
+    def init_state(self, batch: int, device: torch.device) -> TSSAState:
+        p = self.n_embd // self.n_head
+        zeros = partial(torch.zeros, dtype=torch.float32, device=device)
+        return TSSAState(zeros(batch, self.n_head, p), zeros(batch, self.n_head, p), zeros(batch, self.n_head))
+
+    def step(self, x: Tensor, state: TSSAState) -> Tensor:
+        """The recurrent form: x (B, 1, D), the next token, -> its output (B, 1, D), updating
+        `state` in place; equal to `forward` on the whole prefix at that position, to rounding."""
+        dtype = x.dtype
+        w = split_heads(self.U(x), self.n_head)[:, :, 0].float()  # (B, K, p)
+        w2 = w.square()
+        state.S += w2
+        energy = (w2 / state.S.clamp_min(1e-12)).sum(-1)  # (B, K)
+        logits = energy + w.shape[-1] * self.denom_bias[:, state.t].float()
+        pi = (self.temp.float().squeeze(-1) * logits).softmax(dim=1)  # (B, K): over heads
+        state.M += pi.unsqueeze(-1) * w2
+        state.P += pi
+        state.t += 1
+        c = -pi.unsqueeze(-1) * w / (1 + state.M / (state.P.unsqueeze(-1) + 1e-8))  # (B, K, p)
+        return self.out_proj(merge_heads(c.unsqueeze(2).to(dtype)))
+
     def flops_per_token(self) -> float:
         # Forward does ~12 elementwise ops per coordinate of w (square, 2 prefix sums, clamp,
         # 3 divisions, 2 products, coordinate sum, 1 + m, sign); per-head softmax work is O(K),
@@ -109,3 +143,40 @@ class ToSTLM(CausalLM):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg, mixer=CausalTSSA)
+
+    def init_states(self, batch: int) -> list[TSSAState]:
+        device = self.wte.weight.device
+        return [block.attn.init_state(batch, device) for block in self.blocks]
+
+    def step(self, tokens: Tensor, states: list[TSSAState]) -> Tensor:
+        """Next-token logits (B, V) after `tokens` (B,), at position states[0].t, in O(D) per
+        layer: no earlier token is looked at again."""
+        t = states[0].t
+        if t >= self.seq_len:
+            raise ValueError(f"position {t} is past model.seq_len={self.seq_len} (the position table)")
+        x = self.wte(tokens)[:, None] + self.wpe.weight[t]  # (B, 1, D)
+        for block, state in zip(self.blocks, states):
+            x = block(x, state)
+        return self.lm_head(self.ln_f(x))[:, 0]
+
+    @torch.no_grad()
+    def generate(self, prompt: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """prompt (B, T0) followed by `max_new_tokens` sampled tokens (B, T0 + new). The prompt
+        is read token by token into the recurrent state; temperature 0 takes the most likely token."""
+        states = self.init_states(len(prompt))
+        for t in range(prompt.shape[1]):
+            logits = self.step(prompt[:, t], states)
+        out = [prompt]
+        for _ in range(max_new_tokens):
+            if temperature == 0:
+                token = logits.argmax(-1)
+            else:
+                logits = logits.float() / temperature
+                if top_k is not None:
+                    kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                token = torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+            out.append(token[:, None])
+            logits = self.step(token, states)
+        return torch.cat(out, dim=1)
