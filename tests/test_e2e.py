@@ -6,11 +6,13 @@ import json
 import math
 import re
 import signal
+import subprocess
+import sys
 
 import fsspec
 import pytest
 
-from conftest import TINY, check, launch, launch_and_signal, metric_history, mlflow_run
+from conftest import REPO, TINY, check, launch, launch_and_signal, metric_history, mlflow_run
 
 from pretrain.faults import NAN_ENV
 from pretrain.preemption import PREEMPTED_EXIT_CODE
@@ -71,6 +73,13 @@ def test_deepspeed_zero2_trains_checkpoints_tracks_and_resumes_exactly(tmp_path,
     assert [continued[s] for s in range(5, 9)] == [losses[s] for s in range(5, 9)]
     recommitted = json.loads((last / "MANIFEST.json").read_text())
     assert recommitted["committed_unix"] > manifest["committed_unix"] and recommitted["tokens_seen"] == 8 * 8 * 32
+
+    # tools/generate.py samples from the newest committed checkpoint in ToST's recurrent form,
+    # printing only the prompt and its continuation.
+    generate = [sys.executable, str(REPO / "tools" / "generate.py"), str(ckpt), "--prompt", "def main(",
+                "--max-new-tokens", "12", "--temperature", "0"]
+    text = subprocess.run(generate, capture_output=True, text=True, timeout=120, check=True).stdout
+    assert text.startswith("def main(") and len(text) > len("def main(\n")
 
     # Preempted as Slurm does it, through the cluster templates' node launcher: SIGTERM to every
     # process (launcher script, ranks, loader workers) as training starts. The step in progress

@@ -194,3 +194,24 @@ def test_a_nan_loss_on_one_rank_skips_the_step_on_every_rank_as_if_it_never_ran(
         assert verdicts == [(True, True)] * 2, label
         assert all(torch.equal(before[k], after[k]) for k in before), label
         assert losses == pytest.approx(clean, rel=1e-5), label
+
+
+def save_after_two_steps(dist_info, overrides, step_dir):
+    cfg = config("tost_gpt2", overrides)
+    engine, _ = train(dist_info, cfg, global_batches(2, 8))
+    engine.save(step_dir)
+    return engine.full_state_dict()
+
+
+@pytest.mark.parametrize("engine", [["engine=deepspeed", "engine.zero_stage=2"], ["engine=deepspeed", "engine.zero_stage=0"],
+                                    ["engine=fsdp"]], ids=["zero2", "zero0", "fsdp"])
+def test_export_reads_the_trained_weights_back_in_one_process(engine, tmp_path):
+    """What tools read (pretrain.checkpoint.export) is exactly what the engine trained."""
+    from pretrain.checkpoint.export import model_weights
+
+    step_dir = str(tmp_path / "step_00000002")
+    os.makedirs(step_dir)
+    trained = run_local_world(save_after_two_steps, 2, engine, step_dir)[0]
+    exported = model_weights(step_dir, engine[0].split("=")[1])
+    assert set(exported) == set(trained)
+    assert all(torch.equal(exported[k], trained[k].float()) for k in trained)
