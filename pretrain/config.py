@@ -50,6 +50,10 @@ class ImageConfig:
     crop_ratio: list = field(default_factory=lambda: [0.75, 1.3333333333333333])
     flip_p: float = 0.5
     eval_crop_fraction: float = 0.875
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_prob: float = 1.0
+    cutmix_switch_prob: float = 0.5
     mean: list = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list = field(default_factory=lambda: [0.229, 0.224, 0.225])
 

@@ -7,7 +7,7 @@ throughput and MFU) and an evaluation; it knows neither the data formats nor the
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -16,7 +16,8 @@ from torch import nn
 
 from pretrain.config import Config
 from pretrain.data import build_image_loader, build_text_loader
-from pretrain.data.loader import ShardLoader
+from pretrain.data.loader import Batch, ShardLoader
+from pretrain.data.mixing import BatchMixer
 from pretrain.distributed import DistInfo
 from pretrain.engines.base import Engine
 from pretrain.models.vision import ImageClassifier
@@ -30,6 +31,10 @@ class Task:
 
     def train_loader(self) -> ShardLoader:
         raise NotImplementedError
+
+    def batches(self, loader: ShardLoader) -> Iterator[Batch]:
+        """The training loader's micro-batches as the model takes them."""
+        return iter(loader)
 
     def evaluate(self, engine: Engine) -> dict[str, float]:
         """Collective: metrics on held-out data (none by default)."""
@@ -63,6 +68,18 @@ class ImageClassification(Task):
 
     def train_loader(self) -> ShardLoader:
         return self._loader(train=True)
+
+    def batches(self, loader: ShardLoader) -> Iterator[Batch]:
+        """Mixup / CutMix (data.image.*) applied to each micro-batch, drawn from its index in
+        the run: this rank's turn in the run's sequence, the same on any layout."""
+        image, stream = self.cfg.data.image, loader.stream
+        mixer = BatchMixer(image.mixup_alpha, image.cutmix_alpha, image.mix_prob, image.cutmix_switch_prob,
+                           self.cfg.model.num_classes, self.cfg.train.seed)
+        if not mixer.active:
+            yield from loader
+            return
+        for batch in loader:
+            yield mixer(batch, stream.batches - stream.world_size + stream.rank)
 
     def evaluate(self, engine: Engine) -> dict[str, float]:
         """Loss, top-1 and top-5 accuracy over one pass of the validation set. Ranks hold

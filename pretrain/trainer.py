@@ -161,7 +161,7 @@ class Trainer:
         cfg, world = self.cfg, self.dist
         peak = peak_flops(world.device, cfg.engine.precision)
         guard = NonFiniteGuard(cfg.train.bad_steps_to_reload, cfg.train.max_reloads, world.is_main)
-        batches = iter(data)
+        batches = self.task.batches(data)
         losses: list[float] = []  # of the interval's applied steps
         interval_steps, last_loss = 0, float("nan")
         interval_start = time.perf_counter()

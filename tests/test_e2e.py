@@ -217,12 +217,14 @@ def test_nan_steps_are_skipped_a_streak_reloads_and_a_relapse_gives_up(tmp_path,
                                                              ("tost_small_smoke", "tost_vision", "torchrun", ["engine=fsdp"]),
                                                              ("vit_base_smoke", "vit", "python", [])])
 def test_vision_smoke_recipes_learn_digits_and_beat_chance(recipe, model, launcher, engine, tmp_path, corpus_cache):
-    """Each family's smoke recipe, as users run it: the loss falls, and top-1 on the 299 held-out
-    digits, evaluated midway and at the end and tracked in MLflow, is far above chance (0.1)."""
+    """Each family's smoke recipe, as users run it (ToST's with Mixup and CutMix): the loss falls,
+    and on the 299 held-out digits, evaluated midway and at the end and tracked in MLflow, the
+    loss is well under chance's ln 10 and top-1 far above chance (0.1)."""
     run_dir = tmp_path / recipe
     check(launch(launcher, [f"+exp={recipe}", f"run_dir={run_dir}", f"data.cache_dir={corpus_cache}", *engine]))
     losses = metric_history(run_dir)
-    assert losses[300] < losses[25] - 0.5, losses
+    assert losses[300] < losses[25], losses
+    assert metric_history(run_dir, "eval_loss")[300] < math.log(10) - 0.5
     top1, top5 = metric_history(run_dir, "eval_top1"), metric_history(run_dir, "eval_top5")
     assert sorted(top1) == [150, 300] and top1[300] > 0.4 and top5[300] >= top1[300]
     assert json.loads((run_dir / "checkpoints" / "step_00000300" / "MANIFEST.json").read_text())["model"] == model
