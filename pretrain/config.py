@@ -50,6 +50,11 @@ class ImageConfig:
     crop_ratio: list = field(default_factory=lambda: [0.75, 1.3333333333333333])
     flip_p: float = 0.5
     eval_crop_fraction: float = 0.875
+    rand_augment_ops: int = 0
+    rand_augment_magnitude: float = 9.0
+    rand_augment_magnitude_std: float = 0.5
+    rand_augment_prob: float = 0.5
+    erase_prob: float = 0.0
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
     mix_prob: float = 1.0

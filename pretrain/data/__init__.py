@@ -13,6 +13,7 @@ from omegaconf import MISSING
 
 from pretrain.config import DataConfig, ImageConfig
 from pretrain.data import images, tokens
+from pretrain.data.augment import RandAugment, RandomErasing
 from pretrain.data.images import EvalTransform, ImageDecoder, TrainTransform, check_image_index, prepare_digits
 from pretrain.data.loader import ShardLoader
 from pretrain.data.shards import Decoder, ShardStream, StreamOptions, expand_urls, read_index
@@ -91,8 +92,11 @@ def build_image_loader(
 def _image_transform(cfg: ImageConfig, image_size: int, train: bool) -> TrainTransform | EvalTransform:
     mean, std = tuple(cfg.mean), tuple(cfg.std)
     if train:
+        rand_augment = (RandAugment(cfg.rand_augment_ops, cfg.rand_augment_magnitude, cfg.rand_augment_magnitude_std,
+                                    cfg.rand_augment_prob) if cfg.rand_augment_ops else None)
         return TrainTransform(image_size, scale=tuple(cfg.crop_scale), ratio=tuple(cfg.crop_ratio),
-                              flip_p=cfg.flip_p, mean=mean, std=std)
+                              flip_p=cfg.flip_p, mean=mean, std=std, rand_augment=rand_augment,
+                              erasing=RandomErasing(cfg.erase_prob) if cfg.erase_prob else None)
     if not 0 < cfg.eval_crop_fraction <= 1:
         raise UserError(f"data.image.eval_crop_fraction={cfg.eval_crop_fraction} must be in (0, 1]")
     return EvalTransform(image_size, round(image_size / cfg.eval_crop_fraction), mean=mean, std=std)

@@ -28,6 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 from webdataset import TarWriter
 
+from pretrain.data.augment import RandAugment, RandomErasing
 from pretrain.data.storage import INDEX_NAME, KEY_PATTERN, SHARD_PATTERN, TAR_MTIME, build_once, url_to_fs
 from pretrain.errors import UserError
 
@@ -457,7 +458,8 @@ class _Normalize:
 
 
 class TrainTransform:
-    """Random-resized crop to `size` x `size`, horizontal flip, normalisation: training augmentation.
+    """Random-resized crop to `size` x `size`, horizontal flip, optionally a RandAugment policy,
+    normalisation, optionally random erasing: training augmentation.
 
     The crop follows torchvision's RandomResizedCrop (area fraction in `scale`, log-uniform
     aspect ratio in `ratio`, `attempts` tries, then a centre crop) and is resampled straight
@@ -476,6 +478,8 @@ class TrainTransform:
         std: tuple[float, ...] = IMAGENET_STD,
         interpolation: Image.Resampling = INTERPOLATION,
         attempts: int = CROP_ATTEMPTS,
+        rand_augment: RandAugment | None = None,
+        erasing: RandomErasing | None = None,
     ) -> None:
         if size < 1 or not 0 < scale[0] <= scale[1] <= 1 or not 0 < ratio[0] <= ratio[1]:
             raise UserError(f"TrainTransform size={size} scale={scale} ratio={ratio}: need size >= 1, "
@@ -488,6 +492,7 @@ class TrainTransform:
         self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
         self.ratio, self.interpolation, self.attempts = ratio, interpolation, attempts
         self.normalize = _Normalize(mean, std)
+        self.rand_augment, self.erasing = rand_augment, erasing
 
     @property
     def draws(self) -> int:
@@ -500,7 +505,10 @@ class TrainTransform:
         out = image.resize((self.size, self.size), self.interpolation, box=box, reducing_gap=None)
         if u[-1] < self.flip_p:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return self.normalize(out)
+        if self.rand_augment is not None:
+            out = self.rand_augment(out, generator)
+        tensor = self.normalize(out)
+        return tensor if self.erasing is None else self.erasing(tensor, generator)
 
     def crop_box(self, width: int, height: int, u: list[float]) -> tuple[int, int, int, int]:
         """(left, top, right, bottom) of the crop, from `draws - 1` uniforms in [0, 1)."""
