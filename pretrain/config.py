@@ -116,6 +116,7 @@ class TrainConfig:
     seed: int = 1337
     log_interval: int = 10
     eval_interval: int = 1000
+    eval_max_batches: int = 0
     bad_steps_to_reload: int = 3
     max_reloads: int = 2
 

@@ -7,7 +7,7 @@ throughput and MFU) and an evaluation; it knows neither the data formats nor the
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -24,12 +24,18 @@ from pretrain.models.vision import ImageClassifier
 from pretrain.whitebox import Probe
 
 TOP_K = 5  # eval_top5
+IGNORE = -100  # label of positions the language-model loss skips
 
 
 class Task:
     tokens_per_sample: int
 
-    def train_loader(self) -> ShardLoader:
+    def __init__(self, cfg: Config, dist_info: DistInfo, worker_init: Callable[[int], None]) -> None:
+        self.cfg, self.dist, self.worker_init = cfg, dist_info, worker_init
+        self._val: Iterable[Batch] | None = None
+
+    def loader(self, train: bool) -> Iterable[Batch]:
+        """The training loader (a ShardLoader), or one pass over the validation data."""
         raise NotImplementedError
 
     def batches(self, loader: ShardLoader) -> Iterator[Batch]:
@@ -37,37 +43,75 @@ class Task:
         return iter(loader)
 
     def evaluate(self, engine: Engine) -> dict[str, float]:
-        """Collective: metrics on held-out data (none by default)."""
-        return {}
+        """Collective: the task's metrics on one pass of the validation data (at most
+        `train.eval_max_batches` micro-batches per rank), and the white-box measures."""
+        raise NotImplementedError
+
+    def _evaluation_pass(self, engine: Engine, dummy: Batch, score: Callable[[torch.Tensor, Batch], list[float]],
+                         size: int) -> tuple[list[float], dict[str, float]]:
+        """Sums of `score(output, batch)` (`size` numbers) over the validation pass and all
+        ranks, and the white-box measures on each rank's first batch, averaged over ranks.
+
+        Ranks hold different numbers of batches, but a sharded model's forward is collective:
+        every rank steps until all are done, one that has run out feeding `dummy`, which scores
+        nothing."""
+        if self._val is None:
+            self._val = self.loader(train=False)
+        totals = torch.zeros(size, dtype=torch.float64)
+        probe = Probe(engine.model)
+        batches, limit, taken = iter(self._val), self.cfg.train.eval_max_batches, 0
+        while True:
+            batch = next(batches, None) if not limit or taken < limit else None
+            if not _any_rank(batch is not None, self.dist.device):
+                break
+            taken += 1
+            measure = batch is not None and not probe.values
+            batch = batch or dummy
+            with probe if measure else contextlib.nullcontext():
+                output = engine.predict(batch).float().cpu()
+            totals += torch.tensor(score(output, batch), dtype=torch.float64)
+        totals = totals.to(self.dist.device)
+        dist.all_reduce(totals)
+        return totals.tolist(), _mean_over_ranks(probe.metrics(), self.dist)
 
 
 class LanguageModelling(Task):
     def __init__(self, cfg: Config, dist_info: DistInfo, worker_init: Callable[[int], None]) -> None:
-        self.cfg, self.dist, self.worker_init = cfg, dist_info, worker_init
+        super().__init__(cfg, dist_info, worker_init)
         self.tokens_per_sample = cfg.model.seq_len
 
-    def train_loader(self) -> ShardLoader:
+    def loader(self, train: bool) -> Iterable[Batch]:
         cfg, world = self.cfg, self.dist
         return build_text_loader(cfg.data, seq_len=cfg.model.seq_len, vocab_size=cfg.model.vocab_size,
                                  batch_size=cfg.train.micro_batch_size, rank=world.rank, world_size=world.world_size,
-                                 local_rank=world.local_rank, seed=cfg.train.seed, worker_init=self.worker_init)
+                                 local_rank=world.local_rank, seed=cfg.train.seed, train=train,
+                                 worker_init=self.worker_init)
+
+    def evaluate(self, engine: Engine) -> dict[str, float]:
+        """Mean next-token loss over the validation tokens, and the white-box measures."""
+        T = self.cfg.model.seq_len
+        dummy = {"input_ids": torch.zeros(1, T, dtype=torch.long), "labels": torch.full((1, T), IGNORE)}
+
+        def score(logits: torch.Tensor, batch: Batch) -> list[float]:
+            labels = batch["labels"].reshape(-1)
+            loss = F.cross_entropy(logits.reshape(len(labels), -1), labels, ignore_index=IGNORE, reduction="sum")
+            return [loss.item(), (labels != IGNORE).sum().item()]
+
+        (loss, tokens), whitebox = self._evaluation_pass(engine, dummy, score, 2)
+        return {"eval_loss": loss / tokens, **whitebox}
 
 
 class ImageClassification(Task):
     def __init__(self, cfg: Config, dist_info: DistInfo, worker_init: Callable[[int], None],
                  tokens_per_image: int) -> None:
-        self.cfg, self.dist, self.worker_init = cfg, dist_info, worker_init
+        super().__init__(cfg, dist_info, worker_init)
         self.tokens_per_sample = tokens_per_image
-        self._val: ShardLoader | None = None
 
-    def _loader(self, train: bool) -> ShardLoader:
+    def loader(self, train: bool) -> Iterable[Batch]:
         cfg, world = self.cfg, self.dist
         return build_image_loader(cfg.data, image_size=cfg.model.image_size, batch_size=cfg.train.micro_batch_size,
                                   rank=world.rank, world_size=world.world_size, local_rank=world.local_rank,
                                   seed=cfg.train.seed, train=train, worker_init=self.worker_init)
-
-    def train_loader(self) -> ShardLoader:
-        return self._loader(train=True)
 
     def batches(self, loader: ShardLoader) -> Iterator[Batch]:
         """Mixup / CutMix (data.image.*) applied to each micro-batch, drawn from its index in
@@ -82,36 +126,21 @@ class ImageClassification(Task):
             yield mixer(batch, stream.batches - stream.world_size + stream.rank)
 
     def evaluate(self, engine: Engine) -> dict[str, float]:
-        """Loss, top-1 and top-5 accuracy over one pass of the validation set. Ranks hold
-        different numbers of batches but a sharded model's forward is collective: every rank
-        steps until all are done, one that has run out feeding a dummy image that is not counted."""
-        if self._val is None:
-            self._val = self._loader(train=False)
+        """Loss, top-1 and top-5 accuracy over the validation images, and the white-box measures."""
         size = self.cfg.model.image_size
         dummy = {"images": torch.zeros(1, 3, size, size), "labels": torch.tensor([-1])}
-        totals = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1 hits, top-k hits, images
-        probe = Probe(engine.model)  # white-box measures, on each rank's first batch
-        batches = iter(self._val)
-        while True:
-            batch = next(batches, None)
-            if not _any_rank(batch is not None, self.dist.device):
-                break
-            measure = batch is not None and not probe.values
-            batch = batch or dummy
-            with probe if measure else contextlib.nullcontext():
-                logits = engine.predict(batch).float().cpu()
+
+        def score(logits: torch.Tensor, batch: Batch) -> list[float]:
             labels = batch["labels"]
-            counted = labels >= 0
-            logits, labels = logits[counted], labels[counted]
+            logits, labels = logits[labels >= 0], labels[labels >= 0]
             best = logits.topk(min(TOP_K, logits.shape[1]), dim=1).indices  # (B, k)
-            totals += torch.tensor([F.cross_entropy(logits, labels, reduction="sum").item() if len(labels) else 0.0,
-                                    (best[:, 0] == labels).sum().item(), (best == labels[:, None]).any(1).sum().item(),
-                                    len(labels)], dtype=torch.float64)
-        totals = totals.to(self.dist.device)
-        dist.all_reduce(totals)
-        loss, top1, top5, images = totals.tolist()
+            loss = F.cross_entropy(logits, labels, reduction="sum").item() if len(labels) else 0.0
+            return [loss, (best[:, 0] == labels).sum().item(), (best == labels[:, None]).any(1).sum().item(),
+                    len(labels)]
+
+        (loss, top1, top5, images), whitebox = self._evaluation_pass(engine, dummy, score, 4)
         return {"eval_loss": loss / images, "eval_top1": top1 / images, f"eval_top{TOP_K}": top5 / images,
-                **_mean_over_ranks(probe.metrics(), self.dist)}
+                **whitebox}
 
 
 def _mean_over_ranks(metrics: dict[str, float], dist_info: DistInfo) -> dict[str, float]:

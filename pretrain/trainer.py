@@ -117,7 +117,7 @@ class Trainer:
         engine = build_engine(model, cfg, world)
         self.task = build_task(cfg, model, world, watch.worker_init)
         self.tokens_per_step = cfg.train.global_batch_size * self.task.tokens_per_sample
-        data = self.task.train_loader()
+        data = self.task.loader(train=True)
         ckpt = self.checkpoints()
 
         step, run_id = 0, None

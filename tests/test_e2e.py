@@ -45,6 +45,11 @@ def test_deepspeed_zero2_trains_checkpoints_tracks_and_resumes_exactly(tmp_path,
     assert run.data.params["model.name"] == "tost" and run.data.params["engine.zero_stage"] == "2"
     assert run.data.params["train.max_steps"] == "8" and float(run.data.params["optim.lr"]) == 1e-2
     assert {"lr", "grad_norm", "tokens_per_s", "step_time_s", "memory_gib"} <= set(run.data.metrics)
+    # Evaluated at the end on the held-out stdlib documents, with ToST's white-box measures by layer.
+    assert metric_history(ref, "eval_loss")[8] < losses[1]
+    assert {f"{m}_layer{i:02d}" for m in ("rc_in", "rc_out", "pi_entropy") for i in (0, 1)} <= set(run.data.metrics)
+    client, _ = mlflow_run(ref)
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["whitebox.png"]
 
     ckpt = ref / "checkpoints"
     assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step_00000004", "step_00000008"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import posixpath
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from omegaconf import MISSING
@@ -15,7 +15,7 @@ from pretrain.config import DataConfig, ImageConfig
 from pretrain.data import images, tokens
 from pretrain.data.augment import RandAugment, RandomErasing
 from pretrain.data.images import EvalTransform, ImageDecoder, TrainTransform, check_image_index, prepare_digits
-from pretrain.data.loader import ShardLoader
+from pretrain.data.loader import Batch, ShardLoader
 from pretrain.data.shards import Decoder, ShardStream, StreamOptions, expand_urls, read_index
 from pretrain.data.storage import INDEX_NAME
 from pretrain.data.text import INDEX_FORMAT as TEXT_FORMAT
@@ -37,17 +37,24 @@ def build_text_loader(
     world_size: int,
     local_rank: int,
     seed: int,
+    train: bool = True,
     worker_init: Callable[[int], None] | None = None,
-) -> ShardLoader:
-    """This rank's token-block batches: the embedded stdlib corpus, or the shards at `data.urls`.
-    `worker_init` runs first in each loader worker."""
+) -> Iterable[Batch]:
+    """This rank's token-block batches. train: endless and shuffled, from the embedded stdlib
+    corpus's train split or the shards at `data.urls`; otherwise one pass over its val split
+    (every 20th document) or `data.val_urls` (see `_one_pass`). `worker_init` runs first in
+    each loader worker."""
     def embedded(is_preparer: bool) -> str:
         return prepare_stdlib_corpus(cfg.cache_dir, seq_len + 1, cfg.samples_per_shard, int(cfg.stdlib_max_mb * 2**20),
-                                     is_preparer=is_preparer, progress=is_preparer and sys.stderr.isatty())
+                                     is_preparer=is_preparer, split="train" if train else "val",
+                                     progress=is_preparer and sys.stderr.isatty())
 
-    urls, storage_options = _shard_urls(cfg, TEXT_SOURCES, embedded, local_rank)
+    urls, storage_options = _shard_urls(cfg, TEXT_SOURCES, embedded, local_rank, train)
     index = read_index(urls, storage_options, (TEXT_FORMAT,), tokens.PREPARE_HINT)
     decode = TokenBlockDecoder(seq_len, check_token_index(index, seq_len, vocab_size))
+    if not train:
+        return _one_pass(cfg, urls, storage_options, index, decode, batch_size, rank, world_size, seed,
+                         collate=stack_blocks, finish=split_tokens, worker_init=worker_init)
     return _loader(cfg, urls, storage_options, index, decode, batch_size, rank, world_size, seed, cfg.shuffle_buffer,
                    collate=stack_blocks, finish=split_tokens, worker_init=worker_init)
 
@@ -63,13 +70,12 @@ def build_image_loader(
     seed: int,
     train: bool,
     worker_init: Callable[[int], None] | None = None,
-) -> ShardLoader:
+) -> Iterable[Batch]:
     """This rank's image batches ({'images': (B, 3, S, S), 'labels': (B,)}).
 
     train: endless, shuffled and augmented (random-resized crop and flip) batches of the digits'
-    train split or the shards at `data.urls`. Otherwise one pass, in shard order, resized and
-    centre-cropped, over the digits' val split or `data.val_urls`; its loader workers are capped
-    so that every one has a shard.
+    train split or the shards at `data.urls`. Otherwise one pass, resized and centre-cropped,
+    over the digits' val split or `data.val_urls` (see `_one_pass`).
     """
     def embedded(is_preparer: bool) -> str:
         return prepare_digits(cfg.cache_dir, cfg.samples_per_shard, is_preparer, split="train" if train else "val",
@@ -81,12 +87,33 @@ def build_image_loader(
     if train:
         return _loader(cfg, urls, storage_options, index, decode, batch_size, rank, world_size, seed,
                        cfg.shuffle_buffer, worker_init=worker_init)
-    if len(urls) < world_size:
-        raise UserError(f"the validation set has {len(urls)} shards for {world_size} ranks: every rank needs one; "
-                        f"write it in more, smaller shards")
-    workers = min(cfg.num_workers, len(urls) // world_size)
-    return _loader(cfg, urls, storage_options, index, decode, batch_size, rank, world_size, seed, 1,
-                   worker_init=worker_init, epochs=1, workers=workers)
+    return _one_pass(cfg, urls, storage_options, index, decode, batch_size, rank, world_size, seed,
+                     worker_init=worker_init)
+
+
+def _one_pass(
+    cfg: DataConfig,
+    urls: list[str],
+    storage_options: dict,
+    index: dict,
+    decode: Decoder,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    collate: Callable[[list[dict]], dict] | None = None,
+    finish: Callable[[dict], dict] | None = None,
+    worker_init: Callable[[int], None] | None = None,
+) -> Iterable[Batch]:
+    """One pass over validation shards in shard order, each sample once over the ranks. With
+    fewer shards than ranks the first ranks read one each and the others nothing (evaluation
+    steps every rank in lockstep anyway); loader workers are capped so that each has a shard."""
+    ranks = min(world_size, len(urls))
+    if rank >= ranks:
+        return ()
+    workers = min(cfg.num_workers, len(urls) // ranks)
+    return _loader(cfg, urls, storage_options, index, decode, batch_size, rank, ranks, seed, 1, collate=collate,
+                   finish=finish, worker_init=worker_init, epochs=1, workers=workers)
 
 
 def _image_transform(cfg: ImageConfig, image_size: int, train: bool) -> TrainTransform | EvalTransform:

@@ -67,7 +67,9 @@ DEFAULT_PARQUET_BATCH_ROWS = 1024
 DEFAULT_READ_BYTES = 2**20
 
 # Bump when the stdlib corpus changes, so caches built by older code are not reused.
-STDLIB_CORPUS_VERSION = 2
+STDLIB_CORPUS_VERSION = 3
+STDLIB_SPLITS = ("train", "val")
+STDLIB_VAL_EVERY = 20  # after the shuffle, document i is held out for validation when i % 20 == 19
 STDLIB_SHUFFLE_SEED = 0  # fixed: the embedded corpus is the same on every machine and run
 STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3"})
 
@@ -765,10 +767,10 @@ def _source(path: Path) -> str:
 # --------------------------------------------------------------------------- embedded default
 
 
-def stdlib_corpus_name(block_len: int, max_bytes: int, tokenizer_name: str = GPT2_NAME) -> str:
+def stdlib_corpus_name(block_len: int, max_bytes: int, tokenizer_name: str = GPT2_NAME, split: str = "train") -> str:
     """Everything that changes the shards is in the name, so a stale cache is never reused."""
     py = f"{sys.version_info.major}.{sys.version_info.minor}"
-    return f"stdlib-py{py}-v{STDLIB_CORPUS_VERSION}-{tokenizer_name}-b{block_len}-{max_bytes}B"
+    return f"stdlib-py{py}-v{STDLIB_CORPUS_VERSION}-{split}-{tokenizer_name}-b{block_len}-{max_bytes}B"
 
 
 def prepare_stdlib_corpus(
@@ -779,24 +781,31 @@ def prepare_stdlib_corpus(
     is_preparer: bool,
     wait_timeout_s: float = 600,
     *,
+    split: str = "train",
     poll_interval_s: float = 0.5,
     progress: bool = False,
 ) -> str:
-    """Local directory of stdlib-corpus shards, built once per cache and machine (`build_once`)."""
-    final = Path(cache_dir).expanduser() / stdlib_corpus_name(block_len, max_bytes)
+    """Local directory of the stdlib corpus's `split` shards ("train", or "val": every 20th
+    document), built once per cache and machine (`build_once`)."""
+    if split not in STDLIB_SPLITS:
+        raise UserError(f"stdlib corpus split {split!r} is not one of {', '.join(STDLIB_SPLITS)}")
+    final = Path(cache_dir).expanduser() / stdlib_corpus_name(block_len, max_bytes, split=split)
 
     def build(directory: Path) -> None:
         documents = list(stdlib_documents(max_bytes))
         # stdlib_documents gives all docstrings, then all source: shuffled, every shard mixes
         # both, so the loss does not jump with the shard a rank happens to be reading.
         random.Random(STDLIB_SHUFFLE_SEED).shuffle(documents)
+        held_out = [i % STDLIB_VAL_EVERY == STDLIB_VAL_EVERY - 1 for i in range(len(documents))]
+        documents = [d for d, val in zip(documents, held_out) if val == (split == "val")]
         write_token_shards(
             documents,
             str(directory),
             block_len,
             blocks_per_shard,
             source=f"python {sys.version.split()[0]} stdlib at {sysconfig.get_paths()['stdlib']}: "
-            f"docstrings and source text, documents shuffled (seed {STDLIB_SHUFFLE_SEED}); {max_bytes} bytes",
+            f"docstrings and source text, documents shuffled (seed {STDLIB_SHUFFLE_SEED}); {max_bytes} bytes; "
+            f"{split} split",
             progress=progress,
         )
 
