@@ -4,6 +4,7 @@ parameter counts, and one training step of each under DeepSpeed ZeRO-2 and FSDP2
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -149,3 +150,19 @@ def train_two_steps(dist_info, name, engine):
 def test_every_vision_model_trains_under_zero2_and_fsdp_on_two_ranks(name, engine):
     (losses, moved), _ = run_local_world(train_two_steps, 2, name, engine)
     assert all(map(math.isfinite, losses)) and moved
+
+
+@pytest.mark.parametrize("family, sizes, tested", [("crate", ("tiny", "small", "large"), "base"),
+                                                   ("vit", ("tiny", "small", "large"), "base"),
+                                                   ("tost", ("tiny", "medium"), "small")])
+def test_every_smoke_sibling_runs_the_same_smoke_as_the_one_trained_end_to_end(family, sizes, tested):
+    """tests/test_e2e.py trains one smoke recipe per family; its size siblings differ from it only
+    in their run directory (and the full recipes they name, which a smoke run overrides)."""
+    def smoke(size: str) -> dict:
+        cfg = asdict(load_config([f"+exp={family}_{size}_smoke"]))
+        cfg.pop("run_dir")
+        return cfg
+
+    reference = smoke(tested)
+    for size in sizes:
+        assert smoke(size) == reference, size
