@@ -59,20 +59,22 @@ class Task:
             self._val = self.loader(train=False)
         totals = torch.zeros(size, dtype=torch.float64)
         probe = Probe(engine.model)
-        batches, limit, taken = iter(self._val), self.cfg.train.eval_max_batches, 0
+        batches, limit, taken, measured = iter(self._val), self.cfg.train.eval_max_batches, 0, False
         while True:
             batch = next(batches, None) if not limit or taken < limit else None
             if not _any_rank(batch is not None, self.dist.device):
                 break
-            taken += 1
-            measure = batch is not None and not probe.values
+            # Every rank probes its first forward, a dummy one included: the probes' own module
+            # calls must be collective too under ZeRO-3. A dummy's measures are not kept.
+            first, taken = taken == 0, taken + 1
+            measured = measured or (first and batch is not None)
             batch = batch or dummy
-            with probe if measure else contextlib.nullcontext():
+            with probe if first else contextlib.nullcontext():
                 output = engine.predict(batch).float().cpu()
             totals += torch.tensor(score(output, batch), dtype=torch.float64)
         totals = totals.to(self.dist.device)
         dist.all_reduce(totals)
-        return totals.tolist(), _mean_over_ranks(probe.metrics(), self.dist)
+        return totals.tolist(), _mean_over_measuring_ranks(probe.metrics() if measured else {})
 
 
 class LanguageModelling(Task):
@@ -143,11 +145,12 @@ class ImageClassification(Task):
                 **whitebox}
 
 
-def _mean_over_ranks(metrics: dict[str, float], dist_info: DistInfo) -> dict[str, float]:
-    keys = sorted(metrics)
-    values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=dist_info.device)
-    dist.all_reduce(values)
-    return dict(zip(keys, (values / dist_info.world_size).tolist()))
+def _mean_over_measuring_ranks(metrics: dict[str, float]) -> dict[str, float]:
+    """Each measure's mean over the ranks that measured (some may hold no validation data)."""
+    gathered: list[dict[str, float]] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, metrics)
+    measured = [m for m in gathered if m]
+    return {k: sum(m[k] for m in measured) / len(measured) for k in (measured[0] if measured else {})}
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:
