@@ -7,6 +7,8 @@ initialised process group.
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import socket
 from dataclasses import dataclass
@@ -77,4 +79,21 @@ def init_distributed() -> DistInfo:
 
 def shutdown() -> None:
     if dist.is_initialized():
+        rank = dist.get_rank()
         dist.destroy_process_group()
+        remove_shm_buffers(rank)
+
+
+# DeepSpeed's CPU all-reduce (its shm comm op) maps a 66 MB file per rank under /dev/shm, named
+# after the rendezvous, and never unlinks it: every CPU run would leave 132 MB per rank pair.
+SHM_BUFFERS = "/dev/shm/deepspeed_allreduce_buffer_*_{addr}_{port}_{rank}"
+
+
+def remove_shm_buffers(rank: int) -> None:
+    """Unlink this rank's DeepSpeed shared-memory buffers (safe once its process group is gone:
+    a mapping outlives its name)."""
+    pattern = SHM_BUFFERS.format(addr=os.environ.get("MASTER_ADDR", "*"), port=os.environ.get("MASTER_PORT", "*"),
+                                 rank=rank)
+    for path in glob.glob(pattern):
+        with contextlib.suppress(OSError):
+            os.remove(path)

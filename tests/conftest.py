@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.distributed import free_port
+from pretrain.distributed import SHM_BUFFERS, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 MAIN = str(REPO / "pretrain" / "main.py")
@@ -106,6 +107,17 @@ def metric_history(run_dir: Path, key: str = "loss", uri: str | None = None) -> 
 def corpus_cache(tmp_path_factory) -> str:
     """One embedded-corpus cache for every end-to-end run of the session (prepared on first use)."""
     return str(tmp_path_factory.mktemp("corpus-cache"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leaked_shm_buffers():
+    """Ranks killed on purpose (fault injection, preemption) cannot unlink DeepSpeed's 66 MB
+    shared-memory buffers: remove those the session made, so repeated runs do not fill /dev/shm."""
+    started = time.time()
+    yield
+    for path in glob.glob(SHM_BUFFERS.format(addr="*", port="*", rank="*")):
+        if os.stat(path).st_mtime >= started:
+            os.remove(path)
 
 
 @pytest.fixture(scope="session")
