@@ -7,6 +7,7 @@ throughput and MFU) and an evaluation; it knows neither the data formats nor the
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -23,6 +24,7 @@ from pretrain.engines.base import Engine
 from pretrain.models.vision import ImageClassifier
 from pretrain.whitebox import Probe
 
+log = logging.getLogger("pretrain")
 TOP_K = 5  # eval_top5
 IGNORE = -100  # label of positions the language-model loss skips
 
@@ -33,6 +35,10 @@ class Task:
     def __init__(self, cfg: Config, dist_info: DistInfo, worker_init: Callable[[int], None]) -> None:
         self.cfg, self.dist, self.worker_init = cfg, dist_info, worker_init
         self._val: Iterable[Batch] | None = None
+        # Shards without validation shards: the run trains, unevaluated (the embedded defaults hold theirs).
+        self.evaluated = not (cfg.data.source == "shards" and cfg.data.val_urls is None)
+        if not self.evaluated and dist_info.is_main:
+            log.warning("data.val_urls is not set: this run will not be evaluated")
 
     def loader(self, train: bool) -> Iterable[Batch]:
         """The training loader (a ShardLoader), or one pass over the validation data."""
@@ -91,6 +97,8 @@ class LanguageModelling(Task):
 
     def evaluate(self, engine: Engine) -> dict[str, float]:
         """Mean next-token loss over the validation tokens, and the white-box measures."""
+        if not self.evaluated:
+            return {}
         T = self.cfg.model.seq_len
         dummy = {"input_ids": torch.zeros(1, T, dtype=torch.long), "labels": torch.full((1, T), IGNORE)}
 
@@ -129,6 +137,8 @@ class ImageClassification(Task):
 
     def evaluate(self, engine: Engine) -> dict[str, float]:
         """Loss, top-1 and top-5 accuracy over the validation images, and the white-box measures."""
+        if not self.evaluated:
+            return {}
         size = self.cfg.model.image_size
         dummy = {"images": torch.zeros(1, 3, size, size), "labels": torch.tensor([-1])}
 

@@ -157,6 +157,7 @@ def test_smoke_experiment_streams_its_shards_from_s3(tmp_path, s3):
     assert not (run_dir / "checkpoints").exists()
     resumed = check(launch("deepspeed", args + ["train.max_steps=4"]))
     assert f"resumed from {s3.url('e2e/checkpoints/step_00000003')} (step 3)" in resumed.stdout
+    assert "data.val_urls is not set: this run will not be evaluated" in resumed.stdout
     assert sorted(metric_history(run_dir)) == [1, 2, 3, 4]
     _, run = mlflow_run(run_dir)
     assert run.data.params["data.storage_options.secret"] == "***" and run.data.params["data.storage_options.key"] == "***"
