@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 
 import torch
 import torch.distributed as dist
@@ -44,7 +44,7 @@ class Task:
         """The training loader (a ShardLoader), or one pass over the validation data."""
         raise NotImplementedError
 
-    def batches(self, loader: ShardLoader) -> Iterator[Batch]:
+    def batches(self, loader: ShardLoader) -> Generator[Batch, None, None]:
         """The training loader's micro-batches as the model takes them."""
         return iter(loader)
 
@@ -65,19 +65,21 @@ class Task:
             self._val = self.loader(train=False)
         totals = torch.zeros(size, dtype=torch.float64)
         probe = Probe(engine.model)
-        batches, limit, taken, measured = iter(self._val), self.cfg.train.eval_max_batches, 0, False
-        while True:
-            batch = next(batches, None) if not limit or taken < limit else None
-            if not _any_rank(batch is not None, self.dist.device):
-                break
-            # Every rank probes its first forward, a dummy one included: the probes' own module
-            # calls must be collective too under ZeRO-3. A dummy's measures are not kept.
-            first, taken = taken == 0, taken + 1
-            measured = measured or (first and batch is not None)
-            batch = batch or dummy
-            with probe if first else contextlib.nullcontext():
-                output = engine.predict(batch).float().cpu()
-            totals += torch.tensor(score(output, batch), dtype=torch.float64)
+        limit, taken, measured = self.cfg.train.eval_max_batches, 0, False
+        # Closing stops the loader's workers; a rank without validation shards holds an empty tuple.
+        with contextlib.closing(batch for batch in self._val) as batches:
+            while True:
+                batch = next(batches, None) if not limit or taken < limit else None
+                if not _any_rank(batch is not None, self.dist.device):
+                    break
+                # Every rank probes its first forward, a dummy one included: the probes' own module
+                # calls must be collective too under ZeRO-3. A dummy's measures are not kept.
+                first, taken = taken == 0, taken + 1
+                measured = measured or (first and batch is not None)
+                batch = batch or dummy
+                with probe if first else contextlib.nullcontext():
+                    output = engine.predict(batch).float().cpu()
+                totals += torch.tensor(score(output, batch), dtype=torch.float64)
         totals = totals.to(self.dist.device)
         dist.all_reduce(totals)
         return totals.tolist(), _mean_over_measuring_ranks(probe.metrics() if measured else {})
@@ -123,7 +125,7 @@ class ImageClassification(Task):
                                   rank=world.rank, world_size=world.world_size, local_rank=world.local_rank,
                                   seed=cfg.train.seed, train=train, worker_init=self.worker_init)
 
-    def batches(self, loader: ShardLoader) -> Iterator[Batch]:
+    def batches(self, loader: ShardLoader) -> Generator[Batch, None, None]:
         """Mixup / CutMix (data.image.*) applied to each micro-batch, drawn from its index in
         the run: this rank's turn in the run's sequence, the same on any layout."""
         image, stream = self.cfg.data.image, loader.stream

@@ -3,6 +3,7 @@ not DeepSpeed or FSDP, and the model only through the registry."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -144,24 +145,25 @@ class Trainer:
         log.info("%s: %.2fM params, %d ranks on %s, %d tokens/step, steps %d -> %d",
                  cfg.model.name, n_params / 1e6, world.world_size, world.device, self.tokens_per_step,
                  step, cfg.train.max_steps)
-        try:
-            last_loss = self._loop(step, engine, data, ckpt, tracker, run_id, flops_per_token, watch, nan)
-        except Preempted:
-            tracker.finish("KILLED")
-            raise
-        except BaseException:
-            tracker.finish("FAILED")
-            raise
+        # Closed on any way out, which stops the loader's workers (see ShardLoader.__iter__).
+        with contextlib.closing(self.task.batches(data)) as batches:
+            try:
+                last_loss = self._loop(step, engine, data, batches, ckpt, tracker, run_id, flops_per_token, watch, nan)
+            except Preempted:
+                tracker.finish("KILLED")
+                raise
+            except BaseException:
+                tracker.finish("FAILED")
+                raise
         tracker.finish()
         if world.is_main:
             log.info("done: checkpoints in %s, MLflow run %s in %s", ckpt.store.url, run_id, tracker.uri)
         return last_loss
 
-    def _loop(self, step, engine, data, ckpt, tracker, run_id, flops_per_token, watch, nan) -> float:
+    def _loop(self, step, engine, data, batches, ckpt, tracker, run_id, flops_per_token, watch, nan) -> float:
         cfg, world = self.cfg, self.dist
         peak = peak_flops(world.device, cfg.engine.precision)
         guard = NonFiniteGuard(cfg.train.bad_steps_to_reload, cfg.train.max_reloads, world.is_main)
-        batches = self.task.batches(data)
         losses: list[float] = []  # of the interval's applied steps
         interval_steps, last_loss = 0, float("nan")
         interval_start = time.perf_counter()

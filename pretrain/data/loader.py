@@ -8,7 +8,7 @@ training consumed is exact however far the workers have read ahead.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from typing import Any
 
 from torch.utils.data import DataLoader
@@ -34,13 +34,22 @@ class ShardLoader(DataLoader):
         self.stream = stream
         self._finish = finish
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Generator[Batch, None, None]:
         """From the last micro-batch consumed on (workers start from the stream's record); a
-        finite stream (evaluation) from its start, every time."""
-        for batch, (reader, position) in super().__iter__():
-            if self.stream.epochs is None:
-                self.stream.consumed(reader, position)
-            yield batch if self._finish is None else self._finish(batch)
+        finite stream (evaluation) from its start, every time. Close the iterator when done
+        with it: that stops the workers."""
+        batches = super().__iter__()
+        try:
+            for batch, (reader, position) in batches:
+                if self.stream.epochs is None:
+                    self.stream.consumed(reader, position)
+                yield batch if self._finish is None else self._finish(batch)
+        finally:
+            # Workers ignore the preemption signals, SIGTERM included, so multiprocessing's exit
+            # handler cannot stop them and would wait for them forever: stop them when this ends.
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
 
     def state_dict(self) -> dict[str, Any]:
         return self.stream.state_dict()
