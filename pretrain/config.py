@@ -117,6 +117,7 @@ class TrainConfig:
     log_interval: int = 10
     eval_interval: int = 1000
     eval_max_batches: int = 0
+    ema_decay: float = 0.0
     bad_steps_to_reload: int = 3
     max_reloads: int = 2
 

@@ -18,11 +18,12 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from pretrain import whitebox
-from pretrain.checkpoint.manager import CheckpointManager, Restored, SavePolicy
+from pretrain.checkpoint.manager import Checkpointable, CheckpointManager, Restored, SavePolicy
 from pretrain.checkpoint.store import CheckpointStore, Node
 from pretrain.config import Config, config_changes, grad_accum_steps, redacted
 from pretrain.data.shards import merge_states
 from pretrain.distributed import DistInfo
+from pretrain.ema import WeightAverage
 from pretrain.engines import build_engine
 from pretrain.engines.base import Engine
 from pretrain.errors import UserError
@@ -60,6 +61,7 @@ class Trainer:
         self.grad_accum_steps = grad_accum_steps(cfg.train, dist_info.world_size)
         self.tokens_per_step = 0  # global batch x the task's tokens per sample, once the model is built
         self.tokens_seen = 0  # by the model's current state: kept in checkpoints, as the batch size may change
+        self.ema: WeightAverage | None = None  # with train.ema_decay, once the engine is built
 
     def checkpoints(self) -> CheckpointManager:
         """The checkpoint store at `checkpoint.url` (default: <run_dir>/checkpoints), staged in a
@@ -80,7 +82,8 @@ class Trainer:
             return None
         if resume != "auto" and not resume.isdecimal():
             raise UserError(f"checkpoint.resume={resume!r} is neither auto, none nor a step number")
-        return ckpt.restore(engine, None if resume == "auto" else int(resume), check=self._check_saved_config)
+        return ckpt.restore(engine, None if resume == "auto" else int(resume), check=self._check_saved_config,
+                            extras=self._extras())
 
     def _check_saved_config(self, manifest: dict) -> None:
         """Warn of every config key changed since the checkpoint; refuse the changes that make its
@@ -116,6 +119,7 @@ class Trainer:
         flops_per_token = model.flops_per_token()
         n_params = model.num_params()
         engine = build_engine(model, cfg, world)
+        self.ema = WeightAverage(engine, cfg.train.ema_decay) if cfg.train.ema_decay else None
         self.task = build_task(cfg, model, world, watch.worker_init)
         self.tokens_per_step = cfg.train.global_batch_size * self.task.tokens_per_sample
         data = self.task.loader(train=True)
@@ -179,6 +183,8 @@ class Trainer:
             self.tokens_seen += self.tokens_per_step
             if not result.bad:
                 losses.append(result.loss)
+                if self.ema:
+                    self.ema.update()
             crash_point("step", step)
             if guard.reload_due(step, result):
                 step = self._reload(ckpt, engine, step)
@@ -212,7 +218,7 @@ class Trainer:
             # No scheduled save in a streak of skipped steps: the one before it is what a reload wants.
             scheduled = step % cfg.checkpoint.interval == 0 and not guard.in_a_row
             if preempted or scheduled or step == cfg.train.max_steps:
-                blocked = ckpt.save(step, engine, data.state_dict(), self._checkpoint_record(run_id))
+                blocked = ckpt.save(step, engine, data.state_dict(), self._checkpoint_record(run_id), self._extras())
                 tracker.log_metrics({"ckpt_blocked_s": blocked}, step)
                 interval_start += blocked  # saving is not training time
             self._log_committed_saves(ckpt, tracker)
@@ -235,6 +241,10 @@ class Trainer:
         metrics = self.task.evaluate(engine)
         if not metrics:
             return
+        if self.ema:
+            with self.ema.applied():
+                averaged = self.task.evaluate(engine)
+            metrics |= {f"eval_ema_{k.removeprefix('eval_')}": v for k, v in averaged.items() if k.startswith("eval_")}
         tracker.log_metrics(metrics, step)
         if not self.dist.is_main:
             return
@@ -245,11 +255,15 @@ class Trainer:
             if path:
                 tracker.log_artifact(path)
 
+    def _extras(self) -> list[Checkpointable]:
+        """What checkpoints hold beside the engine."""
+        return [self.ema] if self.ema else []
+
     def _reload(self, ckpt: CheckpointManager, engine: Engine, step: int) -> int:
         """Load the newest committed checkpoint's model, optimizer, schedule and RNG; the data
         go on from here. Returns the step to continue from."""
         ckpt.wait()
-        restored = ckpt.restore(engine)
+        restored = ckpt.restore(engine, extras=self._extras())
         if restored is None:
             raise UserError(f"steps up to {step} had a non-finite loss or gradient norm and there is no committed "
                             f"checkpoint to reload; lower optim.lr, raise optim.warmup_steps or check the data")

@@ -11,6 +11,7 @@ import sys
 
 import fsspec
 import pytest
+import torch
 
 from conftest import REPO, TINY, check, launch, launch_and_signal, metric_history, mlflow_run
 
@@ -180,9 +181,11 @@ def test_checkpoint_reshards_2_to_1_to_2_ranks_with_the_same_losses(engine, tmp_
     """FSDP2 through DCP, DeepSpeed ZeRO-2 and ZeRO-3 through its universal checkpoint (ZeRO-3 with
     two of DeepSpeed's loader faults repaired: without that, 0.11 apart); the data continue the same
     sequence of global batches: 2 ranks to step 2, 1 rank to step 4, 2 ranks to step 6 take the
-    steps of an unbroken 2-rank run (fp32, within 1e-5)."""
+    steps of an unbroken 2-rank run (fp32, within 1e-5), and so does the average of the weights
+    (train.ema_decay), which every checkpoint holds whole."""
     def args(run_dir, steps):
-        return smoke(run_dir, corpus_cache, *engine, "checkpoint.interval=2", f"train.max_steps={steps}")
+        return smoke(run_dir, corpus_cache, *engine, "checkpoint.interval=2", f"train.max_steps={steps}",
+                     "train.ema_decay=0.5")
 
     check(launch("torchrun", args(tmp_path / "unbroken", 6)))
     expected = metric_history(tmp_path / "unbroken")
@@ -194,6 +197,11 @@ def test_checkpoint_reshards_2_to_1_to_2_ranks_with_the_same_losses(engine, tmp_
     got = metric_history(resharded)
     assert sorted(got) == list(range(1, 7))
     assert max(abs(got[s] - expected[s]) for s in got) < 1e-5, (got, expected)
+    average, unbroken_average = (torch.load(run / "checkpoints" / "step_00000006" / "ema.pt", weights_only=True)
+                                 for run in (resharded, tmp_path / "unbroken"))
+    assert average.keys() == unbroken_average.keys() and "lm_head.weight" not in average  # tied to the embedding
+    assert max((average[k] - unbroken_average[k]).abs().max().item() for k in average) < 1e-5
+    assert metric_history(resharded, "eval_ema_loss")[6] == pytest.approx(metric_history(tmp_path / "unbroken", "eval_ema_loss")[6], abs=1e-4)
 
 
 def test_nan_steps_are_skipped_a_streak_reloads_and_a_relapse_gives_up(tmp_path, corpus_cache):
@@ -223,9 +231,10 @@ def test_nan_steps_are_skipped_a_streak_reloads_and_a_relapse_gives_up(tmp_path,
                                                              ("tost_small_smoke", "tost_vision", "torchrun", ["engine=fsdp"]),
                                                              ("vit_base_smoke", "vit", "python", [])])
 def test_vision_smoke_recipes_learn_digits_and_beat_chance(recipe, model, launcher, engine, tmp_path, corpus_cache):
-    """Each family's smoke recipe, as users run it (ToST's with Mixup and CutMix): the loss falls,
-    and on the 299 held-out digits, evaluated midway and at the end and tracked in MLflow, the
-    loss is well under chance's ln 10 and top-1 far above chance (0.1)."""
+    """Each family's smoke recipe, as users run it (ToST's with Mixup, CutMix and an average of
+    the weights): the loss falls, and on the 299 held-out digits, evaluated midway and at the
+    end and tracked in MLflow, the loss is well under chance's ln 10 and top-1 far above chance
+    (0.1), for ToST's weight average too."""
     run_dir = tmp_path / recipe
     check(launch(launcher, [f"+exp={recipe}", f"run_dir={run_dir}", f"data.cache_dir={corpus_cache}", *engine]))
     losses = metric_history(run_dir)
@@ -233,7 +242,11 @@ def test_vision_smoke_recipes_learn_digits_and_beat_chance(recipe, model, launch
     assert metric_history(run_dir, "eval_loss")[300] < math.log(10) - 0.5
     top1, top5 = metric_history(run_dir, "eval_top1"), metric_history(run_dir, "eval_top5")
     assert sorted(top1) == [150, 300] and top1[300] > 0.4 and top5[300] >= top1[300]
-    assert json.loads((run_dir / "checkpoints" / "step_00000300" / "MANIFEST.json").read_text())["model"] == model
+    averaged = metric_history(run_dir, "eval_ema_top1")
+    assert (sorted(averaged) == [150, 300] and averaged[300] > 0.4) if model == "tost_vision" else not averaged
+    manifest = json.loads((run_dir / "checkpoints" / "step_00000300" / "MANIFEST.json").read_text())
+    assert ("ema.pt" in manifest["files"]) == (model == "tost_vision")
+    assert manifest["model"] == model
     # White-box measures per layer at each evaluation, and their plot against depth at the end.
     client, run = mlflow_run(run_dir)
     measured = {name.rsplit("_layer", 1)[0] for name in run.data.metrics if "_layer" in name}

@@ -215,3 +215,72 @@ def test_export_reads_the_trained_weights_back_in_one_process(engine, tmp_path):
     exported = model_weights(step_dir, engine[0].split("=")[1])
     assert set(exported) == set(trained)
     assert all(torch.equal(exported[k], trained[k].float()) for k in trained)
+
+
+def average_weights(dist_info, variants, root):
+    """Per engine: an EMA (decay 0.5) over 3 steps, the weights after each step, the model's
+    output with the average applied and after, and the average saved and loaded back."""
+    from pretrain.ema import WeightAverage
+
+    blocks = global_batches(4, 8)
+    probe = {"input_ids": blocks[3][:2, :-1]}
+    out = {}
+    for label, overrides in variants.items():
+        cfg = config("tost_gpt2", overrides)
+        engine, _ = train(dist_info, cfg, [])
+        ema = WeightAverage(engine, 0.5)
+        def snapshot():  # unsharded CPU weights may come back as the live tensors themselves
+            return {name: w.clone() for name, w in engine.full_state_dict().items()}
+
+        history = [snapshot()]
+        for block in blocks[:3]:
+            step(engine, block, dist_info, cfg)
+            ema.update()
+            history.append(snapshot())
+        live = engine.predict(probe)
+        with ema.applied():
+            averaged = engine.predict(probe)
+        restored = engine.predict(probe)
+        step_dir = os.path.join(root, label)
+        os.makedirs(step_dir, exist_ok=True)
+        ema.save(step_dir)
+        torch.distributed.barrier()  # as a checkpoint save does before anything reads
+        saved = engine.full_weights(ema.average)
+        again = WeightAverage(engine, 0.5)  # starts from the live weights
+        again.load(step_dir, dist_info.world_size)
+        out[label] = (history, saved, engine.full_weights(again.average), live, averaged, restored)
+    return out if dist_info.rank == 0 else None
+
+
+def test_the_weight_average_follows_its_recursion_under_every_engine_and_is_what_evaluation_runs(tmp_path):
+    """average_k = 0.5 average_(k-1) + 0.5 weights_k from the initial weights, kept on each
+    rank's shard (ZeRO-3's flat partitions and its gathered small weights, FSDP2's DTensors):
+    gathered whole it equals the recursion; applied, the model's output is that of a plain
+    model holding it; after, the trained weights are back exactly; saved, it loads back."""
+    variants = {k: TWO_RANK_ENGINES[k] for k in ("ddp", "zero2", "zero3", "fsdp")}
+    results = run_local_world(average_weights, 2, variants, str(tmp_path))[0]
+    for label, (history, saved, loaded, live, averaged, restored) in results.items():
+        expected = {name: history[0][name].float() for name in saved}
+        for weights in history[1:]:
+            expected = {name: 0.5 * a + 0.5 * weights[name].float() for name, a in expected.items()}
+        assert set(saved) == {n for n, _ in build_model(config("tost_gpt2", []).model).named_parameters()}, label
+        assert max((saved[n] - expected[n]).abs().max().item() for n in saved) < 1e-6, label
+        assert all(torch.equal(loaded[n], saved[n]) for n in saved), label
+        plain = build_model(config("tost_gpt2", []).model)
+        plain.load_state_dict(history[-1])
+        with torch.no_grad():
+            for name, weight in plain.named_parameters():  # one name per tied weight, as the average has
+                weight.copy_(saved[name])
+            reference = plain.eval()(input_ids=global_batches(4, 8)[3][:2, :-1])
+        assert (averaged - reference).abs().max().item() < 1e-5, label
+        assert (averaged - live).abs().max().item() > 1e-3, label  # the average is not the weights
+        assert torch.equal(restored, live), label
+
+
+@pytest.mark.parametrize("decay", [1.0, -0.1, 1.5])
+def test_a_weight_average_decay_outside_0_1_is_refused_naming_the_key(decay):
+    from pretrain.ema import WeightAverage
+    from pretrain.errors import UserError
+
+    with pytest.raises(UserError, match=rf"train.ema_decay={decay} must be 0 \(no average\) or between 0 and 1"):
+        WeightAverage(None, decay)

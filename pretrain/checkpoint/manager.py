@@ -1,6 +1,7 @@
 """What a checkpoint holds, and which one a run resumes from.
 
-A step holds the engine's native files (written collectively by every rank), each rank's data
+A step holds the engine's native files (written collectively by every rank), those of any other
+trained state the run keeps beside it (the weight average: pretrain/ema.py), each rank's data
 position (`data_rank{r}.json`) and RNG state (`rng_rank{r}.pt`: python, numpy, torch), and a
 manifest carrying the step, world size, engine, MLflow run id and the resolved config. Where the
 files live and when a step counts as written is the store's business (store.py).
@@ -16,9 +17,9 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -31,6 +32,14 @@ from pretrain.errors import UserError
 from pretrain.faults import crash_point
 
 log = logging.getLogger("pretrain")
+
+
+class Checkpointable(Protocol):
+    """Saves and loads its own files in a step directory, collectively (as an Engine does)."""
+
+    def save(self, step_dir: str) -> None: ...
+
+    def load(self, step_dir: str, saved_world_size: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -84,10 +93,11 @@ class CheckpointManager:
         self._failure: str | None = None
         self._save_seconds: dict[int, float] = {}  # committed step -> seconds from staging to commit
 
-    def save(self, step: int, engine: Engine, data_state: dict[str, Any], record: dict[str, Any]) -> float:
+    def save(self, step: int, engine: Engine, data_state: dict[str, Any], record: dict[str, Any],
+             extras: Sequence[Checkpointable] = ()) -> float:
         """Collective: every rank calls it with its own data state; `record` (JSON) goes into
-        the manifest. Returns the seconds training was blocked (waiting for the previous upload,
-        then staging)."""
+        the manifest; `extras` save beside the engine. Returns the seconds training was blocked
+        (waiting for the previous upload, then staging)."""
         started = time.perf_counter()
         self.wait()
         staged = self.store.staging_dir(step)
@@ -97,7 +107,8 @@ class CheckpointManager:
             shutil.rmtree(staged, ignore_errors=True)  # what a killed earlier attempt left
             os.makedirs(staged)
         dist.barrier()
-        engine.save(staged)
+        for part in (engine, *extras):
+            part.save(staged)
         rank = self.dist.rank
         with open(os.path.join(staged, f"data_rank{rank}.json"), "w") as f:
             json.dump(data_state, f)
@@ -152,7 +163,8 @@ class CheckpointManager:
             log.error("%s", self._failure)
 
     def restore(self, engine: Engine, step: int | None = None,
-                check: Callable[[dict[str, Any]], None] | None = None) -> Restored | None:
+                check: Callable[[dict[str, Any]], None] | None = None,
+                extras: Sequence[Checkpointable] = ()) -> Restored | None:
         """Collective: load the newest committed step whose files verify (or exactly `step`).
 
         A damaged step is reported, naming the file, and the next older one is tried; with an
@@ -168,7 +180,7 @@ class CheckpointManager:
         for candidate in reversed(committed):
             directory, problem = self._fetch(candidate)
             if problem is None:
-                return self._load(candidate, directory, engine, check)
+                return self._load(candidate, directory, (engine, *extras), check)
             if step is not None:
                 raise UserError(f"checkpoint.resume={step}: {problem}; resume from another step")
             log.warning("skipping damaged checkpoint: %s", problem)
@@ -189,12 +201,14 @@ class CheckpointManager:
         leader = self.dist.rank - self.dist.local_rank  # this node's local rank 0
         return verdicts[leader][0], (problems[0] if problems else None)
 
-    def _load(self, step: int, directory: str, engine: Engine, check: Callable[[dict[str, Any]], None] | None) -> Restored:
+    def _load(self, step: int, directory: str, parts: Sequence[Checkpointable],
+              check: Callable[[dict[str, Any]], None] | None) -> Restored:
         manifest = self.store.manifest(step)
         if check is not None:
             check(manifest)
         saved_world = manifest["world_size"]
-        engine.load(directory, saved_world)
+        for part in parts:
+            part.load(directory, saved_world)
         data_states = []
         for saved_rank in range(saved_world):
             with open(os.path.join(directory, f"data_rank{saved_rank}.json")) as f:

@@ -7,6 +7,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 Batch = dict[str, torch.Tensor]
@@ -61,6 +62,28 @@ class Engine(ABC):
     @abstractmethod
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Collective: the complete, unsharded weights on CPU on rank 0 (empty on other ranks)."""
+
+    # This rank's piece of each trainable weight, by name: what an average of the weights
+    # (pretrain/ema.py) keeps. Here the engine replicates whole tensors on every rank; engines
+    # that shard weights override all four.
+
+    def local_weights(self) -> dict[str, torch.Tensor]:
+        """Views of the live storage (the training dtype), so reading them is reading the model."""
+        return {name: p.detach() for name, p in self.model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def set_local_weights(self, values: dict[str, torch.Tensor]) -> None:
+        """Collective: the model computes with `values` (pieces as `local_weights` gives) from now on."""
+        for name, piece in self.local_weights().items():
+            piece.copy_(values[name])
+
+    def full_weights(self, pieces: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Collective: whole tensors from every rank's pieces, on CPU on rank 0 (empty elsewhere)."""
+        return {name: t.detach().cpu().clone() for name, t in pieces.items()} if dist.get_rank() == 0 else {}
+
+    def local_pieces(self, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This rank's pieces of whole tensors (by name, as `full_weights` gives)."""
+        return {name: full[name].to(self.device) for name in self.local_weights()}
 
     def to_device(self, batch: Batch) -> Batch:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import deepspeed
 import torch
 from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from torch import nn
 
 from pretrain.config import Config, grad_accum_steps
@@ -183,6 +184,50 @@ class DeepSpeedEngine(Engine):
     def _load(self, step_dir: str) -> None:
         root, tag = os.path.split(os.path.normpath(step_dir))
         self.engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+
+    # ZeRO-3 partitions each weight flat over the ranks (`ds_tensor`, the last one padded); the
+    # other stages keep whole weights on every rank, which the base class handles.
+
+    def _partitioned(self) -> dict[str, nn.Parameter]:
+        return {name: p for name, p in self._model.named_parameters() if p.requires_grad}
+
+    def local_weights(self) -> dict[str, torch.Tensor]:
+        if not self.engine.zero_optimization_partition_weights():
+            return super().local_weights()
+        return {name: p.ds_tensor.detach() for name, p in self._partitioned().items()}
+
+    def set_local_weights(self, values: dict[str, torch.Tensor]) -> None:
+        super().set_local_weights(values)
+        if self.engine.zero_optimization_partition_weights():
+            # Weights gathered now (small ones stay so between steps: ZeRO-3's persistence
+            # threshold) hold old values: free them, and gather the persistent ones again from
+            # the new partitions, as DeepSpeed does after a step.
+            gathered = [p for p in self._model.parameters() if p.ds_status == ZeroParamStatus.AVAILABLE]
+            if gathered:
+                gathered[0].partition(gathered)
+            persistent = [p for p in self._model.parameters() if p.ds_persist]
+            if persistent:
+                persistent[0].all_gather(persistent)
+
+    def full_weights(self, pieces: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not self.engine.zero_optimization_partition_weights():
+            return super().full_weights(pieces)
+        world, full = torch.distributed.get_world_size(), {}
+        for name, p in self._partitioned().items():
+            parts = [torch.empty_like(pieces[name]) for _ in range(world)]
+            torch.distributed.all_gather(parts, pieces[name].contiguous())
+            full[name] = torch.cat(parts)[: p.ds_numel].view(p.ds_shape).cpu()
+        return full if torch.distributed.get_rank() == 0 else {}
+
+    def local_pieces(self, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not self.engine.zero_optimization_partition_weights():
+            return super().local_pieces(full)
+        rank, pieces = torch.distributed.get_rank(), {}
+        for name, p in self._partitioned().items():
+            size = p.ds_tensor.numel()
+            flat = full[name].flatten()[rank * size: (rank + 1) * size]
+            pieces[name] = torch.cat([flat, flat.new_zeros(size - len(flat))]).to(self.device)
+        return pieces
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         if self.engine.zero_optimization_partition_weights():

@@ -11,7 +11,8 @@ import contextlib
 
 import torch
 from torch import nn
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Replicate
 
 from pretrain.config import Config
 from pretrain.engines.torch_native import TorchEngine
@@ -33,3 +34,28 @@ class FSDPEngine(TorchEngine):
     def _gradient_sync(self, enabled: bool):
         self.wrapped.set_requires_gradient_sync(enabled)
         yield
+
+    # Each weight is a DTensor sharded on dim 0 (torch.chunk's split); its local tensor is this
+    # rank's piece.
+
+    def _sharded(self) -> dict[str, DTensor]:
+        # A forward without backward (evaluation) leaves the root's weights gathered: shard them.
+        for module in self.wrapped.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+        return {name: p for name, p in self._model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def local_weights(self) -> dict[str, torch.Tensor]:
+        return {name: p.to_local() for name, p in self._sharded().items()}
+
+    def full_weights(self, pieces: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        full = {name: DTensor.from_local(pieces[name], p.device_mesh, p.placements, shape=p.shape,
+                                         stride=p.stride()).full_tensor().cpu()
+                for name, p in self._sharded().items()}
+        return full if torch.distributed.get_rank() == 0 else {}
+
+    def local_pieces(self, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: DTensor.from_local(full[name].to(p.device), p.device_mesh, [Replicate()])
+                .redistribute(placements=p.placements).to_local()
+                for name, p in self._sharded().items()}
