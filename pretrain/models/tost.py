@@ -58,20 +58,23 @@ def causal_tssa(w: Tensor, temp: Tensor, denom_bias: Tensor) -> Tensor:
 class TSSA(TokenMixer):
     """Non-causal TSSA layer (vision): shared projection U, per-head temperature, out_proj."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, out_bias: bool = True) -> None:
         super().__init__()
         self.n_head = cfg.n_head
         self.n_embd = cfg.n_embd
         self.U = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.temp = nn.Parameter(torch.ones(cfg.n_head, 1))
-        self.out_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=True)
+        self.out_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=out_bias)
 
     def forward(self, x: Tensor) -> Tensor:
         w = split_heads(self.U(x), self.n_head)  # (B, K, N, p)
         return self.out_proj(merge_heads(tssa(w, self.temp)))
 
     def flops_per_token(self) -> float:
-        # As causal TSSA's count, with sums over all tokens in place of prefix sums.
+        # Forward does ~12 elementwise ops per coordinate of w (square, 2 sums over tokens, clamp,
+        # 3 divisions, 2 products, coordinate sum, 1 + m, sign); per-head softmax work is O(K),
+        # negligible. Backward ~2x forward, so 3 * 12 = 36 FLOPs per coordinate: 36 * D per token.
+        # The causal form does the same with prefix sums in place of sums.
         return 36 * self.n_embd
 
     def no_weight_decay(self) -> set[str]:
@@ -90,17 +93,13 @@ class TSSAState:
     t: int = 0
 
 
-class CausalTSSA(TokenMixer):
-    """Causal TSSA layer: shared projection U, per-head temperature, positional prior, out_proj."""
+class CausalTSSA(TSSA):
+    """Causal TSSA layer (language): TSSA over each prefix, with a learned positional prior on
+    the head memberships (denom_bias)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.n_head = cfg.n_head
-        self.n_embd = cfg.n_embd
-        self.U = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.temp = nn.Parameter(torch.ones(cfg.n_head, 1))
+        super().__init__(cfg, out_bias=cfg.bias)
         self.denom_bias = nn.Parameter(torch.zeros(cfg.n_head, cfg.seq_len))
-        self.out_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         w = split_heads(self.U(x), self.n_head)  # (B, K, T, p)
@@ -128,14 +127,8 @@ class CausalTSSA(TokenMixer):
         c = -pi.unsqueeze(-1) * w / (1 + state.M / (state.P.unsqueeze(-1) + 1e-8))  # (B, K, p)
         return self.out_proj(merge_heads(c.unsqueeze(2).to(dtype)))
 
-    def flops_per_token(self) -> float:
-        # Forward does ~12 elementwise ops per coordinate of w (square, 2 prefix sums, clamp,
-        # 3 divisions, 2 products, coordinate sum, 1 + m, sign); per-head softmax work is O(K),
-        # negligible. Backward ~2x forward, so 3 * 12 = 36 FLOPs per coordinate: 36 * D per token.
-        return 36 * self.n_embd
-
     def no_weight_decay(self) -> set[str]:
-        return {"temp", "denom_bias"}
+        return super().no_weight_decay() | {"denom_bias"}
 
 
 class ToSTLM(CausalLM):
