@@ -7,7 +7,7 @@ The average is fp32 whatever the training precision (a decay of 0.99996 moves it
 the difference, below bf16's resolution) and each rank keeps it for its own piece of each
 weight only, so it is sharded as the engine shards. A checkpoint holds it whole, by name, in one
 file written by rank 0: any number of ranks resumes from it, and it is a plain state dict of the
-averaged model's weights.
+averaged model's weights (and batch-norm statistics).
 """
 
 from __future__ import annotations
@@ -34,28 +34,53 @@ class WeightAverage:
             raise UserError(f"train.ema_decay={decay} must be 0 (no average) or between 0 and 1, "
                             f"like the 0.99996 of DeiT's recipe")
         self.engine, self.decay = engine, decay
-        self.average = {name: w.float().clone() for name, w in engine.local_weights().items()}
+        self.average = self._copy(self._live())
+
+    def _buffers(self) -> dict[str, torch.Tensor]:
+        """Floating buffers (batch-norm statistics), whole on every rank under every engine: they
+        belong to the weights that made them, so they are averaged alike."""
+        return {name: b for name, b in self.engine.model.named_buffers() if b.is_floating_point()}
+
+    def _live(self) -> dict[str, torch.Tensor]:
+        return {**self.engine.local_weights(), **self._buffers()}
+
+    @staticmethod
+    def _copy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: t.detach().float().clone() for name, t in tensors.items()}
 
     @torch.no_grad()
     def update(self) -> None:
         """After an optimizer step; a skipped step is not one."""
-        for name, w in self.engine.local_weights().items():
-            self.average[name].lerp_(w.float(), 1.0 - self.decay)
+        for name, t in self._live().items():
+            self.average[name].lerp_(t.float(), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def _set(self, values: dict[str, torch.Tensor]) -> None:
+        self.engine.set_local_weights(values)
+        for name, b in self._buffers().items():
+            b.copy_(values[name])
 
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:
         """Collective: the model computes with the average inside, with its trained weights
         again after."""
-        trained = {name: w.clone() for name, w in self.engine.local_weights().items()}
-        self.engine.set_local_weights(self.average)
+        trained = {name: t.clone() for name, t in self._live().items()}
+        self._set(self.average)
         try:
             yield
         finally:
-            self.engine.set_local_weights(trained)
+            self._set(trained)
+
+    def full(self) -> dict[str, torch.Tensor]:
+        """Collective: the whole average, by name, on CPU on rank 0 (empty elsewhere)."""
+        full = self.engine.full_weights({name: self.average[name] for name in self.engine.local_weights()})
+        if dist.get_rank() != 0:
+            return {}
+        return {**full, **{name: self.average[name].cpu() for name in self._buffers()}}
 
     def save(self, step_dir: str) -> None:
         """Collective: the whole average into `step_dir`/ema.pt (rank 0 writes)."""
-        full = self.engine.full_weights(self.average)
+        full = self.full()
         if dist.get_rank() == 0:
             torch.save(full, os.path.join(step_dir, EMA_FILE))
 
@@ -66,7 +91,8 @@ class WeightAverage:
         if not os.path.isfile(path):
             log.warning("the checkpoint holds no %s (saved with train.ema_decay=0): the weight average "
                         "starts from its weights", EMA_FILE)
-            self.average = {name: w.float().clone() for name, w in self.engine.local_weights().items()}
+            self.average = self._copy(self._live())
             return
         full = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        self.average = {name: piece.float().clone() for name, piece in self.engine.local_pieces(full).items()}
+        buffers = {name: full[name].to(b.device) for name, b in self._buffers().items()}
+        self.average = self._copy({**self.engine.local_pieces(full), **buffers})

@@ -245,10 +245,10 @@ def average_weights(dist_info, variants, root):
         os.makedirs(step_dir, exist_ok=True)
         ema.save(step_dir)
         torch.distributed.barrier()  # as a checkpoint save does before anything reads
-        saved = engine.full_weights(ema.average)
+        saved = ema.full()
         again = WeightAverage(engine, 0.5)  # starts from the live weights
         again.load(step_dir, dist_info.world_size)
-        out[label] = (history, saved, engine.full_weights(again.average), live, averaged, restored)
+        out[label] = (history, saved, again.full(), live, averaged, restored)
     return out if dist_info.rank == 0 else None
 
 

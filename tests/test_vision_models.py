@@ -152,6 +152,40 @@ def test_every_vision_model_trains_under_zero2_and_fsdp_on_two_ranks(name, engin
     assert all(map(math.isfinite, losses)) and moved
 
 
+def average_two_steps(dist_info):
+    """ToST on XCiT's skeleton (batch norm in its patch stem) under FSDP2, with a weight average
+    of decay 0.5: the floating buffers after each step, and the whole average after two."""
+    from pretrain.ema import WeightAverage
+
+    cfg = load_config([*SMOKE_MODELS["tost-xcit"], "engine=fsdp", "engine.precision=fp32", "train.global_batch_size=4",
+                       "train.micro_batch_size=4", "optim.lr=1e-3", "optim.warmup_steps=1"])
+    seed_everything(0)
+    eng = build_engine(build_model(cfg.model), cfg, dist_info)
+    ema = WeightAverage(eng, 0.5)
+
+    def buffers():
+        return {k: b.detach().clone() for k, b in eng.model.named_buffers() if b.is_floating_point()}
+
+    history, g = [buffers()], torch.Generator().manual_seed(1)
+    for _ in range(2):
+        images = torch.randn(4, 3, cfg.model.image_size, cfg.model.image_size, generator=g)
+        eng.train_step([{"images": images, "labels": torch.randint(0, cfg.model.num_classes, (4,), generator=g)}])
+        ema.update()
+        history.append(buffers())
+    return history, ema.full()
+
+
+def test_the_weight_average_averages_batch_norm_statistics_with_the_weights():
+    """The statistics belong to the weights that made them: an average of the weights paired with
+    the live statistics evaluated 0.22 top-1 where the weights gave 0.61 (tost_small_smoke)."""
+    ((history, average),) = run_local_world(average_two_steps, 1)
+    assert any("running_mean" in k for k in history[0]) and set(history[0]) <= set(average)
+    for name in history[0]:
+        expected = 0.25 * history[0][name] + 0.25 * history[1][name] + 0.5 * history[2][name]
+        assert torch.allclose(average[name], expected, atol=1e-6), name
+        assert not torch.equal(history[0][name], history[2][name]), name  # the statistics moved
+
+
 @pytest.mark.parametrize("family, sizes, tested", [("crate", ("tiny", "small", "large"), "base"),
                                                    ("vit", ("tiny", "small", "large"), "base"),
                                                    ("tost", ("tiny", "medium"), "small")])

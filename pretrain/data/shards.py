@@ -137,6 +137,9 @@ class ShardStream(IterableDataset):
         if options.on_error not in ON_ERROR:
             raise UserError(f"data.on_error={options.on_error!r} is not one of {', '.join(ON_ERROR)}")
         self.urls, self.samples_per_shard, self.decode = urls, samples_per_shard, decode
+        # Draws name a shard by its place in the list, not its URL: the same shards stored
+        # elsewhere (a copy on S3, another cache directory) are shuffled and augmented alike.
+        self._shard_index = {url: i for i, url in enumerate(urls)}
         self.rank, self.world_size, self.workers = rank, world_size, max(1, num_workers)
         self.batch_size, self.options = batch_size, options
         self.storage_options = dict(storage_options or {})
@@ -208,7 +211,7 @@ class ShardStream(IterableDataset):
         raw = self._raw_samples(url, window_index * window_size)
         while window := list(islice(raw, window_size)):
             order = list(range(len(window)))
-            salt = f"{self.options.seed}:{state.epoch}:{url}:{window_index}"
+            salt = f"{self.options.seed}:{state.epoch}:{self._shard_index[url]}:{window_index}"
             random.Random(salt).shuffle(order)
             for slot in range(state.sample - window_index * window_size, len(window)):
                 state.sample += 1
