@@ -15,6 +15,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor, Replicate
 
 from pretrain.config import Config
+from pretrain.engines.base import Batch
 from pretrain.engines.torch_native import TorchEngine
 
 
@@ -38,11 +39,18 @@ class FSDPEngine(TorchEngine):
     # Each weight is a DTensor sharded on dim 0 (torch.chunk's split); its local tensor is this
     # rank's piece.
 
+    def predict(self, batch: Batch) -> torch.Tensor:
+        """A forward without backward leaves the root's weights gathered (FSDP2 frees them in
+        backward): shard them again, so that evaluation holds no extra memory after it and the
+        weights are DTensor shards for the weight average."""
+        try:
+            return super().predict(batch)
+        finally:
+            for module in self.wrapped.modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
+
     def _sharded(self) -> dict[str, DTensor]:
-        # A forward without backward (evaluation) leaves the root's weights gathered: shard them.
-        for module in self.wrapped.modules():
-            if isinstance(module, FSDPModule):
-                module.reshard()
         return {name: p for name, p in self._model.named_parameters() if p.requires_grad}
 
     @torch.no_grad()
