@@ -54,6 +54,7 @@ def test_checkpointing_changes_no_number_and_saves_less(name: str):
     assert full < 0.6 * saved  # the blocks' activations dominate what backward keeps
 
 
+@pytest.mark.slow
 def test_compiled_blocks_compute_the_same_loss_and_gradients():
     """torch.compile of each block (inductor, CPU) on ToST, whose TSSA math is ours."""
 

@@ -195,6 +195,7 @@ def uploads_in_the_background_and_survive_a_dead_store(dist_info, staging: str) 
     return out
 
 
+@pytest.mark.slow
 def test_uploads_run_beside_training_and_a_dead_store_never_commits(tmp_path):
     from pretrain.launch import run_local_world
 

@@ -13,10 +13,12 @@ import fsspec
 import pytest
 import torch
 
-from conftest import REPO, TINY, check, launch, launch_and_signal, metric_history, mlflow_run
+from helpers import REPO, TINY, check, launch, launch_and_signal, metric_history, mlflow_run
 
 from pretrain.faults import NAN_ENV
 from pretrain.preemption import PREEMPTED_EXIT_CODE
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 
 def smoke(run_dir, corpus_cache, *extra: str) -> list[str]:
@@ -35,6 +37,7 @@ def preempt_node(args: list[str], to: str, forward_signals: str) -> int:
     return int(at)
 
 
+@pytest.mark.faults
 def test_deepspeed_zero2_trains_checkpoints_tracks_and_resumes_exactly(tmp_path, corpus_cache):
     ref = tmp_path / "uninterrupted"
     check(launch("deepspeed", smoke(ref, corpus_cache, "engine.zero_stage=2", "train.max_steps=8")))
@@ -103,6 +106,7 @@ def test_deepspeed_zero2_trains_checkpoints_tracks_and_resumes_exactly(tmp_path,
     assert [again[s] for s in range(at + 1, 9)] == [losses[s] for s in range(at + 1, 9)]
 
 
+@pytest.mark.faults
 def test_kubernetes_style_notice_to_the_node_launcher_only_is_forwarded(tmp_path, corpus_cache):
     """Kubernetes signals PID 1 only: the node launcher passes the notice on, and exits 75."""
     run_dir = tmp_path / "k8s"
@@ -170,6 +174,7 @@ def test_smoke_experiment_streams_its_shards_from_s3(tmp_path, s3):
     assert "testing" not in manifest and json.loads(manifest)["config"]["checkpoint"]["storage_options"]["key"] == "***"
 
 
+@pytest.mark.faults
 def test_node_launcher_passes_on_a_rank_failure_without_hanging():
     proc = launch("node", ["+exp=tost_gpt2_smoke", "optim.lrr=1"], timeout=120)
     assert proc.returncode == 2 and "config key 'optim.lrr'" in proc.stderr
@@ -207,6 +212,7 @@ def test_checkpoint_reshards_2_to_1_to_2_ranks_with_the_same_losses(engine, tmp_
     assert metric_history(resharded, "eval_ema_loss")[6] == pytest.approx(metric_history(tmp_path / "unbroken", "eval_ema_loss")[6], abs=1e-4)
 
 
+@pytest.mark.faults
 def test_nan_steps_are_skipped_a_streak_reloads_and_a_relapse_gives_up(tmp_path, corpus_cache):
     """Rank 0's loss made NaN (fault injection) in step 3, then in steps 5 and 6: step 3 is
     skipped and counted; 5-6 reload the step-4 checkpoint and training goes on to step 8 with

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import MAIN, REPO
+from helpers import MAIN, REPO
 from pretrain.config import load_config
 from pretrain.distributed import free_port
 from pretrain.engines import check_engine_config
@@ -48,6 +48,7 @@ def test_offload_without_a_gpu_is_refused():
         check_engine_config(cfg("engine.zero_stage=3", "engine.offload_params=true"), world_size=1)
 
 
+@pytest.mark.slow
 def test_the_check_runs_before_any_process_group():
     """A rank whose peer never comes would block in init_process_group: it must fail at once."""
     env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",

@@ -92,6 +92,7 @@ TWO_RANK_ENGINES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["tost_gpt2", "gpt2"])
 def test_all_engines_take_the_same_steps(model):
     steps, global_batch, micro = 10, 8, 2
@@ -118,6 +119,7 @@ def accumulate(dist_info, engine_overrides):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", [["engine=ddp"], ["engine=deepspeed", "engine.zero_stage=2"], ["engine=fsdp"]])
 def test_gradient_accumulation_equals_one_big_micro_batch(engine):
     (out,) = run_local_world(accumulate, 1, engine)
@@ -144,6 +146,7 @@ def bf16_train_save_load(dist_info, variants, root):
     return out if dist_info.rank == 0 else None
 
 
+@pytest.mark.slow
 def test_bf16_runs_of_every_engine_train_save_and_load(tmp_path):
     variants = {k: v for k, v in TWO_RANK_ENGINES.items() if "+" not in k}
     results = run_local_world(bf16_train_save_load, 2, variants, str(tmp_path))[0]
@@ -180,6 +183,7 @@ def train_losses(dist_info, overrides, blocks):
     return train(dist_info, config("tost_gpt2", overrides), blocks)[1]
 
 
+@pytest.mark.slow
 def test_a_nan_loss_on_one_rank_skips_the_step_on_every_rank_as_if_it_never_ran():
     variants = {"ddp": ["engine=ddp"], "fsdp": ["engine=fsdp"], "zero0": ["engine=deepspeed", "engine.zero_stage=0"],
                 "zero2": ["engine=deepspeed", "engine.zero_stage=2"]}
@@ -203,6 +207,7 @@ def save_after_two_steps(dist_info, overrides, step_dir):
     return engine.full_state_dict()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", [["engine=deepspeed", "engine.zero_stage=2"], ["engine=deepspeed", "engine.zero_stage=0"],
                                     ["engine=fsdp"]], ids=["zero2", "zero0", "fsdp"])
 def test_export_reads_the_trained_weights_back_in_one_process(engine, tmp_path):
@@ -252,6 +257,7 @@ def average_weights(dist_info, variants, root):
     return out if dist_info.rank == 0 else None
 
 
+@pytest.mark.slow
 def test_the_weight_average_follows_its_recursion_under_every_engine_and_is_what_evaluation_runs(tmp_path):
     """average_k = 0.5 average_(k-1) + 0.5 weights_k from the initial weights, kept on each
     rank's shard (ZeRO-3's flat partitions and its gathered small weights, FSDP2's DTensors):

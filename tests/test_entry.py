@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import launch
+from helpers import launch
 from pretrain.config import TrainConfig, grad_accum_steps, load_config
 from pretrain.distributed import strip_launcher_args
 from pretrain.errors import UserError
@@ -15,6 +15,7 @@ def test_deepspeed_local_rank_argument_is_stripped():
     assert strip_launcher_args(argv) == ["+exp=tost_gpt2_smoke", "optim.lr=1e-3"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides, key", [
     (["+exp=tost_gpt2_smoke", "optim.lrr=1e-3"], "optim.lrr"),
     (["+exp=tost_gpt2"], "data.urls"),

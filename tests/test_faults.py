@@ -7,12 +7,14 @@ import random
 import signal
 
 import pytest
-from conftest import TINY, check, launch, mlflow_run
+from helpers import TINY, check, launch, mlflow_run
 
 from pretrain.faults import ENV, POINTS
 
 STEPS, INTERVAL, KILLS, SEED = 8, 2, 8, 20261123
 SAVE_PHASES = POINTS[1:]
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.faults]
 
 
 def kill_points(seed: int) -> list[tuple[str, int]]:

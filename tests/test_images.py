@@ -312,6 +312,7 @@ def prepare_images(*args: str) -> subprocess.CompletedProcess:
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_digits_and_folder_to_s3(tmp_path, folder, s3):
     proc = prepare_images("--digits", "--output", str(tmp_path / "digits"))
     assert proc.returncode == 0, proc.stderr
@@ -324,6 +325,7 @@ def test_cli_digits_and_folder_to_s3(tmp_path, folder, s3):
     assert index["total_samples"] == len(samples) == 5 and index["classes"] == ["cat", "dog"]
 
 
+@pytest.mark.slow
 def test_cli_bad_input_is_one_line(tmp_path, folder):
     (folder / "cat/broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
     for args, culprit in [(["--image-folder", str(folder)], "cat/broken.jpg"),

@@ -126,6 +126,7 @@ def test_parquet_is_read_in_record_batches(tmp_path):
     assert list(input_documents(files, parquet_batch_rows=3)) == DOCS
 
 
+@pytest.mark.slow
 def test_workers_1_and_2_write_byte_identical_shards(tmp_path):
     corpus = write_jsonl(tmp_path / "docs.jsonl", DOCS * 3)
     results = {}
@@ -179,6 +180,7 @@ def writes_per_key(fs, bucket: str, prefix: str) -> dict[str, int]:
     return counts
 
 
+@pytest.mark.slow
 def test_interrupted_s3_run_resumes_without_rewriting_finished_shards(s3):
     bucket = "whitebox-versioned"
     fs = versioned_bucket(s3, bucket)
@@ -317,6 +319,7 @@ def run_cli(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(CLI), *args], capture_output=True, text=True, env=env, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_on_local_files(tmp_path):
     corpus = tmp_path / "corpus"
     (corpus / "sub").mkdir(parents=True)

@@ -101,6 +101,7 @@ def take(batches, n: int) -> list[torch.Tensor]:
     return out
 
 
+@pytest.mark.slow
 def test_every_sample_once_per_epoch_over_two_ranks_and_two_workers(local_shards):
     """8 shards of 4 samples, 2 ranks x 2 workers: each reader owns 2 shards = 8 samples, and
     the loader alternates workers, so 16 single-sample batches per rank are exactly one epoch."""
@@ -113,8 +114,11 @@ def test_every_sample_once_per_epoch_over_two_ranks_and_two_workers(local_shards
     assert sorted(seen) == sorted(all_blocks)
 
 
-RESUME_CASES = [("text", workers, world) for workers, world in [(0, 1), (2, 1), (0, 2), (2, 2)]] + [
-    ("images", workers, world) for workers, world in [(0, 1), (2, 2)]]
+RESUME_CASES = [
+    pytest.param(kind, workers, world, marks=[pytest.mark.slow] if workers else [])  # workers are processes
+    for kind, layouts in [("text", [(0, 1), (2, 1), (0, 2), (2, 2)]), ("images", [(0, 1), (2, 2)])]
+    for workers, world in layouts
+]
 
 
 @pytest.mark.parametrize("where", ["file", "s3"])
@@ -324,7 +328,7 @@ def test_data_source_settings_are_checked(local_shards):
 
 
 def test_embedded_stdlib_corpus_streams(tmp_path):
-    cfg = DataConfig(source="stdlib", cache_dir=str(tmp_path), stdlib_max_mb=0.1, samples_per_shard=64, num_workers=2)
+    cfg = DataConfig(source="stdlib", cache_dir=str(tmp_path), stdlib_max_mb=0.1, samples_per_shard=64, num_workers=0)
     batch = next(iter(build_text_loader(cfg, seq_len=16, vocab_size=50304, batch_size=4, rank=1, world_size=2,
                                         local_rank=0, seed=3)))
     assert batch["input_ids"].shape == (4, 16) and batch["input_ids"].dtype == torch.int64
@@ -332,7 +336,7 @@ def test_embedded_stdlib_corpus_streams(tmp_path):
 
 
 def test_embedded_digits_stream_with_train_and_eval_transforms(tmp_path):
-    cfg = load_config(["data=digits", f"data.cache_dir={tmp_path}", "data.num_workers=2"]).data
+    cfg = load_config(["data=digits", f"data.cache_dir={tmp_path}", "data.num_workers=0"]).data
     assert cfg.source == "digits" and cfg.image.flip_p == 0.5
     train = next(iter(build_image_loader(cfg, image_size=16, batch_size=8, rank=1, world_size=2, local_rank=0,
                                          seed=3, train=True)))
@@ -346,10 +350,12 @@ def test_embedded_digits_stream_with_train_and_eval_transforms(tmp_path):
                            local_rank=0, seed=0, train=True)
 
 
-def test_evaluation_reads_the_validation_split_once_over_the_ranks(tmp_path):
-    """One finite pass: the digits' 299 held-out images, each exactly once over 2 ranks (the val
-    split's 3 shards cap the loader at 1 worker per rank), in the same order every time."""
-    cfg = load_config(["data=digits", f"data.cache_dir={tmp_path}", "data.num_workers=2"]).data
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
+def test_evaluation_reads_the_validation_split_once_over_the_ranks(workers, tmp_path):
+    """One finite pass: the digits' 299 held-out images, each exactly once over 2 ranks (with 2
+    workers asked for, the val split's 3 shards cap the loader at 1 per rank), in the same order
+    every time."""
+    cfg = load_config(["data=digits", f"data.cache_dir={tmp_path}", f"data.num_workers={workers}"]).data
     seen = []
     for rank in (0, 1):
         loader = build_image_loader(cfg, image_size=8, batch_size=16, rank=rank, world_size=2, local_rank=rank,

@@ -122,3 +122,17 @@ def test_bf16_autocast_layer_close_to_fp32() -> None:
         y16 = layer(x)
     assert y16.dtype == torch.bfloat16
     assert (y16.float() - y32).abs().max() <= 0.02 * y32.abs().max()
+
+
+@pytest.mark.gpu
+def test_cuda_layer_in_bf16_is_close_to_the_cpu_layer_in_fp32() -> None:
+    """The same causal TSSA layer on the GPU under bf16 autocast: its output is bf16 and within
+    the tolerance the CPU's bf16 test allows, and the statistics stay finite over 1024 tokens."""
+    torch.manual_seed(5)
+    layer = CausalTSSA(ModelConfig(n_head=4, n_embd=64, seq_len=1024))
+    x = torch.randn(2, 1024, 64)
+    y32 = layer(x)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y16 = layer.cuda()(x.cuda())
+    assert y16.dtype == torch.bfloat16 and torch.isfinite(y16).all()
+    assert (y16.float().cpu() - y32).abs().max() <= 0.02 * y32.abs().max()

@@ -145,6 +145,7 @@ def train_two_steps(dist_info, name, engine):
     return losses, moved
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(SMOKE_MODELS))
 @pytest.mark.parametrize("engine", [["engine=deepspeed", "engine.zero_stage=2"], ["engine=fsdp"]], ids=["zero2", "fsdp"])
 def test_every_vision_model_trains_under_zero2_and_fsdp_on_two_ranks(name, engine):
@@ -175,6 +176,7 @@ def average_two_steps(dist_info):
     return history, ema.full()
 
 
+@pytest.mark.slow
 def test_the_weight_average_averages_batch_norm_statistics_with_the_weights():
     """The statistics belong to the weights that made them: an average of the weights paired with
     the live statistics evaluated 0.22 top-1 where the weights gave 0.61 (tost_small_smoke)."""
