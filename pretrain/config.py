@@ -166,8 +166,12 @@ def redacted(cfg: Config) -> dict:
     def mask(tree: Any, in_storage_options: bool = False) -> Any:
         if not isinstance(tree, dict):
             return tree
-        return {k: "***" if in_storage_options and any(w in k.lower() for w in SECRET_WORDS)
-                else mask(v, in_storage_options or k == "storage_options") for k, v in tree.items()}
+        return {
+            k: "***"
+            if in_storage_options and any(w in k.lower() for w in SECRET_WORDS)
+            else mask(v, in_storage_options or k == "storage_options")
+            for k, v in tree.items()
+        }
 
     return mask(asdict(cfg))
 
@@ -198,9 +202,11 @@ def grad_accum_steps(train: TrainConfig, world_size: int) -> int:
     """Micro-batches per optimizer step, so that every world size trains on the same global batch."""
     per_step = train.micro_batch_size * world_size
     if train.global_batch_size % per_step:
-        raise UserError(f"train.global_batch_size={train.global_batch_size} is not a multiple of "
-                        f"train.micro_batch_size x ranks = {train.micro_batch_size} x {world_size}; "
-                        f"change one of them")
+        raise UserError(
+            f"train.global_batch_size={train.global_batch_size} is not a multiple of "
+            f"train.micro_batch_size x ranks = {train.micro_batch_size} x {world_size}; "
+            f"change one of them"
+        )
     return train.global_batch_size // per_step
 
 
@@ -215,15 +221,19 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 def _describe(error: Exception) -> str:
     """One line naming the offending key, from Hydra's and OmegaConf's nested exceptions."""
     if isinstance(error, OverrideParseException):
-        return (f"cannot parse the override {error.override!r}: {' '.join(error.message.split('See https')[0].split())}; "
-                f"quote a value holding braces or commas, e.g. 'data.urls=\"s3://b/shard-{{000..099}}.tar\"'")
+        return (
+            f"cannot parse the override {error.override!r}: {' '.join(error.message.split('See https')[0].split())}; "
+            f"quote a value holding braces or commas, e.g. 'data.urls=\"s3://b/shard-{{000..099}}.tar\"'"
+        )
     chain = [error]
     while chain[-1].__cause__ is not None:
         chain.append(chain[-1].__cause__)
     for e in reversed(chain):
         if isinstance(e, OmegaConfBaseException) and getattr(e, "full_key", None):
             reason = str(getattr(e, "msg", e)).strip().splitlines()[0]
-            hint = "; check the spelling against configs/" if isinstance(e, (ConfigKeyError, ConfigAttributeError)) else ""
+            hint = (
+                "; check the spelling against configs/" if isinstance(e, (ConfigKeyError, ConfigAttributeError)) else ""
+            )
             return f"config key '{e.full_key}': {reason}{hint}"
     return " ".join(str(error).split("Config search path")[0].split())
 
@@ -242,6 +252,8 @@ def load_config(overrides: list[str]) -> Config:
         raise UserError(_describe(e)) from None
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
-        raise UserError(f"config key '{missing[0]}' is required but has no value; "
-                        f"set it, e.g. {missing[0]}=..., or see the comment in configs/ for that key")
+        raise UserError(
+            f"config key '{missing[0]}' is required but has no value; "
+            f"set it, e.g. {missing[0]}=..., or see the comment in configs/ for that key"
+        )
     return OmegaConf.to_object(cfg)

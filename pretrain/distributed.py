@@ -57,8 +57,14 @@ def free_port() -> int:
 def init_distributed() -> DistInfo:
     """Initialise the default process group (NCCL on GPU, gloo on CPU) and pick the device."""
     if "WORLD_SIZE" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        os.environ.update(
+            RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_RANK="0",
+            LOCAL_WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(free_port()),
+        )
     rank = int(os.environ["RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -92,8 +98,9 @@ SHM_BUFFERS = "/dev/shm/deepspeed_allreduce_buffer_*_{addr}_{port}_{rank}"
 def remove_shm_buffers(rank: int) -> None:
     """Unlink this rank's DeepSpeed shared-memory buffers (safe once its process group is gone:
     a mapping outlives its name)."""
-    pattern = SHM_BUFFERS.format(addr=os.environ.get("MASTER_ADDR", "*"), port=os.environ.get("MASTER_PORT", "*"),
-                                 rank=rank)
+    pattern = SHM_BUFFERS.format(
+        addr=os.environ.get("MASTER_ADDR", "*"), port=os.environ.get("MASTER_PORT", "*"), rank=rank
+    )
     for path in glob.glob(pattern):
         with contextlib.suppress(OSError):
             os.remove(path)

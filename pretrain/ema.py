@@ -31,8 +31,9 @@ EMA_FILE = "ema.pt"
 class WeightAverage:
     def __init__(self, engine: Engine, decay: float) -> None:
         if not 0.0 < decay < 1.0:
-            raise UserError(f"train.ema_decay={decay} must be 0 (no average) or between 0 and 1, "
-                            f"like the 0.99996 of DeiT's recipe")
+            raise UserError(
+                f"train.ema_decay={decay} must be 0 (no average) or between 0 and 1, like the 0.99996 of DeiT's recipe"
+            )
         self.engine, self.decay = engine, decay
         self.average = self._copy(self._live())
 
@@ -89,8 +90,10 @@ class WeightAverage:
         EMA off) starts it from the restored weights."""
         path = os.path.join(step_dir, EMA_FILE)
         if not os.path.isfile(path):
-            log.warning("the checkpoint holds no %s (saved with train.ema_decay=0): the weight average "
-                        "starts from its weights", EMA_FILE)
+            log.warning(
+                "the checkpoint holds no %s (saved with train.ema_decay=0): the weight average starts from its weights",
+                EMA_FILE,
+            )
             self.average = self._copy(self._live())
             return
         full = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

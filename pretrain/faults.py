@@ -25,8 +25,14 @@ from torch import nn
 
 ENV = "WHITEBOX_CRASH_AT"
 NAN_ENV = "WHITEBOX_NAN_AT"
-POINTS = ("step", "save.staged", "upload.first_file", "upload.recorded", "commit.before_manifest",
-          "commit.after_manifest")
+POINTS = (
+    "step",
+    "save.staged",
+    "upload.first_file",
+    "upload.recorded",
+    "commit.before_manifest",
+    "commit.after_manifest",
+)
 
 
 def crash_point(point: str, step: int) -> None:

@@ -20,8 +20,9 @@ log = logging.getLogger("pretrain")
 class NonFiniteGuard:
     def __init__(self, reload_after: int, max_reloads: int, is_main: bool) -> None:
         if reload_after < 1 or max_reloads < 0:
-            raise UserError(f"train.bad_steps_to_reload={reload_after} must be >= 1 and "
-                            f"train.max_reloads={max_reloads} >= 0")
+            raise UserError(
+                f"train.bad_steps_to_reload={reload_after} must be >= 1 and train.max_reloads={max_reloads} >= 0"
+            )
         self.reload_after, self.max_reloads, self.is_main = reload_after, max_reloads, is_main
         self.skipped = 0  # bad steps since this process started
         self.reloads = 0
@@ -36,15 +37,22 @@ class NonFiniteGuard:
         self.skipped += 1
         self.in_a_row += 1
         if self.is_main:
-            log.warning("step %d %s: gradient norm %s (%d in a row; a reload after %d)", step,
-                        "skipped" if result.skipped else "applied, no skip on this engine", result.grad_norm,
-                        self.in_a_row, self.reload_after)
+            log.warning(
+                "step %d %s: gradient norm %s (%d in a row; a reload after %d)",
+                step,
+                "skipped" if result.skipped else "applied, no skip on this engine",
+                result.grad_norm,
+                self.in_a_row,
+                self.reload_after,
+            )
         if self.in_a_row < self.reload_after:
             return False
         if self.reloads >= self.max_reloads:
-            raise UserError(f"steps {step - self.in_a_row + 1}-{step} had a non-finite loss or gradient norm after "
-                            f"{self.reloads} reloads of the last checkpoint (train.max_reloads={self.max_reloads}): "
-                            f"giving up; lower optim.lr, raise optim.warmup_steps or check the data")
+            raise UserError(
+                f"steps {step - self.in_a_row + 1}-{step} had a non-finite loss or gradient norm after "
+                f"{self.reloads} reloads of the last checkpoint (train.max_reloads={self.max_reloads}): "
+                f"giving up; lower optim.lr, raise optim.warmup_steps or check the data"
+            )
         self.reloads += 1
         self.in_a_row = 0
         return True

@@ -21,8 +21,14 @@ from pretrain.distributed import free_port, init_distributed, shutdown
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results: mp.Queue) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     try:
         dist_info = init_distributed()
         try:
@@ -60,4 +66,3 @@ def run_local_world(fn: Callable[..., Any], world_size: int, *args: Any, timeout
             if p.is_alive():
                 p.kill()
     return [by_rank[r] for r in range(world_size)]
-

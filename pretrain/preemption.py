@@ -28,8 +28,10 @@ def _signals(names: list[str]) -> list[signal.Signals]:
     for name in names:
         sig = getattr(signal, str(name), None)
         if not isinstance(sig, signal.Signals) or sig in (signal.SIGKILL, signal.SIGSTOP):
-            raise UserError(f"checkpoint.preempt_signals: {name!r} is not a signal that can be caught; "
-                            "use names like SIGTERM, SIGUSR1")
+            raise UserError(
+                f"checkpoint.preempt_signals: {name!r} is not a signal that can be caught; "
+                "use names like SIGTERM, SIGUSR1"
+            )
         found.append(sig)
     return found
 

@@ -53,8 +53,9 @@ class Task:
         `train.eval_max_batches` micro-batches per rank), and the white-box measures."""
         raise NotImplementedError
 
-    def _evaluation_pass(self, engine: Engine, dummy: Batch, score: Callable[[torch.Tensor, Batch], list[float]],
-                         size: int) -> tuple[list[float], dict[str, float]]:
+    def _evaluation_pass(
+        self, engine: Engine, dummy: Batch, score: Callable[[torch.Tensor, Batch], list[float]], size: int
+    ) -> tuple[list[float], dict[str, float]]:
         """Sums of `score(output, batch)` (`size` numbers) over the validation pass and all
         ranks, and the white-box measures on each rank's first batch, averaged over ranks.
 
@@ -92,10 +93,18 @@ class LanguageModelling(Task):
 
     def loader(self, train: bool) -> Iterable[Batch]:
         cfg, world = self.cfg, self.dist
-        return build_text_loader(cfg.data, seq_len=cfg.model.seq_len, vocab_size=cfg.model.vocab_size,
-                                 batch_size=cfg.train.micro_batch_size, rank=world.rank, world_size=world.world_size,
-                                 local_rank=world.local_rank, seed=cfg.train.seed, train=train,
-                                 worker_init=self.worker_init)
+        return build_text_loader(
+            cfg.data,
+            seq_len=cfg.model.seq_len,
+            vocab_size=cfg.model.vocab_size,
+            batch_size=cfg.train.micro_batch_size,
+            rank=world.rank,
+            world_size=world.world_size,
+            local_rank=world.local_rank,
+            seed=cfg.train.seed,
+            train=train,
+            worker_init=self.worker_init,
+        )
 
     def evaluate(self, engine: Engine) -> dict[str, float]:
         """Mean next-token loss over the validation tokens, and the white-box measures."""
@@ -114,23 +123,38 @@ class LanguageModelling(Task):
 
 
 class ImageClassification(Task):
-    def __init__(self, cfg: Config, dist_info: DistInfo, worker_init: Callable[[int], None],
-                 tokens_per_image: int) -> None:
+    def __init__(
+        self, cfg: Config, dist_info: DistInfo, worker_init: Callable[[int], None], tokens_per_image: int
+    ) -> None:
         super().__init__(cfg, dist_info, worker_init)
         self.tokens_per_sample = tokens_per_image
 
     def loader(self, train: bool) -> Iterable[Batch]:
         cfg, world = self.cfg, self.dist
-        return build_image_loader(cfg.data, image_size=cfg.model.image_size, batch_size=cfg.train.micro_batch_size,
-                                  rank=world.rank, world_size=world.world_size, local_rank=world.local_rank,
-                                  seed=cfg.train.seed, train=train, worker_init=self.worker_init)
+        return build_image_loader(
+            cfg.data,
+            image_size=cfg.model.image_size,
+            batch_size=cfg.train.micro_batch_size,
+            rank=world.rank,
+            world_size=world.world_size,
+            local_rank=world.local_rank,
+            seed=cfg.train.seed,
+            train=train,
+            worker_init=self.worker_init,
+        )
 
     def batches(self, loader: ShardLoader) -> Generator[Batch, None, None]:
         """Mixup / CutMix (data.image.*) applied to each micro-batch, drawn from its index in
         the run: this rank's turn in the run's sequence, the same on any layout."""
         image, stream = self.cfg.data.image, loader.stream
-        mixer = BatchMixer(image.mixup_alpha, image.cutmix_alpha, image.mix_prob, image.cutmix_switch_prob,
-                           self.cfg.model.num_classes, self.cfg.train.seed)
+        mixer = BatchMixer(
+            image.mixup_alpha,
+            image.cutmix_alpha,
+            image.mix_prob,
+            image.cutmix_switch_prob,
+            self.cfg.model.num_classes,
+            self.cfg.train.seed,
+        )
         if not mixer.active:
             yield from loader
             return
@@ -149,12 +173,15 @@ class ImageClassification(Task):
             logits, labels = logits[labels >= 0], labels[labels >= 0]
             best = logits.topk(min(TOP_K, logits.shape[1]), dim=1).indices  # (B, k)
             loss = F.cross_entropy(logits, labels, reduction="sum").item() if len(labels) else 0.0
-            return [loss, (best[:, 0] == labels).sum().item(), (best == labels[:, None]).any(1).sum().item(),
-                    len(labels)]
+            return [
+                loss,
+                (best[:, 0] == labels).sum().item(),
+                (best == labels[:, None]).any(1).sum().item(),
+                len(labels),
+            ]
 
         (loss, top1, top5, images), whitebox = self._evaluation_pass(engine, dummy, score, 4)
-        return {"eval_loss": loss / images, "eval_top1": top1 / images, f"eval_top{TOP_K}": top5 / images,
-                **whitebox}
+        return {"eval_loss": loss / images, "eval_top1": top1 / images, f"eval_top{TOP_K}": top5 / images, **whitebox}
 
 
 def _mean_over_measuring_ranks(metrics: dict[str, float]) -> dict[str, float]:

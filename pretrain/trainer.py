@@ -68,10 +68,14 @@ class Trainer:
         node-local directory named after the URL so that concurrent runs never share one."""
         c, world = self.cfg.checkpoint, self.dist
         url = c.url or os.path.join(self.run_dir, "checkpoints")
-        staging = c.staging_dir or os.path.join(tempfile.gettempdir(), "whitebox-staging",
-                                                hashlib.sha256(url.encode()).hexdigest()[:16])
-        node = Node(index=world.rank // world.local_world_size, count=world.world_size // world.local_world_size,
-                    is_leader=world.local_rank == 0)
+        staging = c.staging_dir or os.path.join(
+            tempfile.gettempdir(), "whitebox-staging", hashlib.sha256(url.encode()).hexdigest()[:16]
+        )
+        node = Node(
+            index=world.rank // world.local_world_size,
+            count=world.world_size // world.local_world_size,
+            is_leader=world.local_rank == 0,
+        )
         store = CheckpointStore(url, c.storage_options, staging, node)
         policy = SavePolicy(c.keep_last, c.keep_every, c.commit_wait_s, c.async_upload, c.on_upload_error)
         return CheckpointManager(store, world, policy)
@@ -82,8 +86,9 @@ class Trainer:
             return None
         if resume != "auto" and not resume.isdecimal():
             raise UserError(f"checkpoint.resume={resume!r} is neither auto, none nor a step number")
-        return ckpt.restore(engine, None if resume == "auto" else int(resume), check=self._check_saved_config,
-                            extras=self._extras())
+        return ckpt.restore(
+            engine, None if resume == "auto" else int(resume), check=self._check_saved_config, extras=self._extras()
+        )
 
     def _check_saved_config(self, manifest: dict) -> None:
         """Warn of every config key changed since the checkpoint; refuse the changes that make its
@@ -91,11 +96,15 @@ class Trainer:
         changes = config_changes(manifest.get("config", {}), redacted(self.cfg))
         for key, (saved, current) in changes.items():
             if key in STATE_SHAPING_KEYS or (key.startswith("model.") and key not in MODEL_KEYS_FREE_TO_CHANGE):
-                raise UserError(f"{key}={current!r} but the checkpoint was trained with {key}={saved!r}: its state "
-                                f"does not fit; set {key}={saved!r} to resume, or checkpoint.resume=none to start afresh")
+                raise UserError(
+                    f"{key}={current!r} but the checkpoint was trained with {key}={saved!r}: its state "
+                    f"does not fit; set {key}={saved!r} to resume, or checkpoint.resume=none to start afresh"
+                )
         if changes and self.dist.is_main:
-            log.warning("config changed since the checkpoint: %s",
-                        ", ".join(f"{k} {saved!r} -> {current!r}" for k, (saved, current) in changes.items()))
+            log.warning(
+                "config changed since the checkpoint: %s",
+                ", ".join(f"{k} {saved!r} -> {current!r}" for k, (saved, current) in changes.items()),
+            )
 
     def fit(self) -> float:
         """Train to `train.max_steps`; returns the last logged loss (mean over ranks). Raises
@@ -138,17 +147,27 @@ class Trainer:
                 # per rank and per resume point.
                 seed_everything(stable_seed(cfg.train.seed, world.rank, step))
                 if world.is_main:
-                    log.warning("resharded: checkpoint written by %d ranks, resumed on %d; the data continue "
-                                "the same sequence, per-rank random streams (dropout) start afresh",
-                                restored.manifest["world_size"], world.world_size)
+                    log.warning(
+                        "resharded: checkpoint written by %d ranks, resumed on %d; the data continue "
+                        "the same sequence, per-rank random streams (dropout) start afresh",
+                        restored.manifest["world_size"],
+                        world.world_size,
+                    )
 
         tracker = Tracker(cfg.tracking, self.run_dir, enabled=world.is_main)
         if run_id is None and str(cfg.checkpoint.resume) == "auto":
             run_id = tracker.previous_run_id()  # restarted before its first checkpoint committed
         run_id = tracker.start(redacted(cfg), resume_run_id=run_id)
-        log.info("%s: %.2fM params, %d ranks on %s, %d tokens/step, steps %d -> %d",
-                 cfg.model.name, n_params / 1e6, world.world_size, world.device, self.tokens_per_step,
-                 step, cfg.train.max_steps)
+        log.info(
+            "%s: %.2fM params, %d ranks on %s, %d tokens/step, steps %d -> %d",
+            cfg.model.name,
+            n_params / 1e6,
+            world.world_size,
+            world.device,
+            self.tokens_per_step,
+            step,
+            cfg.train.max_steps,
+        )
         # Closed on any way out, which stops the loader's workers (see ShardLoader.__iter__).
         with contextlib.closing(self.task.batches(data)) as batches:
             try:
@@ -194,21 +213,36 @@ class Trainer:
                 elapsed = time.perf_counter() - interval_start
                 last_loss = self._mean_over_ranks(sum(losses) / len(losses) if losses else float("nan"))
                 tokens_per_s = self.tokens_per_step * interval_steps / elapsed
-                metrics = {"loss": last_loss, "lr": result.lr, "grad_norm": result.grad_norm,
-                           "data_skipped": self._sum_over_ranks(data.skipped_samples()),
-                           "steps_skipped": guard.skipped, "reloads": guard.reloads, "tokens_seen": self.tokens_seen,
-                           "tokens_per_s": tokens_per_s, "samples_per_s": tokens_per_s / self.task.tokens_per_sample,
-                           "step_time_s": elapsed / interval_steps,
-                           "memory_gib": memory_gib(world.device)}
+                metrics = {
+                    "loss": last_loss,
+                    "lr": result.lr,
+                    "grad_norm": result.grad_norm,
+                    "data_skipped": self._sum_over_ranks(data.skipped_samples()),
+                    "steps_skipped": guard.skipped,
+                    "reloads": guard.reloads,
+                    "tokens_seen": self.tokens_seen,
+                    "tokens_per_s": tokens_per_s,
+                    "samples_per_s": tokens_per_s / self.task.tokens_per_sample,
+                    "step_time_s": elapsed / interval_steps,
+                    "memory_gib": memory_gib(world.device),
+                }
                 utilisation = mfu(tokens_per_s / world.world_size, flops_per_token, peak)
                 if utilisation is not None:
                     metrics["mfu"] = utilisation
                 tracker.log_metrics(metrics, step)
                 if world.is_main:
-                    log.info("step %d/%d | loss %.4f | lr %.2e | grad %.3f | %.0f tok/s | mfu %s | mem %.2f GiB | %.3f s/step",
-                             step, cfg.train.max_steps, last_loss, result.lr, result.grad_norm, tokens_per_s,
-                             "-" if utilisation is None else f"{100 * utilisation:.1f}%",
-                             metrics["memory_gib"], metrics["step_time_s"])
+                    log.info(
+                        "step %d/%d | loss %.4f | lr %.2e | grad %.3f | %.0f tok/s | mfu %s | mem %.2f GiB | %.3f s/step",
+                        step,
+                        cfg.train.max_steps,
+                        last_loss,
+                        result.lr,
+                        result.grad_norm,
+                        tokens_per_s,
+                        "-" if utilisation is None else f"{100 * utilisation:.1f}%",
+                        metrics["memory_gib"],
+                        metrics["step_time_s"],
+                    )
                 losses.clear()
                 interval_steps, interval_start = 0, time.perf_counter()
 
@@ -227,9 +261,14 @@ class Trainer:
                 dist.barrier()  # no rank exits (and no launcher kills the rest) before rank 0 has committed
                 self._log_committed_saves(ckpt, tracker)
                 if world.is_main:
-                    log.warning("preempted (%s) after step %d: checkpoint %s; exiting with %d so that the "
-                                "scheduler requeues the run", watch.signal_name or "signal on another rank", step,
-                                ckpt.store.step_url(step), PREEMPTED_EXIT_CODE)
+                    log.warning(
+                        "preempted (%s) after step %d: checkpoint %s; exiting with %d so that the "
+                        "scheduler requeues the run",
+                        watch.signal_name or "signal on another rank",
+                        step,
+                        ckpt.store.step_url(step),
+                        PREEMPTED_EXIT_CODE,
+                    )
                 raise Preempted(step)
         ckpt.wait()  # the last checkpoint is committed before the run reports done
         self._log_committed_saves(ckpt, tracker)
@@ -248,10 +287,15 @@ class Trainer:
         tracker.log_metrics(metrics, step)
         if not self.dist.is_main:
             return
-        log.info("eval at step %d | %s", step, " | ".join(f"{k.removeprefix('eval_')} {v:.4f}"
-                                                          for k, v in metrics.items() if k.startswith("eval_")))
+        log.info(
+            "eval at step %d | %s",
+            step,
+            " | ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in metrics.items() if k.startswith("eval_")),
+        )
         if step == self.cfg.train.max_steps:
-            path = whitebox.plot(metrics, f"{self.cfg.model.name}, step {step}", os.path.join(self.run_dir, "whitebox.png"))
+            path = whitebox.plot(
+                metrics, f"{self.cfg.model.name}, step {step}", os.path.join(self.run_dir, "whitebox.png")
+            )
             if path:
                 tracker.log_artifact(path)
 
@@ -265,11 +309,18 @@ class Trainer:
         ckpt.wait()
         restored = ckpt.restore(engine, extras=self._extras())
         if restored is None:
-            raise UserError(f"steps up to {step} had a non-finite loss or gradient norm and there is no committed "
-                            f"checkpoint to reload; lower optim.lr, raise optim.warmup_steps or check the data")
+            raise UserError(
+                f"steps up to {step} had a non-finite loss or gradient norm and there is no committed "
+                f"checkpoint to reload; lower optim.lr, raise optim.warmup_steps or check the data"
+            )
         if self.dist.is_main:
-            log.warning("reloaded %s (step %d) after %d skipped steps; the data go on from step %d's position",
-                        ckpt.store.step_url(restored.step), restored.step, self.cfg.train.bad_steps_to_reload, step)
+            log.warning(
+                "reloaded %s (step %d) after %d skipped steps; the data go on from step %d's position",
+                ckpt.store.step_url(restored.step),
+                restored.step,
+                self.cfg.train.bad_steps_to_reload,
+                step,
+            )
         self.tokens_seen = restored.manifest["tokens_seen"]
         return restored.step
 
@@ -282,9 +333,14 @@ class Trainer:
         """What the manifest says of the run besides its files: enough to tell, on resume, what
         wrote it (engine, config and its hash; credentials masked) and which MLflow run to continue."""
         config = redacted(self.cfg)
-        return {"engine": self.cfg.engine.name, "model": self.cfg.model.name, "mlflow_run_id": run_id,
-                "tokens_seen": self.tokens_seen,
-                "config": config, "config_hash": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()}
+        return {
+            "engine": self.cfg.engine.name,
+            "model": self.cfg.model.name,
+            "mlflow_run_id": run_id,
+            "tokens_seen": self.tokens_seen,
+            "config": config,
+            "config_hash": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
+        }
 
     def _any_rank_signalled(self, watch: PreemptionWatch) -> bool:
         """Whether a preemption signal reached any rank: all ranks must stop after the same step."""

@@ -74,34 +74,44 @@ class Probe:
             w = self._heads(block, args[0])
             self.values["rc_in"][i].append(coding_rate(w).mean().item())
             if hasattr(attn, "temp"):  # TSSA: the memberships it computes from the same w
-                _, pi = token_statistics(w, attn.temp, causal=isinstance(attn, CausalTSSA),
-                                         denom_bias=getattr(attn, "denom_bias", None))
+                _, pi = token_statistics(
+                    w, attn.temp, causal=isinstance(attn, CausalTSSA), denom_bias=getattr(attn, "denom_bias", None)
+                )
                 self.values["pi_entropy"][i].append(membership_entropy(pi).item())
+
         return hook
 
     def _attention_output(self, i: int, block: nn.Module):
         def hook(ln_2: nn.Module, args: tuple) -> None:
             w = self._heads(block, block.ln_1(args[0]))
             self.values["rc_out"][i].append(coding_rate(w).mean().item())
+
         return hook
 
     def _sparsity(self, i: int):
         def hook(ista: nn.Module, args: tuple, out: Tensor) -> None:
             self.values["sparsity"][i].append((out == 0).double().mean().item())
+
         return hook
 
     def metrics(self) -> dict[str, float]:
         """{"<measure>_layer<ii>": mean over the recorded passes}."""
-        return {f"{name}_layer{i:02d}": sum(v) / len(v)
-                for name, layers in self.values.items() for i, v in layers.items()}
+        return {
+            f"{name}_layer{i:02d}": sum(v) / len(v) for name, layers in self.values.items() for i, v in layers.items()
+        }
 
 
 def plot(metrics: dict[str, float], title: str, path: str) -> str | None:
     """One PNG of each measure against depth (layer index); None when there is nothing to plot."""
-    per_measure = {m: sorted((int(k.rsplit("layer", 1)[1]), v) for k, v in metrics.items()
-                             if k.startswith(m + "_layer")) for m in MEASURES}
-    panels = [("compression Rc (nats)", ("rc_in", "rc_out")), ("ISTA sparsity", ("sparsity",)),
-              ("pi entropy (nats)", ("pi_entropy",))]
+    per_measure = {
+        m: sorted((int(k.rsplit("layer", 1)[1]), v) for k, v in metrics.items() if k.startswith(m + "_layer"))
+        for m in MEASURES
+    }
+    panels = [
+        ("compression Rc (nats)", ("rc_in", "rc_out")),
+        ("ISTA sparsity", ("sparsity",)),
+        ("pi entropy (nats)", ("pi_entropy",)),
+    ]
     panels = [(label, [m for m in names if per_measure[m]]) for label, names in panels]
     panels = [(label, names) for label, names in panels if names]
     if not panels:
@@ -126,4 +136,3 @@ def plot(metrics: dict[str, float], title: str, path: str) -> str | None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
-

@@ -17,9 +17,15 @@ MAIN = str(REPO / "pretrain" / "main.py")
 
 # A model and batch small enough for a launcher run of a few steps to take seconds on 2 cores.
 TINY = [
-    "model.n_layer=2", "model.n_head=4", "model.n_embd=64", "model.seq_len=32",
-    "train.global_batch_size=8", "train.micro_batch_size=2", "train.log_interval=1",
-    "data.stdlib_max_mb=0.25", "data.samples_per_shard=128",
+    "model.n_layer=2",
+    "model.n_head=4",
+    "model.n_embd=64",
+    "model.seq_len=32",
+    "train.global_batch_size=8",
+    "train.micro_batch_size=2",
+    "train.log_interval=1",
+    "data.stdlib_max_mb=0.25",
+    "data.samples_per_shard=128",
 ]
 
 
@@ -31,31 +37,60 @@ def launch_command(launcher: str, overrides: list[str]) -> tuple[list[str], dict
         cmd = [shutil.which("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), MAIN]
     elif launcher == "node":  # the cluster templates' per-node launcher, as one node of two ranks
         cmd = [str(REPO / "cluster" / "launch_node.sh")]
-        extra_env = {"NNODES": "1", "NODE_RANK": "0", "PROCS_PER_NODE": "2", "MASTER_ADDR": "127.0.0.1",
-                     "MASTER_PORT": str(free_port())}
+        extra_env = {
+            "NNODES": "1",
+            "NODE_RANK": "0",
+            "PROCS_PER_NODE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(free_port()),
+        }
     elif launcher == "torchrun":
         # The multi-node form (rendezvous), with one node: what a cluster launch runs on each node.
-        cmd = [shutil.which("torchrun"), "--nnodes", "1", "--nproc_per_node", "2", "--rdzv_backend", "c10d",
-               "--rdzv_endpoint", f"127.0.0.1:{free_port()}", MAIN]
+        cmd = [
+            shutil.which("torchrun"),
+            "--nnodes",
+            "1",
+            "--nproc_per_node",
+            "2",
+            "--rdzv_backend",
+            "c10d",
+            "--rdzv_endpoint",
+            f"127.0.0.1:{free_port()}",
+            MAIN,
+        ]
     else:
         cmd = [sys.executable, MAIN]
     # PYTHONPATH: the processes import this checkout, whatever tree an editable install points at.
-    env = {**os.environ, **extra_env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        **extra_env,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
     return cmd + overrides, env
 
 
-def launch(launcher: str, overrides: list[str], timeout: float = 300,
-           env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def launch(
+    launcher: str, overrides: list[str], timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     cmd, launch_env = launch_command(launcher, overrides)
     env = {**launch_env, **(env or {})}
     # A session of its own: a fault-injected crash kills the run's whole process group, not pytest.
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
-                          start_new_session=True)
+    return subprocess.run(
+        cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, start_new_session=True
+    )
 
 
-def launch_and_signal(launcher: str, overrides: list[str], when: str, sig: int, to: str,
-                      env: dict[str, str] | None = None, timeout: float = 300) -> tuple[int, str]:
+def launch_and_signal(
+    launcher: str,
+    overrides: list[str],
+    when: str,
+    sig: int,
+    to: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+) -> tuple[int, str]:
     """Run like `launch`, and once a stdout line contains `when`, send `sig` `to` "every"
     process (launcher, ranks, loader workers: as Slurm does) or only the "launcher" (as
     Kubernetes signals PID 1); returns (exit code, stdout)."""
@@ -63,8 +98,9 @@ def launch_and_signal(launcher: str, overrides: list[str], when: str, sig: int, 
 
     cmd, launch_env = launch_command(launcher, overrides)
     env = {**launch_env, **(env or {})}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     lines = []
     try:
         for line in proc.stdout:
@@ -81,7 +117,9 @@ def launch_and_signal(launcher: str, overrides: list[str], when: str, sig: int, 
 
 
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    )
     return proc
 
 

@@ -15,9 +15,18 @@ N_LAYER = 4
 def forward_backward(name: str, mode: str) -> tuple[float, dict[str, torch.Tensor], int]:
     """Loss, gradients and the bytes autograd saved for backward outside recomputed blocks."""
     torch.manual_seed(0)
-    cfg = ModelConfig(name=name, n_layer=N_LAYER, n_head=4, n_embd=64, vocab_size=512, seq_len=64,
-                      layerscale_init=0.1 if name == "tost" else None)
-    model = prepare_blocks(build_model(cfg), EngineConfig(activation_checkpointing=mode, activation_checkpointing_every=2))
+    cfg = ModelConfig(
+        name=name,
+        n_layer=N_LAYER,
+        n_head=4,
+        n_embd=64,
+        vocab_size=512,
+        seq_len=64,
+        layerscale_init=0.1 if name == "tost" else None,
+    )
+    model = prepare_blocks(
+        build_model(cfg), EngineConfig(activation_checkpointing=mode, activation_checkpointing_every=2)
+    )
     ids = torch.randint(0, cfg.vocab_size, (4, cfg.seq_len), generator=torch.Generator().manual_seed(1))
     saved = 0
 

@@ -56,11 +56,15 @@ def test_a_step_exists_once_its_manifest_is_written_and_names_every_file(store):
     assert store.manifest(4) == manifest
     directory = store.fetch(4)
     assert open(os.path.join(directory, "sub", "x.bin"), "rb").read() == b"0123456789"
-    assert sorted(p.rsplit("/", 1)[-1] for p in store.fs.ls(store._path(4, ""))) == sorted([MANIFEST_NAME, "model.pt", "sub"])
+    assert sorted(p.rsplit("/", 1)[-1] for p in store.fs.ls(store._path(4, ""))) == sorted(
+        [MANIFEST_NAME, "model.pt", "sub"]
+    )
 
 
 def test_commit_waits_for_every_node_then_gives_up_naming_it(tmp_path):
-    nodes = [CheckpointStore(str(tmp_path / "ckpt"), {}, str(tmp_path / f"staging{n}"), Node(n, 2, True)) for n in (0, 1)]
+    nodes = [
+        CheckpointStore(str(tmp_path / "ckpt"), {}, str(tmp_path / f"staging{n}"), Node(n, 2, True)) for n in (0, 1)
+    ]
     stage(nodes[1], 2, {"stale": b"from a crashed attempt"})
     nodes[1].upload(2, "crashed")
     stage(nodes[0], 2, {"a": b"a"})
@@ -72,11 +76,14 @@ def test_commit_waits_for_every_node_then_gives_up_naming_it(tmp_path):
     assert sorted(nodes[0].commit(2, "now", {"world_size": 2}, wait_s=1)["files"]) == ["a", "b"]
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda data: data[:-1] + bytes([data[-1] ^ 1]), "does not match its sha256"),
-    (lambda data: data + b"x", "has 1001 bytes, the manifest says 1000"),
-    (None, "is missing"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda data: data[:-1] + bytes([data[-1] ^ 1]), "does not match its sha256"),
+        (lambda data: data + b"x", "has 1001 bytes, the manifest says 1000"),
+        (None, "is missing"),
+    ],
+)
 def test_damaged_files_are_named(store, damage, message):
     save(store, 3)
     path = store._path(3, "dcp/__0_0.distcp")
@@ -161,8 +168,13 @@ def uploads_in_the_background_and_survive_a_dead_store(dist_info, staging: str) 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    options = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "k", "secret": "s", "skip_instance_cache": True,
-               "config_kwargs": {"retries": {"max_attempts": 1}}}  # a dead store fails fast
+    options = {
+        "endpoint_url": f"http://127.0.0.1:{port}",
+        "key": "k",
+        "secret": "s",
+        "skip_instance_cache": True,
+        "config_kwargs": {"retries": {"max_attempts": 1}},
+    }  # a dead store fails fast
     store = CheckpointStore("s3://ckpt/run", options, staging, ONE_NODE)
     store.fs.mkdir("ckpt")
 

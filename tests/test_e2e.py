@@ -22,16 +22,26 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 
 def smoke(run_dir, corpus_cache, *extra: str) -> list[str]:
-    return ["+exp=tost_gpt2_smoke", *TINY, f"run_dir={run_dir}", f"data.cache_dir={corpus_cache}",
-            "engine.precision=fp32", "optim.lr=1e-2", "optim.warmup_steps=2", "optim.decay_steps=8",
-            "checkpoint.interval=4", *extra]
+    return [
+        "+exp=tost_gpt2_smoke",
+        *TINY,
+        f"run_dir={run_dir}",
+        f"data.cache_dir={corpus_cache}",
+        "engine.precision=fp32",
+        "optim.lr=1e-2",
+        "optim.warmup_steps=2",
+        "optim.decay_steps=8",
+        "checkpoint.interval=4",
+        *extra,
+    ]
 
 
 def preempt_node(args: list[str], to: str, forward_signals: str) -> int:
     """Run through the node launcher, SIGTERM `to` "every" process or the "launcher" once
     training starts; asserts the documented exit code and returns the step it stopped after."""
-    code, out = launch_and_signal("node", args, when="tost: ", sig=signal.SIGTERM, to=to,
-                                  env={"FORWARD_SIGNALS": forward_signals})
+    code, out = launch_and_signal(
+        "node", args, when="tost: ", sig=signal.SIGTERM, to=to, env={"FORWARD_SIGNALS": forward_signals}
+    )
     assert code == PREEMPTED_EXIT_CODE, out[-3000:]
     (at,) = re.findall(r"preempted \(SIGTERM\) after step (\d+)", out)
     return int(at)
@@ -85,8 +95,17 @@ def test_deepspeed_zero2_trains_checkpoints_tracks_and_resumes_exactly(tmp_path,
 
     # tools/generate.py samples from the newest committed checkpoint in ToST's recurrent form,
     # printing only the prompt and its continuation.
-    generate = [sys.executable, str(REPO / "tools" / "generate.py"), str(ckpt), "--prompt", "def main(",
-                "--max-new-tokens", "12", "--temperature", "0"]
+    generate = [
+        sys.executable,
+        str(REPO / "tools" / "generate.py"),
+        str(ckpt),
+        "--prompt",
+        "def main(",
+        "--max-new-tokens",
+        "12",
+        "--temperature",
+        "0",
+    ]
     text = subprocess.run(generate, capture_output=True, text=True, timeout=120, check=True).stdout
     assert text.startswith("def main(") and len(text) > len("def main(\n")
 
@@ -137,8 +156,12 @@ def test_plain_python_single_and_deepspeed_engines_agree(tmp_path, corpus_cache)
     runs = {}
     for engine in ("ddp", "deepspeed"):
         runs[engine] = tmp_path / engine
-        check(launch("python", smoke(runs[engine], corpus_cache, f"engine={engine}", "engine.zero_stage=0",
-                                     "train.max_steps=3")))
+        check(
+            launch(
+                "python",
+                smoke(runs[engine], corpus_cache, f"engine={engine}", "engine.zero_stage=0", "train.max_steps=3"),
+            )
+        )
     for key in ("loss", "grad_norm", "lr"):
         single, deepspeed = (metric_history(runs[e], key) for e in ("ddp", "deepspeed"))
         assert sorted(single) == [1, 2, 3]
@@ -149,14 +172,20 @@ def test_plain_python_single_and_deepspeed_engines_agree(tmp_path, corpus_cache)
 def test_smoke_experiment_streams_its_shards_from_s3(tmp_path, s3):
     from pretrain.data.text import stdlib_documents, write_token_shards
 
-    index = write_token_shards(stdlib_documents(300_000), s3.url("e2e/tokens"), 33, 128, storage_options=s3.storage_options)
+    index = write_token_shards(
+        stdlib_documents(300_000), s3.url("e2e/tokens"), 33, 128, storage_options=s3.storage_options
+    )
     urls = s3.url(f"e2e/tokens/shard-{{000000..{len(index['shards']) - 1:06d}}}.tar")
     credentials = [f"+data.storage_options.{k}={v}" for k, v in s3.storage_options.items()]
     run_dir = tmp_path / "s3"
-    checkpoints = [f"checkpoint.url={s3.url('e2e/checkpoints')}", "checkpoint.interval=2",
-                   *(f"+checkpoint.storage_options.{k}={v}" for k, v in s3.storage_options.items())]
-    args = smoke(run_dir, "/unused", "data=shards", f'data.urls="{urls}"', *credentials, *checkpoints,
-                 "data.num_workers=2")
+    checkpoints = [
+        f"checkpoint.url={s3.url('e2e/checkpoints')}",
+        "checkpoint.interval=2",
+        *(f"+checkpoint.storage_options.{k}={v}" for k, v in s3.storage_options.items()),
+    ]
+    args = smoke(
+        run_dir, "/unused", "data=shards", f'data.urls="{urls}"', *credentials, *checkpoints, "data.num_workers=2"
+    )
     check(launch("deepspeed", args + ["train.max_steps=3"]))
     assert sorted(metric_history(run_dir)) == [1, 2, 3]
     assert not (run_dir / "checkpoints").exists()
@@ -165,7 +194,9 @@ def test_smoke_experiment_streams_its_shards_from_s3(tmp_path, s3):
     assert "data.val_urls is not set: this run will not be evaluated" in resumed.stdout
     assert sorted(metric_history(run_dir)) == [1, 2, 3, 4]
     _, run = mlflow_run(run_dir)
-    assert run.data.params["data.storage_options.secret"] == "***" and run.data.params["data.storage_options.key"] == "***"
+    assert (
+        run.data.params["data.storage_options.secret"] == "***" and run.data.params["data.storage_options.key"] == "***"
+    )
     assert run.data.params["data.storage_options.endpoint_url"] == s3.endpoint
     assert "testing" not in (run_dir / "config.yaml").read_text()  # the moto credentials
     assert metric_history(run_dir, "data_skipped") == {1: 0.0, 2: 0.0, 3: 0.0, 4: 0.0}
@@ -180,17 +211,22 @@ def test_node_launcher_passes_on_a_rank_failure_without_hanging():
     assert proc.returncode == 2 and "config key 'optim.lrr'" in proc.stderr
 
 
-@pytest.mark.parametrize("engine", [["engine=fsdp"], ["engine=deepspeed", "engine.zero_stage=2"],
-                                    ["engine=deepspeed", "engine.zero_stage=3"]], ids=["fsdp", "zero2", "zero3"])
+@pytest.mark.parametrize(
+    "engine",
+    [["engine=fsdp"], ["engine=deepspeed", "engine.zero_stage=2"], ["engine=deepspeed", "engine.zero_stage=3"]],
+    ids=["fsdp", "zero2", "zero3"],
+)
 def test_checkpoint_reshards_2_to_1_to_2_ranks_with_the_same_losses(engine, tmp_path, corpus_cache):
     """FSDP2 through DCP, DeepSpeed ZeRO-2 and ZeRO-3 through its universal checkpoint (ZeRO-3 with
     two of DeepSpeed's loader faults repaired: without that, 0.11 apart); the data continue the same
     sequence of global batches: 2 ranks to step 2, 1 rank to step 4, 2 ranks to step 6 take the
     steps of an unbroken 2-rank run (fp32, within 1e-5), and so does the average of the weights
     (train.ema_decay), which every checkpoint holds whole."""
+
     def args(run_dir, steps):
-        return smoke(run_dir, corpus_cache, *engine, "checkpoint.interval=2", f"train.max_steps={steps}",
-                     "train.ema_decay=0.5")
+        return smoke(
+            run_dir, corpus_cache, *engine, "checkpoint.interval=2", f"train.max_steps={steps}", "train.ema_decay=0.5"
+        )
 
     check(launch("torchrun", args(tmp_path / "unbroken", 6)))
     expected = metric_history(tmp_path / "unbroken")
@@ -202,14 +238,18 @@ def test_checkpoint_reshards_2_to_1_to_2_ranks_with_the_same_losses(engine, tmp_
     got = metric_history(resharded)
     assert sorted(got) == list(range(1, 7))
     assert max(abs(got[s] - expected[s]) for s in got) < 1e-5, (got, expected)
-    average, unbroken_average = (torch.load(run / "checkpoints" / "step_00000006" / "ema.pt", weights_only=True)
-                                 for run in (resharded, tmp_path / "unbroken"))
+    average, unbroken_average = (
+        torch.load(run / "checkpoints" / "step_00000006" / "ema.pt", weights_only=True)
+        for run in (resharded, tmp_path / "unbroken")
+    )
     assert average.keys() == unbroken_average.keys() and "lm_head.weight" not in average  # tied to the embedding
     # As close as the weights themselves: Adam turns reduction-order rounding into ~1e-5 moves of
     # elements with near-zero gradients, so compare the whole average in norm.
     difference = sum((average[k] - unbroken_average[k]).square().sum() for k in average).sqrt()
     assert difference / sum(v.square().sum() for v in unbroken_average.values()).sqrt() < 1e-6
-    assert metric_history(resharded, "eval_ema_loss")[6] == pytest.approx(metric_history(tmp_path / "unbroken", "eval_ema_loss")[6], abs=1e-4)
+    assert metric_history(resharded, "eval_ema_loss")[6] == pytest.approx(
+        metric_history(tmp_path / "unbroken", "eval_ema_loss")[6], abs=1e-4
+    )
 
 
 @pytest.mark.faults
@@ -217,9 +257,17 @@ def test_nan_steps_are_skipped_a_streak_reloads_and_a_relapse_gives_up(tmp_path,
     """Rank 0's loss made NaN (fault injection) in step 3, then in steps 5 and 6: step 3 is
     skipped and counted; 5-6 reload the step-4 checkpoint and training goes on to step 8 with
     fresh data. When 5-6 fail again after the one reload allowed, the run stops with one line."""
+
     def args(run_dir):
-        return smoke(run_dir, corpus_cache, "engine=fsdp", "checkpoint.interval=2", "train.max_steps=8",
-                     "train.bad_steps_to_reload=2", "train.max_reloads=1")
+        return smoke(
+            run_dir,
+            corpus_cache,
+            "engine=fsdp",
+            "checkpoint.interval=2",
+            "train.max_steps=8",
+            "train.bad_steps_to_reload=2",
+            "train.max_reloads=1",
+        )
 
     recovered = tmp_path / "recovered"
     out = check(launch("torchrun", args(recovered), env={NAN_ENV: "3,5,6"})).stdout
@@ -232,13 +280,20 @@ def test_nan_steps_are_skipped_a_streak_reloads_and_a_relapse_gives_up(tmp_path,
 
     relapsed = launch("torchrun", args(tmp_path / "relapsed"), env={NAN_ENV: "5,6,5,6"})
     assert relapsed.returncode != 0
-    assert ("error: steps 5-6 had a non-finite loss or gradient norm after 1 reloads of the last checkpoint "
-            "(train.max_reloads=1): giving up") in relapsed.stderr
+    assert (
+        "error: steps 5-6 had a non-finite loss or gradient norm after 1 reloads of the last checkpoint "
+        "(train.max_reloads=1): giving up"
+    ) in relapsed.stderr
 
 
-@pytest.mark.parametrize("recipe, model, launcher, engine", [("crate_base_smoke", "crate", "deepspeed", []),
-                                                             ("tost_small_smoke", "tost_vision", "torchrun", ["engine=fsdp"]),
-                                                             ("vit_base_smoke", "vit", "python", [])])
+@pytest.mark.parametrize(
+    "recipe, model, launcher, engine",
+    [
+        ("crate_base_smoke", "crate", "deepspeed", []),
+        ("tost_small_smoke", "tost_vision", "torchrun", ["engine=fsdp"]),
+        ("vit_base_smoke", "vit", "python", []),
+    ],
+)
 def test_vision_smoke_recipes_learn_digits_and_beat_chance(recipe, model, launcher, engine, tmp_path, corpus_cache):
     """Each family's smoke recipe, as users run it (ToST's with Mixup, CutMix and an average of
     the weights): the loss falls, and on the 299 held-out digits, evaluated midway and at the
@@ -259,6 +314,10 @@ def test_vision_smoke_recipes_learn_digits_and_beat_chance(recipe, model, launch
     # White-box measures per layer at each evaluation, and their plot against depth at the end.
     client, run = mlflow_run(run_dir)
     measured = {name.rsplit("_layer", 1)[0] for name in run.data.metrics if "_layer" in name}
-    assert measured == {"crate": {"rc_in", "rc_out", "sparsity"}, "tost_vision": {"rc_in", "rc_out", "pi_entropy"},
-                        "vit": set()}[model]
+    assert (
+        measured
+        == {"crate": {"rc_in", "rc_out", "sparsity"}, "tost_vision": {"rc_in", "rc_out", "pi_entropy"}, "vit": set()}[
+            model
+        ]
+    )
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == (["whitebox.png"] if measured else [])

@@ -21,11 +21,22 @@ SEQ_LEN, ALPHABET = 16, 16
 TINY_MODEL = ["model.n_layer=2", "model.n_head=4", "model.n_embd=64", f"model.seq_len={SEQ_LEN}"]
 
 
-def config(model: str, engine: list[str], global_batch: int = 8, micro: int = 2, lr: float = 3e-3,
-           precision: str = "fp32"):
-    return load_config([f"+exp={model}_smoke", *TINY_MODEL, *engine, f"engine.precision={precision}",
-                        f"train.global_batch_size={global_batch}", f"train.micro_batch_size={micro}",
-                        f"optim.lr={lr}", "optim.warmup_steps=2", "optim.decay_steps=10"])
+def config(
+    model: str, engine: list[str], global_batch: int = 8, micro: int = 2, lr: float = 3e-3, precision: str = "fp32"
+):
+    return load_config(
+        [
+            f"+exp={model}_smoke",
+            *TINY_MODEL,
+            *engine,
+            f"engine.precision={precision}",
+            f"train.global_batch_size={global_batch}",
+            f"train.micro_batch_size={micro}",
+            f"optim.lr={lr}",
+            "optim.warmup_steps=2",
+            "optim.decay_steps=10",
+        ]
+    )
 
 
 def global_batches(steps: int, size: int, seed: int = 0) -> list[torch.Tensor]:
@@ -77,7 +88,10 @@ def weight_errors(weights: dict, ref: dict) -> tuple[float, dict[str, float]]:
     agrees to 1e-5; a real engine bug (a wrong averaging factor, a missed clip) is ~1e-1.
     """
     diff = {k: weights[k].double() - v.double() for k, v in ref.items()}
-    total = sum(d.square().sum() for d in diff.values()).sqrt() / sum(v.double().square().sum() for v in ref.values()).sqrt()
+    total = (
+        sum(d.square().sum() for d in diff.values()).sqrt()
+        / sum(v.double().square().sum() for v in ref.values()).sqrt()
+    )
     return total.item(), {k: (d.norm() / ref[k].double().norm()).item() for k, d in diff.items()}
 
 
@@ -168,7 +182,8 @@ def skip_nan_step(dist_info, variants):
         engine, losses = train(dist_info, cfg, blocks[:2])
         before = engine.full_state_dict()
         poisoned = engine.model.register_forward_hook(
-            lambda module, args, loss: loss * float("nan") if dist_info.rank == 0 else loss)
+            lambda module, args, loss: loss * float("nan") if dist_info.rank == 0 else loss
+        )
         micro = rank_micro_batches(blocks[2], dist_info.rank, dist_info.world_size, cfg.train.micro_batch_size)
         result = engine.train_step(micro)
         poisoned.remove()
@@ -185,8 +200,12 @@ def train_losses(dist_info, overrides, blocks):
 
 @pytest.mark.slow
 def test_a_nan_loss_on_one_rank_skips_the_step_on_every_rank_as_if_it_never_ran():
-    variants = {"ddp": ["engine=ddp"], "fsdp": ["engine=fsdp"], "zero0": ["engine=deepspeed", "engine.zero_stage=0"],
-                "zero2": ["engine=deepspeed", "engine.zero_stage=2"]}
+    variants = {
+        "ddp": ["engine=ddp"],
+        "fsdp": ["engine=fsdp"],
+        "zero0": ["engine=deepspeed", "engine.zero_stage=0"],
+        "zero2": ["engine=deepspeed", "engine.zero_stage=2"],
+    }
     results = run_local_world(skip_nan_step, 2, variants)[0]
     blocks = global_batches(4, 8)
     (clean,) = run_local_world(train_losses, 1, ["engine=ddp"], [blocks[0], blocks[1], blocks[3]])
@@ -208,8 +227,11 @@ def save_after_two_steps(dist_info, overrides, step_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", [["engine=deepspeed", "engine.zero_stage=2"], ["engine=deepspeed", "engine.zero_stage=0"],
-                                    ["engine=fsdp"]], ids=["zero2", "zero0", "fsdp"])
+@pytest.mark.parametrize(
+    "engine",
+    [["engine=deepspeed", "engine.zero_stage=2"], ["engine=deepspeed", "engine.zero_stage=0"], ["engine=fsdp"]],
+    ids=["zero2", "zero0", "fsdp"],
+)
 def test_export_reads_the_trained_weights_back_in_one_process(engine, tmp_path):
     """What tools read (pretrain.checkpoint.export) is exactly what the engine trained."""
     from pretrain.checkpoint.export import model_weights
@@ -234,6 +256,7 @@ def average_weights(dist_info, variants, root):
         cfg = config("tost_gpt2", overrides)
         engine, _ = train(dist_info, cfg, [])
         ema = WeightAverage(engine, 0.5)
+
         def snapshot():  # unsharded CPU weights may come back as the live tensors themselves
             return {name: w.clone() for name, w in engine.full_state_dict().items()}
 

@@ -16,12 +16,15 @@ def test_deepspeed_local_rank_argument_is_stripped():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides, key", [
-    (["+exp=tost_gpt2_smoke", "optim.lrr=1e-3"], "optim.lrr"),
-    (["+exp=tost_gpt2"], "data.urls"),
-    (["+exp=tost_gpt2_smoke", "train.max_steps=many"], "train.max_steps"),
-    (["+exp=tost_gpt2", "data.urls=s3://b/shard-{0..9}.tar"], "data.urls=s3://b/shard-{0..9}.tar"),
-])
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["+exp=tost_gpt2_smoke", "optim.lrr=1e-3"], "optim.lrr"),
+        (["+exp=tost_gpt2"], "data.urls"),
+        (["+exp=tost_gpt2_smoke", "train.max_steps=many"], "train.max_steps"),
+        (["+exp=tost_gpt2", "data.urls=s3://b/shard-{0..9}.tar"], "data.urls=s3://b/shard-{0..9}.tar"),
+    ],
+)
 def test_bad_config_is_one_line_naming_the_key(overrides, key):
     proc = launch("python", overrides, timeout=120)
     assert proc.returncode == 2

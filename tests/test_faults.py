@@ -40,10 +40,21 @@ def all_losses(run_dir) -> dict[int, list[float]]:
 
 
 def args(engine: str, run_dir, checkpoint_url, corpus_cache, storage: list[str]) -> list[str]:
-    return ["+exp=tost_gpt2_smoke", *TINY, f"run_dir={run_dir}", f"data.cache_dir={corpus_cache}",
-            f"engine={engine}", "engine.precision=fp32", "optim.lr=1e-2", "optim.warmup_steps=2",
-            "optim.decay_steps=8", f"train.max_steps={STEPS}", f"checkpoint.interval={INTERVAL}",
-            f"checkpoint.url={checkpoint_url}", *storage]
+    return [
+        "+exp=tost_gpt2_smoke",
+        *TINY,
+        f"run_dir={run_dir}",
+        f"data.cache_dir={corpus_cache}",
+        f"engine={engine}",
+        "engine.precision=fp32",
+        "optim.lr=1e-2",
+        "optim.warmup_steps=2",
+        "optim.decay_steps=8",
+        f"train.max_steps={STEPS}",
+        f"checkpoint.interval={INTERVAL}",
+        f"checkpoint.url={checkpoint_url}",
+        *storage,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +75,9 @@ def uninterrupted(tmp_path_factory, corpus_cache):
 # Each engine once and each store once: an engine's files reach a store through the same code
 # whatever the engine (a chain is a minute of the suite's time on 2 cores).
 @pytest.mark.parametrize("engine, store", [("deepspeed", "s3"), ("fsdp", "file")])
-def test_kill_9_anywhere_then_restart_ends_exactly_like_an_uninterrupted_run(engine, store, tmp_path, corpus_cache,
-                                                                             uninterrupted, request):
+def test_kill_9_anywhere_then_restart_ends_exactly_like_an_uninterrupted_run(
+    engine, store, tmp_path, corpus_cache, uninterrupted, request
+):
     storage: list[str] = []
     url = str(tmp_path / "crashed-checkpoints")
     if store == "s3":
@@ -80,7 +92,8 @@ def test_kill_9_anywhere_then_restart_ends_exactly_like_an_uninterrupted_run(eng
     for point, step in kill_points(SEED):
         proc = launch("node", command, env={ENV: f"{point}:{step}"})
         assert proc.returncode == -signal.SIGKILL or proc.returncode != 0 and "Killed" in proc.stderr, (
-            f"{point}:{step} was not reached: exit {proc.returncode}\n{proc.stdout[-3000:]}")
+            f"{point}:{step} was not reached: exit {proc.returncode}\n{proc.stdout[-3000:]}"
+        )
     check(launch("node", command))
     replayed = all_losses(crashed)
     assert sorted(replayed) == list(range(1, STEPS + 1))

@@ -60,6 +60,8 @@ def test_greedy_generation_takes_the_parallel_models_argmax_at_every_step():
     with torch.no_grad():
         logits = model(out[:, :-1])
     assert torch.equal(out[:, 5:], logits[:, 4:].argmax(-1))
-    sampled = [model.generate(prompt, 8, temperature=1.0, top_k=20, generator=torch.Generator().manual_seed(3))
-               for _ in range(2)]
+    sampled = [
+        model.generate(prompt, 8, temperature=1.0, top_k=20, generator=torch.Generator().manual_seed(3))
+        for _ in range(2)
+    ]
     assert torch.equal(*sampled)  # seeded sampling repeats

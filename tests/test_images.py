@@ -117,8 +117,9 @@ def test_same_input_gives_identical_bytes(digits_dir, tmp_path):
 
 def test_prepare_digits_once_and_waiters(tmp_path):
     results = []
-    waiter = threading.Thread(target=lambda: results.append(
-        prepare_digits(str(tmp_path), 1000, is_preparer=False, poll_interval_s=0.05)))
+    waiter = threading.Thread(
+        target=lambda: results.append(prepare_digits(str(tmp_path), 1000, is_preparer=False, poll_interval_s=0.05))
+    )
     waiter.start()
     path = prepare_digits(str(tmp_path), 1000, is_preparer=True)
     waiter.join(timeout=30)
@@ -157,8 +158,13 @@ def test_image_folder_keeps_files_as_they_are(folder, tmp_path):
 def test_image_folder_short_side(folder):
     source = image_folder_samples(str(folder), short_side=20)
     sizes = [(ext, opened(data).format, opened(data).size) for data, ext, _ in source.samples]
-    assert sizes == [("png", "PNG", (27, 20)), ("jpg", "JPEG", (20, 27)), ("png", "PNG", (16, 12)),
-                     ("png", "PNG", (20, 30)), ("jpg", "JPEG", (20, 20))]
+    assert sizes == [
+        ("png", "PNG", (27, 20)),
+        ("jpg", "JPEG", (20, 27)),
+        ("png", "PNG", (16, 12)),
+        ("png", "PNG", (20, 30)),
+        ("jpg", "JPEG", (20, 20)),
+    ]
 
 
 def test_csv_labels_names_and_ints(folder, tmp_path):
@@ -174,7 +180,9 @@ def test_csv_labels_names_and_ints(folder, tmp_path):
     source = csv_samples(str(numbered))
     assert source.classes == ["0", "1", "2", "3"]
     assert [(data, label) for data, _, label in source.samples] == [
-        ((folder / "cat/a.png").read_bytes(), 3), ((folder / "cat/b.JPG").read_bytes(), 0)]
+        ((folder / "cat/a.png").read_bytes(), 3),
+        ((folder / "cat/b.JPG").read_bytes(), 0),
+    ]
 
 
 def test_s3_input_and_output(folder, s3):
@@ -220,7 +228,7 @@ def test_bad_inputs_name_the_file(folder, tmp_path):
 def halves(width: int, height: int) -> Image.Image:
     """Black left half, white right half."""
     pixels = np.zeros((height, width, 3), np.uint8)
-    pixels[:, width // 2:] = 255
+    pixels[:, width // 2 :] = 255
     return Image.fromarray(pixels)
 
 
@@ -294,8 +302,10 @@ def test_decode_sample_and_bad_members(digits_dir):
         "cls missing": ({k: v for k, v in sample.items() if k != "cls"}, rf"{key} in shard {url} has no \.cls"),
         "cls": ({**sample, "cls": b"five"}, rf"{key}\.cls in shard {url} is 'five'"),
         "cls range": ({**sample, "cls": b"10"}, rf"{key}\.cls in shard {url} is '10', not a class number 0\.\.9"),
-        "image missing": ({k: v for k, v in sample.items() if k != "png"},
-                          rf"{key} in shard {url} has no \.jpg or \.png"),
+        "image missing": (
+            {k: v for k, v in sample.items() if k != "png"},
+            rf"{key} in shard {url} has no \.jpg or \.png",
+        ),
     }
     for bad, pattern in cases.values():
         with pytest.raises(UserError, match=pattern):
@@ -306,10 +316,19 @@ def test_decode_sample_and_bad_members(digits_dir):
 
 
 def prepare_images(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, str(REPO / "tools/prepare_images.py"), "--no-progress", *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    return subprocess.run(
+        [sys.executable, str(REPO / "tools/prepare_images.py"), "--no-progress", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.mark.slow
@@ -328,8 +347,10 @@ def test_cli_digits_and_folder_to_s3(tmp_path, folder, s3):
 @pytest.mark.slow
 def test_cli_bad_input_is_one_line(tmp_path, folder):
     (folder / "cat/broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
-    for args, culprit in [(["--image-folder", str(folder)], "cat/broken.jpg"),
-                          (["--csv", str(tmp_path / "missing.csv")], "missing.csv")]:
+    for args, culprit in [
+        (["--image-folder", str(folder)], "cat/broken.jpg"),
+        (["--csv", str(tmp_path / "missing.csv")], "missing.csv"),
+    ]:
         proc = prepare_images(*args, "--output", str(tmp_path / "out"))
         assert proc.returncode == 2
         lines = proc.stderr.strip().splitlines()

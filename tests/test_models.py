@@ -70,9 +70,7 @@ def test_tied_head_and_no_weight_decay(name: str) -> None:
     params = dict(model.named_parameters())
     expected = {"wpe.weight"}
     if name.startswith("tost"):
-        expected |= {
-            f"blocks.{i}.attn.{p}" for i in range(len(model.blocks)) for p in ("temp", "denom_bias")
-        }
+        expected |= {f"blocks.{i}.attn.{p}" for i in range(len(model.blocks)) for p in ("temp", "denom_bias")}
     assert model.no_weight_decay() == expected
     assert all(params[n].ndim >= 2 for n in expected)
 

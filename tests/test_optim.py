@@ -13,8 +13,9 @@ from pretrain.optim import build_optimizer, build_scheduler, lr_at
 
 
 def test_decay_only_on_matrices_and_never_on_tssa_statistics_or_positions():
-    model = build_model(ModelConfig(name="tost", n_layer=2, n_head=4, n_embd=32, vocab_size=128, seq_len=16,
-                                    layerscale_init=1e-5))
+    model = build_model(
+        ModelConfig(name="tost", n_layer=2, n_head=4, n_embd=32, vocab_size=128, seq_len=16, layerscale_init=1e-5)
+    )
     decay, no_decay = build_optimizer(model, OptimConfig(weight_decay=0.1)).param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
@@ -23,8 +24,11 @@ def test_decay_only_on_matrices_and_never_on_tssa_statistics_or_positions():
     assert decayed | exempt == set(names.values()) and not decayed & exempt
     assert "wte.weight" in decayed
     for name in exempt:
-        assert (name == "wpe.weight" or name.endswith((".temp", ".denom_bias", ".bias"))
-                or model.get_parameter(name).ndim == 1), name
+        assert (
+            name == "wpe.weight"
+            or name.endswith((".temp", ".denom_bias", ".bias"))
+            or model.get_parameter(name).ndim == 1
+        ), name
     assert "wpe.weight" in exempt
     assert any(n.endswith(".temp") for n in exempt) and any(n.endswith(".denom_bias") for n in exempt)
     assert all(model.get_parameter(n).ndim == 2 for n in decayed)

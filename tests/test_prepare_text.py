@@ -39,7 +39,8 @@ BLOCKS_PER_SHARD = 4
 UINT16 = np.dtype(np.uint16)
 # About 70 blocks of 17 tokens: ~18 shards of 4, enough to interrupt a run in the middle.
 DOCS = [
-    f"Document {i}: " + "the quick brown fox jumps over the lazy dog. " * (i % 4 + 1)
+    f"Document {i}: "
+    + "the quick brown fox jumps over the lazy dog. " * (i % 4 + 1)
     + ("naïve café, 日本語, 🚀" if i % 7 == 0 else "")
     for i in range(30)
 ]
@@ -105,11 +106,30 @@ def test_s3_jsonl_and_parquet_round_trip_through_the_cli(s3):
         f.write(b"".join(json.dumps({"body": d}).encode() + b"\n" for d in DOCS[:12]) + b"\n")  # blank line
     pq.write_table(pa.table({"id": list(range(12, 30)), "body": DOCS[12:]}), f"{root}/in/b.parquet", filesystem=fs)
     fs.pipe(f"{root}/in/notes.md", b"not an input")
-    options = [f"--storage-option=endpoint_url={s3.endpoint}", "--storage-option", "key=testing",
-               "--storage-option", "secret=testing"]
-    code = load_cli().main([s3.url("roundtrip/in"), "--output", s3.url("roundtrip/out"), "--block-len", str(BLOCK_LEN),
-                            "--blocks-per-shard", str(BLOCKS_PER_SHARD), "--text-field", "body", "--workers", "1",
-                            "--no-progress", *options])
+    options = [
+        f"--storage-option=endpoint_url={s3.endpoint}",
+        "--storage-option",
+        "key=testing",
+        "--storage-option",
+        "secret=testing",
+    ]
+    code = load_cli().main(
+        [
+            s3.url("roundtrip/in"),
+            "--output",
+            s3.url("roundtrip/out"),
+            "--block-len",
+            str(BLOCK_LEN),
+            "--blocks-per-shard",
+            str(BLOCKS_PER_SHARD),
+            "--text-field",
+            "body",
+            "--workers",
+            "1",
+            "--no-progress",
+            *options,
+        ]
+    )
     assert code == 0
     fs.invalidate_cache()
     index = json.loads(fs.cat(f"{root}/out/{INDEX_NAME}"))
@@ -249,7 +269,9 @@ def test_other_settings_are_refused_unless_overwrite(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(RuntimeError):
         prepare_docs(interrupted(DOCS, 20), out)
-    with pytest.raises(UserError, match=rf"{re.escape(str(out))}/_progress.json is from a different preparation.*--overwrite"):
+    with pytest.raises(
+        UserError, match=rf"{re.escape(str(out))}/_progress.json is from a different preparation.*--overwrite"
+    ):
         prepare_token_shards(DOCS, str(out), BLOCK_LEN, 2, identity="DOCS")
     index = prepare_token_shards(DOCS, str(out), BLOCK_LEN, 2, identity="DOCS", overwrite=True).index
     assert sorted(p.name for p in out.iterdir()) == sorted([INDEX_NAME] + [s["name"] for s in index["shards"]])
@@ -278,10 +300,14 @@ def write_bad_jsonl(tmp_path, third_line):
         (lambda p: write_bad_jsonl(p, '{"body": "no text field"}'), "{} line 3 has no field 'text'"),
         (lambda p: write_bad_jsonl(p, '{"text": "unterminated'), "{} line 3 is not valid JSON"),
         (lambda p: write_bad_jsonl(p, '{"text": 42}'), "{} line 3: field 'text' is int, not a string"),
-        (lambda p: pq.write_table(pa.table({"body": ["x"]}), p / "t.parquet") or p / "t.parquet",
-         "{} has no column 'text' (it has: body)"),
-        (lambda p: pq.write_table(pa.table({"text": ["x", None]}), p / "t.parquet") or p / "t.parquet",
-         "{} row 2: column 'text' is null"),
+        (
+            lambda p: pq.write_table(pa.table({"body": ["x"]}), p / "t.parquet") or p / "t.parquet",
+            "{} has no column 'text' (it has: body)",
+        ),
+        (
+            lambda p: pq.write_table(pa.table({"text": ["x", None]}), p / "t.parquet") or p / "t.parquet",
+            "{} row 2: column 'text' is null",
+        ),
         (lambda p: (p / "t.parquet").write_bytes(b"not parquet") and p / "t.parquet", "cannot read {} as Parquet"),
         (lambda p: (p / "t.txt").write_bytes(b"\xff\xfe bad utf-8") and p / "t.txt", "cannot read {} as UTF-8"),
         (lambda p: (p / "t.csv").write_text("a,b") and p / "t.csv", "input {} is not a .txt, .jsonl or .parquet file"),
@@ -289,8 +315,19 @@ def write_bad_jsonl(tmp_path, third_line):
         (lambda p: (p / "empty").mkdir() or p / "empty", "input {} holds or matches no"),
         (lambda p: p / "*.jsonl", "input {} holds or matches no"),
     ],
-    ids=["no-field", "bad-json", "not-string", "no-column", "null-row", "bad-parquet", "bad-utf8", "suffix",
-         "missing", "empty-dir", "empty-glob"],
+    ids=[
+        "no-field",
+        "bad-json",
+        "not-string",
+        "no-column",
+        "null-row",
+        "bad-parquet",
+        "bad-utf8",
+        "suffix",
+        "missing",
+        "empty-dir",
+        "empty-glob",
+    ],
 )
 def test_bad_input_is_named(tmp_path, make, message):
     path = make(tmp_path)
@@ -305,8 +342,11 @@ def test_missing_s3_input_is_named(s3):
 
 
 def test_storage_option_must_be_key_value():
-    assert parse_storage_options(["anon=true", "endpoint_url=http://h:9", "client_kwargs={\"a\": 1}"]) == {
-        "anon": True, "endpoint_url": "http://h:9", "client_kwargs": {"a": 1}}
+    assert parse_storage_options(["anon=true", "endpoint_url=http://h:9", 'client_kwargs={"a": 1}']) == {
+        "anon": True,
+        "endpoint_url": "http://h:9",
+        "client_kwargs": {"a": 1},
+    }
     with pytest.raises(UserError, match="--storage-option 'endpoint_url' is not KEY=VALUE"):
         parse_storage_options(["endpoint_url"])
 
@@ -331,8 +371,20 @@ def test_cli_end_to_end_on_local_files(tmp_path):
     write_jsonl(tmp_path / "extra.jsonl", DOCS[:3])
     out = tmp_path / "out"
     target = 20_000
-    args = [str(corpus), str(tmp_path / "*.jsonl"), "--output", str(out), "--block-len", str(BLOCK_LEN),
-            "--shard-size-mb", str(target / 2**20), "--workers", "2", "--chunk-chars", "500"]
+    args = [
+        str(corpus),
+        str(tmp_path / "*.jsonl"),
+        "--output",
+        str(out),
+        "--block-len",
+        str(BLOCK_LEN),
+        "--shard-size-mb",
+        str(target / 2**20),
+        "--workers",
+        "2",
+        "--chunk-chars",
+        "500",
+    ]
 
     run = run_cli(args)
     assert run.returncode == 0, run.stderr

@@ -73,18 +73,24 @@ def s3_images(s3) -> tuple[str, dict]:
 
 def config(root: str, storage_options: dict | None = None, **overrides) -> DataConfig:
     urls = f"{root}/shard-{{000000..{N_SHARDS - 1:06d}}}.tar"
-    return DataConfig(source="shards", urls=urls, storage_options=storage_options or {},
-                      **{"num_workers": 0, "shuffle_buffer": 3, "retry_backoff_s": 0.01, **overrides})
+    return DataConfig(
+        source="shards",
+        urls=urls,
+        storage_options=storage_options or {},
+        **{"num_workers": 0, "shuffle_buffer": 3, "retry_backoff_s": 0.01, **overrides},
+    )
 
 
 def loader(cfg: DataConfig, rank: int = 0, world: int = 1, batch: int = 2) -> ShardLoader:
-    return build_text_loader(cfg, seq_len=SEQ_LEN, vocab_size=50304, batch_size=batch, rank=rank,
-                             world_size=world, local_rank=rank, seed=5)
+    return build_text_loader(
+        cfg, seq_len=SEQ_LEN, vocab_size=50304, batch_size=batch, rank=rank, world_size=world, local_rank=rank, seed=5
+    )
 
 
 def image_loader(cfg: DataConfig, rank: int = 0, world: int = 1, batch: int = 2, train: bool = True) -> ShardLoader:
-    return build_image_loader(cfg, image_size=IMAGE_SIZE, batch_size=batch, rank=rank, world_size=world,
-                              local_rank=rank, seed=5, train=train)
+    return build_image_loader(
+        cfg, image_size=IMAGE_SIZE, batch_size=batch, rank=rank, world_size=world, local_rank=rank, seed=5, train=train
+    )
 
 
 LOADERS = {"text": loader, "images": image_loader}
@@ -124,8 +130,12 @@ RESUME_CASES = [
 @pytest.mark.parametrize("where", ["file", "s3"])
 @pytest.mark.parametrize("kind, workers, world", RESUME_CASES)
 def test_resume_replays_exactly_mid_shard_at_shard_and_epoch_boundaries(where, kind, workers, world, request):
-    fixture = {("text", "file"): "local_shards", ("text", "s3"): "s3_shards",
-               ("images", "file"): "local_images", ("images", "s3"): "s3_images"}[kind, where]
+    fixture = {
+        ("text", "file"): "local_shards",
+        ("text", "s3"): "s3_shards",
+        ("images", "file"): "local_images",
+        ("images", "s3"): "s3_images",
+    }[kind, where]
     shards = request.getfixturevalue(fixture)
     root, options = (shards, None) if where == "file" else shards
     cfg = config(root, options, num_workers=workers)
@@ -145,16 +155,21 @@ def test_resume_replays_exactly_mid_shard_at_shard_and_epoch_boundaries(where, k
             assert all(torch.equal(a, b) for a, b in zip(got, expected)), (rank, cut)
 
 
-def run_steps(cfg: DataConfig, layout: tuple[int, int], steps: int, state: dict | None,
-              micro_batches: int = 4) -> tuple[list[list[tuple]], dict]:
+def run_steps(
+    cfg: DataConfig, layout: tuple[int, int], steps: int, state: dict | None, micro_batches: int = 4
+) -> tuple[list[list[tuple]], dict]:
     """`steps` optimizer steps of `micro_batches` single-sample micro-batches over `layout`
     (ranks, workers): each step's samples, sorted, and every rank's data state joined."""
     ranks, workers = layout
     per_step: list[list[tuple]] = [[] for _ in range(steps)]
     states = []
     for rank in range(ranks):
-        rank_loader = loader(config(cfg.urls.rsplit("/", 1)[0], num_workers=workers, readers=cfg.readers),
-                             rank=rank, world=ranks, batch=1)
+        rank_loader = loader(
+            config(cfg.urls.rsplit("/", 1)[0], num_workers=workers, readers=cfg.readers),
+            rank=rank,
+            world=ranks,
+            batch=1,
+        )
         if state is not None:
             rank_loader.load_state_dict(state)
         batches = iter(rank_loader)
@@ -179,10 +194,15 @@ def test_resharded_resume_takes_the_same_samples_each_step(local_shards):
 
 def test_a_layout_that_cannot_share_the_readers_is_refused_naming_a_fix(local_shards):
     _, state = run_steps(config(local_shards, readers=4), (2, 0), 1, None)
-    with pytest.raises(UserError, match=r"run's 4 logical readers .* 4 ranks x 2 loader workers: set data.num_workers=1"):
+    with pytest.raises(
+        UserError, match=r"run's 4 logical readers .* 4 ranks x 2 loader workers: set data.num_workers=1"
+    ):
         loader(config(local_shards, num_workers=2), rank=0, world=4, batch=1).load_state_dict(state)
-    with pytest.raises(UserError, match=r"data.readers=6 cannot be shared evenly by 4 ranks x 1 loader workers: "
-                                        r"use a number of ranks that divides 6"):
+    with pytest.raises(
+        UserError,
+        match=r"data.readers=6 cannot be shared evenly by 4 ranks x 1 loader workers: "
+        r"use a number of ranks that divides 6",
+    ):
         loader(config(local_shards, readers=6, num_workers=1), rank=0, world=4)
     with pytest.raises(UserError, match=r"batch_size 1 -> 2\): resume with the same shards, train.micro_batch_size"):
         loader(config(local_shards), rank=0, world=2, batch=2).load_state_dict(state)
@@ -240,12 +260,24 @@ BAD_DATA = {
     "not a .npy member": ("text", not_npy, "shard-000006.tar member 000000024", 1),
     "missing shard": ("text", lambda d: (d / "shard-000003.tar").unlink(), "shard-000003.tar", 4),
     "truncated tar": ("text", truncate, "shard-000002.tar", None),
-    "wrong dtype": ("text", lambda d: replace_member(d / "shard-000001.tar", ".npy", wrong_dtype_block()),
-                    "shard-000001.tar member 000000004", 1),
-    "undecodable image": ("images", lambda d: replace_member(d / "shard-000006.tar", ".png", b"\x89PNG cut short"),
-                          r"shard-000006.tar member 000000024 \(cannot decode image 000000024.png", 1),
-    "label out of range": ("images", lambda d: replace_member(d / "shard-000001.tar", ".cls", b"12"),
-                           r"shard-000001.tar member 000000004 \(label 000000004.cls .* is '12'", 1),
+    "wrong dtype": (
+        "text",
+        lambda d: replace_member(d / "shard-000001.tar", ".npy", wrong_dtype_block()),
+        "shard-000001.tar member 000000004",
+        1,
+    ),
+    "undecodable image": (
+        "images",
+        lambda d: replace_member(d / "shard-000006.tar", ".png", b"\x89PNG cut short"),
+        r"shard-000006.tar member 000000024 \(cannot decode image 000000024.png",
+        1,
+    ),
+    "label out of range": (
+        "images",
+        lambda d: replace_member(d / "shard-000001.tar", ".cls", b"12"),
+        r"shard-000001.tar member 000000004 \(label 000000004.cls .* is '12'",
+        1,
+    ),
     "truncated image tar": ("images", truncate, "shard-000002.tar", None),
 }
 
@@ -254,7 +286,9 @@ BAD_DATA = {
 def test_bad_data_raises_naming_the_shard_or_is_skipped_and_counted(case, request, tmp_path):
     kind, damage, named, lost = BAD_DATA[case]
     loader = LOADERS[kind]
-    root = copy_shards(request.getfixturevalue("local_shards" if kind == "text" else "local_images"), tmp_path / "shards")
+    root = copy_shards(
+        request.getfixturevalue("local_shards" if kind == "text" else "local_images"), tmp_path / "shards"
+    )
     damage(tmp_path / "shards")
     with pytest.raises(UserError, match=named):
         take(iter(loader(config(root, shuffle_buffer=1), batch=1)), 32)
@@ -302,9 +336,13 @@ def test_transient_read_errors_are_retried_with_backoff(local_shards):
 def test_shard_set_problems_are_named_before_reading(local_shards, tmp_path):
     root = copy_shards(local_shards, tmp_path / "shards")
     with pytest.raises(UserError, match=r"block_len=9 tokens but model\.seq_len=32"):
-        build_text_loader(config(root), seq_len=32, vocab_size=50304, batch_size=1, rank=0, world_size=1, local_rank=0, seed=0)
+        build_text_loader(
+            config(root), seq_len=32, vocab_size=50304, batch_size=1, rank=0, world_size=1, local_rank=0, seed=0
+        )
     with pytest.raises(UserError, match=r"50257-token vocabulary but model\.vocab_size=1000"):
-        build_text_loader(config(root), seq_len=SEQ_LEN, vocab_size=1000, batch_size=1, rank=0, world_size=1, local_rank=0, seed=0)
+        build_text_loader(
+            config(root), seq_len=SEQ_LEN, vocab_size=1000, batch_size=1, rank=0, world_size=1, local_rank=0, seed=0
+        )
     with pytest.raises(UserError, match="shard-999999.tar is not listed"):
         loader(DataConfig(source="shards", urls=f"{root}/shard-{{000000,999999}}.tar"))
     with pytest.raises(UserError, match="gives no shard URL"):
@@ -329,8 +367,13 @@ def test_data_source_settings_are_checked(local_shards):
 
 def test_embedded_stdlib_corpus_streams(tmp_path):
     cfg = DataConfig(source="stdlib", cache_dir=str(tmp_path), stdlib_max_mb=0.1, samples_per_shard=64, num_workers=0)
-    batch = next(iter(build_text_loader(cfg, seq_len=16, vocab_size=50304, batch_size=4, rank=1, world_size=2,
-                                        local_rank=0, seed=3)))
+    batch = next(
+        iter(
+            build_text_loader(
+                cfg, seq_len=16, vocab_size=50304, batch_size=4, rank=1, world_size=2, local_rank=0, seed=3
+            )
+        )
+    )
     assert batch["input_ids"].shape == (4, 16) and batch["input_ids"].dtype == torch.int64
     assert (batch["labels"][:, :-1] == batch["input_ids"][:, 1:]).all()
 
@@ -338,16 +381,35 @@ def test_embedded_stdlib_corpus_streams(tmp_path):
 def test_embedded_digits_stream_with_train_and_eval_transforms(tmp_path):
     cfg = load_config(["data=digits", f"data.cache_dir={tmp_path}", "data.num_workers=0"]).data
     assert cfg.source == "digits" and cfg.image.flip_p == 0.5
-    train = next(iter(build_image_loader(cfg, image_size=16, batch_size=8, rank=1, world_size=2, local_rank=0,
-                                         seed=3, train=True)))
+    train = next(
+        iter(
+            build_image_loader(cfg, image_size=16, batch_size=8, rank=1, world_size=2, local_rank=0, seed=3, train=True)
+        )
+    )
     assert train["images"].shape == (8, 3, 16, 16) and train["images"].dtype == torch.float32
     assert train["labels"].shape == (8,) and 0 <= train["labels"].min() and train["labels"].max() <= 9
-    first, again = (next(iter(build_image_loader(cfg, image_size=16, batch_size=8, rank=0, world_size=1, local_rank=0,
-                                                 seed=3, train=False))) for _ in range(2))
+    first, again = (
+        next(
+            iter(
+                build_image_loader(
+                    cfg, image_size=16, batch_size=8, rank=0, world_size=1, local_rank=0, seed=3, train=False
+                )
+            )
+        )
+        for _ in range(2)
+    )
     assert torch.equal(first["images"], again["images"])  # eval: no randomness
     with pytest.raises(UserError, match="data.source='stdlib' is not one of digits, shards"):
-        build_image_loader(DataConfig(source="stdlib"), image_size=16, batch_size=1, rank=0, world_size=1,
-                           local_rank=0, seed=0, train=True)
+        build_image_loader(
+            DataConfig(source="stdlib"),
+            image_size=16,
+            batch_size=1,
+            rank=0,
+            world_size=1,
+            local_rank=0,
+            seed=0,
+            train=True,
+        )
 
 
 @pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
@@ -358,15 +420,27 @@ def test_evaluation_reads_the_validation_split_once_over_the_ranks(workers, tmp_
     cfg = load_config(["data=digits", f"data.cache_dir={tmp_path}", f"data.num_workers={workers}"]).data
     seen = []
     for rank in (0, 1):
-        loader = build_image_loader(cfg, image_size=8, batch_size=16, rank=rank, world_size=2, local_rank=rank,
-                                    seed=3, train=False)
+        loader = build_image_loader(
+            cfg, image_size=8, batch_size=16, rank=rank, world_size=2, local_rank=rank, seed=3, train=False
+        )
         batches = list(loader)
         assert [len(b["labels"]) for b in batches] == [len(b["labels"]) for b in loader]  # finite, repeatable
-        seen += [(tuple(image.flatten().tolist()), label) for b in batches
-                 for image, label in zip(b["images"], b["labels"].tolist())]
+        seen += [
+            (tuple(image.flatten().tolist()), label)
+            for b in batches
+            for image, label in zip(b["images"], b["labels"].tolist())
+        ]
     val = digits_samples("val").samples
     assert len(seen) == len(val) == 299
     assert sorted(label for _, label in seen) == sorted(label for _, _, label in val)
     with pytest.raises(UserError, match="data.val_urls is required when data.source=shards"):
-        build_image_loader(load_config(["data=image_shards", "data.urls=/x/shard-000000.tar"]).data, image_size=8,
-                           batch_size=1, rank=0, world_size=1, local_rank=0, seed=0, train=False)
+        build_image_loader(
+            load_config(["data=image_shards", "data.urls=/x/shard-000000.tar"]).data,
+            image_size=8,
+            batch_size=1,
+            rank=0,
+            world_size=1,
+            local_rank=0,
+            seed=0,
+            train=False,
+        )

@@ -150,4 +150,3 @@ def test_preparer_that_loses_the_rename_race_uses_the_winner(tmp_path, monkeypat
     monkeypatch.setattr(text, "write_token_shards", write_then_get_overtaken)
     assert prepare_stdlib_corpus(str(tmp_path), BLOCK_LEN, 256, SMALL, is_preparer=True) == str(final)
     assert (final / "winner").exists() and os.listdir(tmp_path) == [final.name]
-

@@ -20,9 +20,18 @@ from pretrain.models.tost_vision import ClassAttentionBlock, FourierPositions
 from pretrain.trainer import seed_everything
 
 # MODELS.md's tables, in millions, to the digits they give.
-PAPER_PARAMS = {"crate_tiny": 6.09, "crate_small": 13.12, "crate_base": 22.80, "crate_large": 77.64,
-                "vit_tiny": 5.72, "vit_small": 22.05, "vit_base": 86.6, "vit_large": 304,
-                "tost_vision_tiny": 5.8, "tost_vision_small": 22.6}  # ToST-M has no count in MODELS.md
+PAPER_PARAMS = {
+    "crate_tiny": 6.09,
+    "crate_small": 13.12,
+    "crate_base": 22.80,
+    "crate_large": 77.64,
+    "vit_tiny": 5.72,
+    "vit_small": 22.05,
+    "vit_base": 86.6,
+    "vit_large": 304,
+    "tost_vision_tiny": 5.8,
+    "tost_vision_small": 22.6,
+}  # ToST-M has no count in MODELS.md
 
 
 @pytest.mark.parametrize("name", list(PAPER_PARAMS))
@@ -34,8 +43,18 @@ def test_parameter_counts_match_the_papers(name):
 
 
 def tiny(**overrides) -> ModelConfig:
-    return ModelConfig(**{"name": "crate", "n_layer": 2, "n_head": 1, "n_embd": 2, "image_size": 8, "patch_size": 4,
-                          "num_classes": 3, **overrides})
+    return ModelConfig(
+        **{
+            "name": "crate",
+            "n_layer": 2,
+            "n_head": 1,
+            "n_embd": 2,
+            "image_size": 8,
+            "patch_size": 4,
+            "num_classes": 3,
+            **overrides,
+        }
+    )
 
 
 def identity_(linear: nn.Linear) -> None:
@@ -86,8 +105,12 @@ def test_patches_are_flattened_channel_last_in_row_major_order():
     assert patches[1, 2, 6:9].tolist() == [images[1, c, 3, 0].item() for c in range(3)]
 
 
-SMOKE_MODELS = {"crate": ["model=crate_smoke"], "vit": ["model=vit_smoke"], "tost-xcit": ["model=tost_vision_smoke"],
-                "tost-vit": ["model=tost_vision_smoke", "model.skeleton=vit"]}
+SMOKE_MODELS = {
+    "crate": ["model=crate_smoke"],
+    "vit": ["model=vit_smoke"],
+    "tost-xcit": ["model=tost_vision_smoke"],
+    "tost-vit": ["model=tost_vision_smoke", "model.skeleton=vit"],
+}
 
 
 @pytest.mark.parametrize("name", list(SMOKE_MODELS))
@@ -124,8 +147,17 @@ def test_fourier_positions_tell_every_patch_apart():
 
 def train_two_steps(dist_info, name, engine):
     """Two steps on fixed image batches; returns (losses, whether every parameter moved)."""
-    cfg = load_config([*SMOKE_MODELS[name], *engine, "engine.precision=fp32", "train.global_batch_size=8",
-                       "train.micro_batch_size=2", "optim.lr=1e-3", "optim.warmup_steps=1"])
+    cfg = load_config(
+        [
+            *SMOKE_MODELS[name],
+            *engine,
+            "engine.precision=fp32",
+            "train.global_batch_size=8",
+            "train.micro_batch_size=2",
+            "optim.lr=1e-3",
+            "optim.warmup_steps=1",
+        ]
+    )
     seed_everything(0)
     model = build_model(cfg.model)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -136,7 +168,7 @@ def train_two_steps(dist_info, name, engine):
         images = torch.randn(8, 3, cfg.model.image_size, cfg.model.image_size, generator=g)
         labels = torch.randint(0, cfg.model.num_classes, (8,), generator=g)
         mine = slice(4 * dist_info.rank, 4 * dist_info.rank + 4)
-        micro = [{"images": images[mine][i:i + 2], "labels": labels[mine][i:i + 2]} for i in (0, 2)]
+        micro = [{"images": images[mine][i : i + 2], "labels": labels[mine][i : i + 2]} for i in (0, 2)]
         result = eng.train_step(micro)
         losses.append(result.loss)
         assert math.isfinite(result.grad_norm) and not result.skipped
@@ -147,7 +179,9 @@ def train_two_steps(dist_info, name, engine):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(SMOKE_MODELS))
-@pytest.mark.parametrize("engine", [["engine=deepspeed", "engine.zero_stage=2"], ["engine=fsdp"]], ids=["zero2", "fsdp"])
+@pytest.mark.parametrize(
+    "engine", [["engine=deepspeed", "engine.zero_stage=2"], ["engine=fsdp"]], ids=["zero2", "fsdp"]
+)
 def test_every_vision_model_trains_under_zero2_and_fsdp_on_two_ranks(name, engine):
     (losses, moved), _ = run_local_world(train_two_steps, 2, name, engine)
     assert all(map(math.isfinite, losses)) and moved
@@ -158,8 +192,17 @@ def average_two_steps(dist_info):
     of decay 0.5: the floating buffers after each step, and the whole average after two."""
     from pretrain.ema import WeightAverage
 
-    cfg = load_config([*SMOKE_MODELS["tost-xcit"], "engine=fsdp", "engine.precision=fp32", "train.global_batch_size=4",
-                       "train.micro_batch_size=4", "optim.lr=1e-3", "optim.warmup_steps=1"])
+    cfg = load_config(
+        [
+            *SMOKE_MODELS["tost-xcit"],
+            "engine=fsdp",
+            "engine.precision=fp32",
+            "train.global_batch_size=4",
+            "train.micro_batch_size=4",
+            "optim.lr=1e-3",
+            "optim.warmup_steps=1",
+        ]
+    )
     seed_everything(0)
     eng = build_engine(build_model(cfg.model), cfg, dist_info)
     ema = WeightAverage(eng, 0.5)
@@ -188,12 +231,18 @@ def test_the_weight_average_averages_batch_norm_statistics_with_the_weights():
         assert not torch.equal(history[0][name], history[2][name]), name  # the statistics moved
 
 
-@pytest.mark.parametrize("family, sizes, tested", [("crate", ("tiny", "small", "large"), "base"),
-                                                   ("vit", ("tiny", "small", "large"), "base"),
-                                                   ("tost", ("tiny", "medium"), "small")])
+@pytest.mark.parametrize(
+    "family, sizes, tested",
+    [
+        ("crate", ("tiny", "small", "large"), "base"),
+        ("vit", ("tiny", "small", "large"), "base"),
+        ("tost", ("tiny", "medium"), "small"),
+    ],
+)
 def test_every_smoke_sibling_runs_the_same_smoke_as_the_one_trained_end_to_end(family, sizes, tested):
     """tests/test_e2e.py trains one smoke recipe per family; its size siblings differ from it only
     in their run directory (and the full recipes they name, which a smoke run overrides)."""
+
     def smoke(size: str) -> dict:
         cfg = asdict(load_config([f"+exp={family}_{size}_smoke"]))
         cfg.pop("run_dir")

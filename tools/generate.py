@@ -52,8 +52,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def generate(args: argparse.Namespace) -> str:
     staging = os.path.join(tempfile.gettempdir(), "whitebox-generate")
-    store = CheckpointStore(args.checkpoints, parse_storage_options(args.storage_option), staging,
-                            Node(index=0, count=1, is_leader=True))
+    store = CheckpointStore(
+        args.checkpoints, parse_storage_options(args.storage_option), staging, Node(index=0, count=1, is_leader=True)
+    )
     committed = store.committed_steps()
     if not committed:
         raise UserError(f"{args.checkpoints} holds no committed checkpoint")
@@ -67,17 +68,26 @@ def generate(args: argparse.Namespace) -> str:
     manifest = store.manifest(step)
     model = build_model(ModelConfig(**manifest["config"]["model"]))
     if not isinstance(model, ToSTLM):
-        raise UserError(f"{store.step_url(step)} holds a {manifest['model']} model; recurrent generation "
-                        f"needs a ToST language model (model.name=tost)")
+        raise UserError(
+            f"{store.step_url(step)} holds a {manifest['model']} model; recurrent generation "
+            f"needs a ToST language model (model.name=tost)"
+        )
     model.load_state_dict(model_weights(directory, manifest["engine"]))
     model.eval()
     tokenizer = gpt2_tokenizer()
     prompt = torch.tensor([tokenizer.encode(args.prompt, allowed_special="all")])
     if prompt.shape[1] + args.max_new_tokens > model.seq_len:
-        raise UserError(f"--max-new-tokens {args.max_new_tokens} and a {prompt.shape[1]}-token prompt exceed the "
-                        f"model's {model.seq_len} positions")
-    out = model.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                         generator=torch.Generator().manual_seed(args.seed))
+        raise UserError(
+            f"--max-new-tokens {args.max_new_tokens} and a {prompt.shape[1]}-token prompt exceed the "
+            f"model's {model.seq_len} positions"
+        )
+    out = model.generate(
+        prompt,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
     return tokenizer.decode(out[0].tolist())
 
 

@@ -36,12 +36,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     source.add_argument("--csv", metavar="FILE", help="CSV (path or fsspec URL) of path,label rows after a header")
     source.add_argument("--digits", action="store_true", help="scikit-learn's digits (1797 8x8 images, 10 classes)")
     p.add_argument("--output", required=True, help="directory or fsspec URL for the shards and index.json")
-    p.add_argument("--samples-per-shard", type=int, default=SAMPLES_PER_SHARD,
-                   help=f"images per tar shard (default: {SAMPLES_PER_SHARD})")
-    p.add_argument("--short-side", type=int, metavar="N",
-                   help="shrink images whose shorter side exceeds N px to N (aspect kept); smaller ones are kept")
-    p.add_argument("--jpeg-quality", type=int, default=JPEG_QUALITY,
-                   help=f"quality of JPEGs re-encoded after shrinking (default: {JPEG_QUALITY})")
+    p.add_argument(
+        "--samples-per-shard",
+        type=int,
+        default=SAMPLES_PER_SHARD,
+        help=f"images per tar shard (default: {SAMPLES_PER_SHARD})",
+    )
+    p.add_argument(
+        "--short-side",
+        type=int,
+        metavar="N",
+        help="shrink images whose shorter side exceeds N px to N (aspect kept); smaller ones are kept",
+    )
+    p.add_argument(
+        "--jpeg-quality",
+        type=int,
+        default=JPEG_QUALITY,
+        help=f"quality of JPEGs re-encoded after shrinking (default: {JPEG_QUALITY})",
+    )
     add_storage_option_flag(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p.parse_args(argv)
@@ -53,8 +65,9 @@ def open_source(args: argparse.Namespace, options: dict) -> ImageSource:
             raise UserError("--short-side does not apply to --digits (8x8 images): leave it out")
         return digits_samples()
     if args.image_folder:
-        return image_folder_samples(args.image_folder, args.short_side, jpeg_quality=args.jpeg_quality,
-                                    storage_options=options)
+        return image_folder_samples(
+            args.image_folder, args.short_side, jpeg_quality=args.jpeg_quality, storage_options=options
+        )
     return csv_samples(args.csv, args.short_side, jpeg_quality=args.jpeg_quality, storage_options=options)
 
 
@@ -63,13 +76,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = parse_storage_options(args.storage_option)
         source = open_source(args, options)
-        index = write_image_shards(source.samples, args.output, args.samples_per_shard, source.classes, options,
-                                   progress=not args.no_progress, source=source.description)
+        index = write_image_shards(
+            source.samples,
+            args.output,
+            args.samples_per_shard,
+            source.classes,
+            options,
+            progress=not args.no_progress,
+            source=source.description,
+        )
     except UserError as exc:
         print(f"prepare_images: error: {exc}", file=sys.stderr)
         return BAD_INPUT_EXIT
-    print(f"wrote {len(index['shards'])} shards, {index['total_samples']} images, "
-          f"{index['num_classes']} classes to {args.output}")
+    print(
+        f"wrote {len(index['shards'])} shards, {index['total_samples']} images, "
+        f"{index['num_classes']} classes to {args.output}"
+    )
     return 0
 
 

@@ -39,25 +39,42 @@ MB = 2**20
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="*", metavar="INPUT",
-                   help=".txt/.jsonl/.parquet files, directories or glob patterns; local or fsspec URLs")
+    p.add_argument(
+        "inputs",
+        nargs="*",
+        metavar="INPUT",
+        help=".txt/.jsonl/.parquet files, directories or glob patterns; local or fsspec URLs",
+    )
     p.add_argument("--output", required=True, help="directory or fsspec URL for the shards and index.json")
     p.add_argument("--block-len", type=int, required=True, help="tokens per block: model.seq_len + 1")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--shard-size-mb", type=float, default=DEFAULT_SHARD_SIZE_MB,
-                      help=f"largest shard size, cut at whole blocks (default: {DEFAULT_SHARD_SIZE_MB})")
+    size.add_argument(
+        "--shard-size-mb",
+        type=float,
+        default=DEFAULT_SHARD_SIZE_MB,
+        help=f"largest shard size, cut at whole blocks (default: {DEFAULT_SHARD_SIZE_MB})",
+    )
     size.add_argument("--blocks-per-shard", type=int, help="blocks per shard, instead of --shard-size-mb")
-    p.add_argument("--text-field", default=DEFAULT_TEXT_FIELD,
-                   help=f"the .jsonl field / .parquet column holding the text (default: {DEFAULT_TEXT_FIELD})")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="tokenizer processes (default: the number of CPUs)")
-    p.add_argument("--chunk-chars", type=int, default=DEFAULT_CHUNK_CHARS,
-                   help=f"characters of text per tokenization task (default: {DEFAULT_CHUNK_CHARS})")
+    p.add_argument(
+        "--text-field",
+        default=DEFAULT_TEXT_FIELD,
+        help=f"the .jsonl field / .parquet column holding the text (default: {DEFAULT_TEXT_FIELD})",
+    )
+    p.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes (default: the number of CPUs)"
+    )
+    p.add_argument(
+        "--chunk-chars",
+        type=int,
+        default=DEFAULT_CHUNK_CHARS,
+        help=f"characters of text per tokenization task (default: {DEFAULT_CHUNK_CHARS})",
+    )
     add_storage_option_flag(p)
     p.add_argument("--tokenizer", default=GPT2_NAME, help="'gpt2' or a directory with encoder.json + vocab.bpe")
     p.add_argument("--stdlib-mb", type=float, help="use N MB of the Python stdlib corpus instead of INPUT")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace what another preparation left at --output instead of stopping")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace what another preparation left at --output instead of stopping"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p.parse_args(argv)
 

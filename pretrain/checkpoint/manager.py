@@ -86,15 +86,22 @@ class CheckpointManager:
 
     def __init__(self, store: CheckpointStore, dist_info: DistInfo, policy: SavePolicy):
         if policy.on_upload_error not in UPLOAD_ERROR_MODES:
-            raise UserError(f"checkpoint.on_upload_error={policy.on_upload_error!r} is not one of "
-                            f"{', '.join(UPLOAD_ERROR_MODES)}")
+            raise UserError(
+                f"checkpoint.on_upload_error={policy.on_upload_error!r} is not one of {', '.join(UPLOAD_ERROR_MODES)}"
+            )
         self.store, self.dist, self.policy = store, dist_info, policy
         self._upload: threading.Thread | None = None
         self._failure: str | None = None
         self._save_seconds: dict[int, float] = {}  # committed step -> seconds from staging to commit
 
-    def save(self, step: int, engine: Engine, data_state: dict[str, Any], record: dict[str, Any],
-             extras: Sequence[Checkpointable] = ()) -> float:
+    def save(
+        self,
+        step: int,
+        engine: Engine,
+        data_state: dict[str, Any],
+        record: dict[str, Any],
+        extras: Sequence[Checkpointable] = (),
+    ) -> float:
         """Collective: every rank calls it with its own data state; `record` (JSON) goes into
         the manifest; `extras` save beside the engine. Returns the seconds training was blocked
         (waiting for the previous upload, then staging)."""
@@ -117,8 +124,12 @@ class CheckpointManager:
         crash_point("save.staged", step)
         record = {**record, "world_size": self.dist.world_size}
         if self.policy.async_upload:
-            self._upload = threading.Thread(target=self._upload_and_commit, args=(step, attempt[0], record, started),
-                                            name=f"checkpoint-upload-{step}", daemon=True)
+            self._upload = threading.Thread(
+                target=self._upload_and_commit,
+                args=(step, attempt[0], record, started),
+                name=f"checkpoint-upload-{step}",
+                daemon=True,
+            )
             self._upload.start()
         else:
             self._upload_and_commit(step, attempt[0], record, started)
@@ -158,13 +169,18 @@ class CheckpointManager:
                     log.info("checkpoint retention: deleted steps %s", ", ".join(map(str, deleted)))
         except Exception as exc:  # the thread's boundary: whatever the store raised (botocore's connection
             # errors are not OSErrors) must be reported, not end the thread unseen
-            self._failure = (f"checkpoint step {step} was not committed: {type(exc).__name__}: "
-                             f"{' '.join(str(exc).split())}")
+            self._failure = (
+                f"checkpoint step {step} was not committed: {type(exc).__name__}: {' '.join(str(exc).split())}"
+            )
             log.error("%s", self._failure)
 
-    def restore(self, engine: Engine, step: int | None = None,
-                check: Callable[[dict[str, Any]], None] | None = None,
-                extras: Sequence[Checkpointable] = ()) -> Restored | None:
+    def restore(
+        self,
+        engine: Engine,
+        step: int | None = None,
+        check: Callable[[dict[str, Any]], None] | None = None,
+        extras: Sequence[Checkpointable] = (),
+    ) -> Restored | None:
         """Collective: load the newest committed step whose files verify (or exactly `step`).
 
         A damaged step is reported, naming the file, and the next older one is tried; with an
@@ -174,8 +190,10 @@ class CheckpointManager:
         committed = self.store.committed_steps()
         if step is not None:
             if step not in committed:
-                raise UserError(f"checkpoint.resume={step}: {self.store.step_url(step)} is not a committed "
-                                f"checkpoint (committed: {committed or 'none'}); pick one of those, auto or none")
+                raise UserError(
+                    f"checkpoint.resume={step}: {self.store.step_url(step)} is not a committed "
+                    f"checkpoint (committed: {committed or 'none'}); pick one of those, auto or none"
+                )
             committed = [step]
         for candidate in reversed(committed):
             directory, problem = self._fetch(candidate)
@@ -201,8 +219,9 @@ class CheckpointManager:
         leader = self.dist.rank - self.dist.local_rank  # this node's local rank 0
         return verdicts[leader][0], (problems[0] if problems else None)
 
-    def _load(self, step: int, directory: str, parts: Sequence[Checkpointable],
-              check: Callable[[dict[str, Any]], None] | None) -> Restored:
+    def _load(
+        self, step: int, directory: str, parts: Sequence[Checkpointable], check: Callable[[dict[str, Any]], None] | None
+    ) -> Restored:
         manifest = self.store.manifest(step)
         if check is not None:
             check(manifest)

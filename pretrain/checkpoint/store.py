@@ -103,15 +103,23 @@ class CheckpointStore:
         while not all(self.fs.exists(p) for p in parts):
             if time.monotonic() > deadline:
                 missing = [p for p in parts if not self.fs.exists(p)]
-                raise UserError(f"checkpoint step {step}: no upload record from {len(missing)} node(s) after "
-                                f"{wait_s:.0f}s ({missing[0]}): a node failed to upload; the step is not committed")
+                raise UserError(
+                    f"checkpoint step {step}: no upload record from {len(missing)} node(s) after "
+                    f"{wait_s:.0f}s ({missing[0]}): a node failed to upload; the step is not committed"
+                )
             time.sleep(PART_POLL_S)
             self.fs.invalidate_cache()
         files: dict[str, Any] = {}
         for part in parts:
             files.update(self._read_json(part))
-        manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, **record, "step": step,
-                    "files": dict(sorted(files.items())), "committed_unix": time.time()}
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "version": MANIFEST_VERSION,
+            **record,
+            "step": step,
+            "files": dict(sorted(files.items())),
+            "committed_unix": time.time(),
+        }
         crash_point("commit.before_manifest", step)
         self._write_json(self._path(step, MANIFEST_NAME), manifest)
         crash_point("commit.after_manifest", step)
@@ -177,7 +185,7 @@ class CheckpointStore:
         committed = self.committed_steps()
         if not committed:
             return []
-        keep = set(committed[-max(1, keep_last):])
+        keep = set(committed[-max(1, keep_last) :])
         keep.update(s for s in committed if keep_every and s % keep_every == 0)
         doomed = [s for s in committed if s not in keep]
         for path in self.fs.ls(self.root, detail=False):

@@ -44,19 +44,51 @@ def build_text_loader(
     corpus's train split or the shards at `data.urls`; otherwise one pass over its val split
     (every 20th document) or `data.val_urls` (see `_one_pass`). `worker_init` runs first in
     each loader worker."""
+
     def embedded(is_preparer: bool) -> str:
-        return prepare_stdlib_corpus(cfg.cache_dir, seq_len + 1, cfg.samples_per_shard, int(cfg.stdlib_max_mb * 2**20),
-                                     is_preparer=is_preparer, split="train" if train else "val",
-                                     progress=is_preparer and sys.stderr.isatty())
+        return prepare_stdlib_corpus(
+            cfg.cache_dir,
+            seq_len + 1,
+            cfg.samples_per_shard,
+            int(cfg.stdlib_max_mb * 2**20),
+            is_preparer=is_preparer,
+            split="train" if train else "val",
+            progress=is_preparer and sys.stderr.isatty(),
+        )
 
     urls, storage_options = _shard_urls(cfg, TEXT_SOURCES, embedded, local_rank, train)
     index = read_index(urls, storage_options, (TEXT_FORMAT,), tokens.PREPARE_HINT)
     decode = TokenBlockDecoder(seq_len, check_token_index(index, seq_len, vocab_size))
     if not train:
-        return _one_pass(cfg, urls, storage_options, index, decode, batch_size, rank, world_size, seed,
-                         collate=stack_blocks, finish=split_tokens, worker_init=worker_init)
-    return _loader(cfg, urls, storage_options, index, decode, batch_size, rank, world_size, seed, cfg.shuffle_buffer,
-                   collate=stack_blocks, finish=split_tokens, worker_init=worker_init)
+        return _one_pass(
+            cfg,
+            urls,
+            storage_options,
+            index,
+            decode,
+            batch_size,
+            rank,
+            world_size,
+            seed,
+            collate=stack_blocks,
+            finish=split_tokens,
+            worker_init=worker_init,
+        )
+    return _loader(
+        cfg,
+        urls,
+        storage_options,
+        index,
+        decode,
+        batch_size,
+        rank,
+        world_size,
+        seed,
+        cfg.shuffle_buffer,
+        collate=stack_blocks,
+        finish=split_tokens,
+        worker_init=worker_init,
+    )
 
 
 def build_image_loader(
@@ -77,18 +109,36 @@ def build_image_loader(
     train split or the shards at `data.urls`. Otherwise one pass, resized and centre-cropped,
     over the digits' val split or `data.val_urls` (see `_one_pass`).
     """
+
     def embedded(is_preparer: bool) -> str:
-        return prepare_digits(cfg.cache_dir, cfg.samples_per_shard, is_preparer, split="train" if train else "val",
-                              progress=is_preparer and sys.stderr.isatty())
+        return prepare_digits(
+            cfg.cache_dir,
+            cfg.samples_per_shard,
+            is_preparer,
+            split="train" if train else "val",
+            progress=is_preparer and sys.stderr.isatty(),
+        )
 
     urls, storage_options = _shard_urls(cfg, IMAGE_SOURCES, embedded, local_rank, train)
     index = read_index(urls, storage_options, (images.INDEX_FORMAT,), images.PREPARE_HINT)
     decode = ImageDecoder(_image_transform(cfg.image, image_size, train), check_image_index(index))
     if train:
-        return _loader(cfg, urls, storage_options, index, decode, batch_size, rank, world_size, seed,
-                       cfg.shuffle_buffer, worker_init=worker_init)
-    return _one_pass(cfg, urls, storage_options, index, decode, batch_size, rank, world_size, seed,
-                     worker_init=worker_init)
+        return _loader(
+            cfg,
+            urls,
+            storage_options,
+            index,
+            decode,
+            batch_size,
+            rank,
+            world_size,
+            seed,
+            cfg.shuffle_buffer,
+            worker_init=worker_init,
+        )
+    return _one_pass(
+        cfg, urls, storage_options, index, decode, batch_size, rank, world_size, seed, worker_init=worker_init
+    )
 
 
 def _one_pass(
@@ -112,18 +162,45 @@ def _one_pass(
     if rank >= ranks:
         return ()
     workers = min(cfg.num_workers, len(urls) // ranks)
-    return _loader(cfg, urls, storage_options, index, decode, batch_size, rank, ranks, seed, 1, collate=collate,
-                   finish=finish, worker_init=worker_init, epochs=1, workers=workers)
+    return _loader(
+        cfg,
+        urls,
+        storage_options,
+        index,
+        decode,
+        batch_size,
+        rank,
+        ranks,
+        seed,
+        1,
+        collate=collate,
+        finish=finish,
+        worker_init=worker_init,
+        epochs=1,
+        workers=workers,
+    )
 
 
 def _image_transform(cfg: ImageConfig, image_size: int, train: bool) -> TrainTransform | EvalTransform:
     mean, std = tuple(cfg.mean), tuple(cfg.std)
     if train:
-        rand_augment = (RandAugment(cfg.rand_augment_ops, cfg.rand_augment_magnitude, cfg.rand_augment_magnitude_std,
-                                    cfg.rand_augment_prob) if cfg.rand_augment_ops else None)
-        return TrainTransform(image_size, scale=tuple(cfg.crop_scale), ratio=tuple(cfg.crop_ratio),
-                              flip_p=cfg.flip_p, mean=mean, std=std, rand_augment=rand_augment,
-                              erasing=RandomErasing(cfg.erase_prob) if cfg.erase_prob else None)
+        rand_augment = (
+            RandAugment(
+                cfg.rand_augment_ops, cfg.rand_augment_magnitude, cfg.rand_augment_magnitude_std, cfg.rand_augment_prob
+            )
+            if cfg.rand_augment_ops
+            else None
+        )
+        return TrainTransform(
+            image_size,
+            scale=tuple(cfg.crop_scale),
+            ratio=tuple(cfg.crop_ratio),
+            flip_p=cfg.flip_p,
+            mean=mean,
+            std=std,
+            rand_augment=rand_augment,
+            erasing=RandomErasing(cfg.erase_prob) if cfg.erase_prob else None,
+        )
     if not 0 < cfg.eval_crop_fraction <= 1:
         raise UserError(f"data.image.eval_crop_fraction={cfg.eval_crop_fraction} must be in (0, 1]")
     return EvalTransform(image_size, round(image_size / cfg.eval_crop_fraction), mean=mean, std=std)
@@ -179,8 +256,13 @@ def _loader(
         num_workers=num_workers,
         batch_size=batch_size,
         readers=readers,
-        options=StreamOptions(seed=seed, shuffle_buffer=shuffle_buffer, retries=cfg.retries,
-                              retry_backoff_s=cfg.retry_backoff_s, on_error=cfg.on_error),
+        options=StreamOptions(
+            seed=seed,
+            shuffle_buffer=shuffle_buffer,
+            retries=cfg.retries,
+            retry_backoff_s=cfg.retry_backoff_s,
+            on_error=cfg.on_error,
+        ),
         storage_options=storage_options,
         collate=collate,
         epochs=epochs,

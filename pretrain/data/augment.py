@@ -34,14 +34,18 @@ OPERATIONS = {
     "contrast": lambda im, m, s: ImageEnhance.Contrast(im).enhance(1 + _signed(0.9 * m, s)),
     "brightness": lambda im, m, s: ImageEnhance.Brightness(im).enhance(1 + _signed(0.9 * m, s)),
     "sharpness": lambda im, m, s: ImageEnhance.Sharpness(im).enhance(1 + _signed(0.9 * m, s)),
-    "shear_x": lambda im, m, s: im.transform(im.size, Image.Transform.AFFINE, (1, _signed(0.3 * m, s), 0, 0, 1, 0),
-                                             fillcolor=FILL),
-    "shear_y": lambda im, m, s: im.transform(im.size, Image.Transform.AFFINE, (1, 0, 0, _signed(0.3 * m, s), 1, 0),
-                                             fillcolor=FILL),
-    "translate_x": lambda im, m, s: im.transform(im.size, Image.Transform.AFFINE,
-                                                 (1, 0, _signed(0.45 * m, s) * im.width, 0, 1, 0), fillcolor=FILL),
-    "translate_y": lambda im, m, s: im.transform(im.size, Image.Transform.AFFINE,
-                                                 (1, 0, 0, 0, 1, _signed(0.45 * m, s) * im.height), fillcolor=FILL),
+    "shear_x": lambda im, m, s: im.transform(
+        im.size, Image.Transform.AFFINE, (1, _signed(0.3 * m, s), 0, 0, 1, 0), fillcolor=FILL
+    ),
+    "shear_y": lambda im, m, s: im.transform(
+        im.size, Image.Transform.AFFINE, (1, 0, 0, _signed(0.3 * m, s), 1, 0), fillcolor=FILL
+    ),
+    "translate_x": lambda im, m, s: im.transform(
+        im.size, Image.Transform.AFFINE, (1, 0, _signed(0.45 * m, s) * im.width, 0, 1, 0), fillcolor=FILL
+    ),
+    "translate_y": lambda im, m, s: im.transform(
+        im.size, Image.Transform.AFFINE, (1, 0, 0, 0, 1, _signed(0.45 * m, s) * im.height), fillcolor=FILL
+    ),
 }
 
 
@@ -51,8 +55,10 @@ class RandAugment:
 
     def __init__(self, ops: int, magnitude: float, magnitude_std: float, prob: float) -> None:
         if ops < 0 or not 0 <= magnitude <= 10 or magnitude_std < 0 or not 0 <= prob <= 1:
-            raise UserError(f"data.image RandAugment: rand_augment_ops={ops} >= 0, 0 <= magnitude={magnitude} <= 10, "
-                            f"magnitude_std={magnitude_std} >= 0 and 0 <= prob={prob} <= 1 are needed")
+            raise UserError(
+                f"data.image RandAugment: rand_augment_ops={ops} >= 0, 0 <= magnitude={magnitude} <= 10, "
+                f"magnitude_std={magnitude_std} >= 0 and 0 <= prob={prob} <= 1 are needed"
+            )
         self.ops, self.magnitude, self.magnitude_std, self.prob = ops, magnitude, magnitude_std, prob
         self.names = list(OPERATIONS)
 
@@ -60,7 +66,7 @@ class RandAugment:
         u = torch.rand(3 * self.ops, generator=generator, dtype=torch.float64).tolist()
         noise = torch.randn(self.ops, generator=generator, dtype=torch.float64).tolist()
         for i in range(self.ops):
-            pick, apply, sign = u[3 * i: 3 * i + 3]
+            pick, apply, sign = u[3 * i : 3 * i + 3]
             if apply < self.prob:
                 m = min(1.0, max(0.0, (self.magnitude + self.magnitude_std * noise[i]) / 10))
                 image = OPERATIONS[self.names[int(pick * len(self.names))]](image, m, sign)
@@ -84,7 +90,7 @@ class RandomErasing:
             return image
         _, H, W = image.shape
         for k in range(self.ATTEMPTS):
-            a_u, r_u, top_u, left_u = u[2 + 4 * k: 6 + 4 * k]
+            a_u, r_u, top_u, left_u = u[2 + 4 * k : 6 + 4 * k]
             area = H * W * (self.AREA[0] + (self.AREA[1] - self.AREA[0]) * a_u)
             ratio = math.exp(self.LOG_RATIO[0] + (self.LOG_RATIO[1] - self.LOG_RATIO[0]) * r_u)
             h, w = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
@@ -92,6 +98,6 @@ class RandomErasing:
                 top, left = int(top_u * (H - h + 1)), int(left_u * (W - w + 1))
                 noise = torch.Generator().manual_seed(int(u[1] * 2**62))  # a fixed count of draws above
                 image = image.clone()
-                image[:, top:top + h, left:left + w] = torch.randn(image.shape[0], h, w, generator=noise)
+                image[:, top : top + h, left : left + w] = torch.randn(image.shape[0], h, w, generator=noise)
                 return image
         return image

@@ -93,9 +93,10 @@ def write_image_shards(
         fs.makedirs(root, exist_ok=True)
         if fs.exists(index_path):  # an overwrite in progress must not look finished
             fs.rm(index_path)
-        with ShardSink(fs, root, samples_per_shard) as sink, tqdm(
-            samples, desc="images", unit="img", disable=not progress, file=sys.stderr
-        ) as bar:
+        with (
+            ShardSink(fs, root, samples_per_shard) as sink,
+            tqdm(samples, desc="images", unit="img", disable=not progress, file=sys.stderr) as bar,
+        ):
             for data, ext, label in bar:
                 _check_sample(ext, label, len(classes), sink.total_samples)
                 sink.write({ext: data, LABEL_MEMBER: str(label).encode("ascii")})
@@ -223,9 +224,7 @@ def image_folder_samples(
     try:
         entries = fs.ls(path, detail=True)
     except (FileNotFoundError, NotADirectoryError):
-        raise UserError(
-            f"image folder {root} does not exist: pass a directory of one subdirectory per class"
-        ) from None
+        raise UserError(f"image folder {root} does not exist: pass a directory of one subdirectory per class") from None
     except OSError as exc:
         raise UserError(f"cannot list image folder {root} ({exc}): check the path and permissions") from None
     class_dirs = sorted(
@@ -233,9 +232,7 @@ def image_folder_samples(
         key=posixpath.basename,
     )
     if not class_dirs:
-        raise UserError(
-            f"image folder {root} has no class subdirectories: put each class's images in root/<class>/"
-        )
+        raise UserError(f"image folder {root} has no class subdirectories: put each class's images in root/<class>/")
     files: list[tuple[str, int]] = []
     for label, class_dir in enumerate(class_dirs):
         found = [p for p in sorted(fs.find(class_dir)) if _is_image_file(posixpath.relpath(p, class_dir))]
@@ -288,9 +285,7 @@ def _csv_rows(text: str, csv_path: str) -> tuple[list[str], list[str]]:
         if not any(cell.strip() for cell in row):
             continue
         if len(row) < 2 or not row[0].strip() or not row[1].strip():
-            raise UserError(
-                f"CSV {csv_path} line {reader.line_num}: expected path,label, got {row!r}: fix the row"
-            )
+            raise UserError(f"CSV {csv_path} line {reader.line_num}: expected path,label, got {row!r}: fix the row")
         paths.append(row[0].strip())
         labels.append(row[1].strip())
     if not paths:
@@ -322,8 +317,11 @@ def digits_samples(split: str | None = None) -> ImageSource:
     digits = load_digits()
     pixels = np.rint(digits.images * (255 / DIGITS_MAX_VALUE)).astype(np.uint8)
     held_out = [i % DIGITS_VAL_EVERY == DIGITS_VAL_EVERY - 1 for i in range(len(pixels))]
-    samples = [(_encode(Image.fromarray(p), "PNG"), "png", int(t))
-               for p, t, val in zip(pixels, digits.target, held_out) if split is None or val == (split == "val")]
+    samples = [
+        (_encode(Image.fromarray(p), "PNG"), "png", int(t))
+        for p, t, val in zip(pixels, digits.target, held_out)
+        if split is None or val == (split == "val")
+    ]
     classes = [str(name) for name in digits.target_names]
     description = f"scikit-learn digits (8x8 grayscale, 0..16 scaled to 0..255), {split or 'all'}, v{DIGITS_VERSION}"
     return ImageSource(classes, samples, description)
@@ -422,8 +420,14 @@ def prepare_digits(
 
     def build(directory: Path) -> None:
         source = digits_samples(split)
-        write_image_shards(source.samples, str(directory), samples_per_shard, source.classes, progress=progress,
-                           source=source.description)
+        write_image_shards(
+            source.samples,
+            str(directory),
+            samples_per_shard,
+            source.classes,
+            progress=progress,
+            source=source.description,
+        )
 
     return build_once(final, build, is_preparer, wait_timeout_s, poll_interval_s)
 
@@ -482,12 +486,12 @@ class TrainTransform:
         erasing: RandomErasing | None = None,
     ) -> None:
         if size < 1 or not 0 < scale[0] <= scale[1] <= 1 or not 0 < ratio[0] <= ratio[1]:
-            raise UserError(f"TrainTransform size={size} scale={scale} ratio={ratio}: need size >= 1, "
-                            "0 < scale min <= max <= 1, 0 < ratio min <= max")
-        if not 0 <= flip_p <= 1 or attempts < 1:
             raise UserError(
-                f"TrainTransform flip_p={flip_p} attempts={attempts}: need 0 <= flip_p <= 1, attempts >= 1"
+                f"TrainTransform size={size} scale={scale} ratio={ratio}: need size >= 1, "
+                "0 < scale min <= max <= 1, 0 < ratio min <= max"
             )
+        if not 0 <= flip_p <= 1 or attempts < 1:
+            raise UserError(f"TrainTransform flip_p={flip_p} attempts={attempts}: need 0 <= flip_p <= 1, attempts >= 1")
         self.size, self.scale, self.flip_p = size, scale, flip_p
         self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
         self.ratio, self.interpolation, self.attempts = ratio, interpolation, attempts
@@ -601,6 +605,8 @@ class ImageDecoder:
     def _label(self, raw: bytes, name: str) -> int:
         text = raw.decode("ascii", errors="replace").strip()
         if not text.isdecimal() or int(text) >= self.num_classes:
-            raise UserError(f"label {name} is {text[:20]!r}, not a class number 0..{self.num_classes - 1} "
-                            f"of the index: {PREPARE_HINT}")
+            raise UserError(
+                f"label {name} is {text[:20]!r}, not a class number 0..{self.num_classes - 1} "
+                f"of the index: {PREPARE_HINT}"
+            )
         return int(text)

@@ -23,14 +23,19 @@ def _as_is(item: Any) -> Any:
 
 
 class ShardLoader(DataLoader):
-    def __init__(self, stream: ShardStream, num_workers: int,
-                 finish: Callable[[Batch], Batch] | None = None,
-                 worker_init: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        stream: ShardStream,
+        num_workers: int,
+        finish: Callable[[Batch], Batch] | None = None,
+        worker_init: Callable[[int], None] | None = None,
+    ) -> None:
         """num_workers: 0 reads in this process; N >= 1 starts N worker processes. `finish` turns
         each micro-batch into what training takes, in the training process; `worker_init` runs
         first in each worker."""
-        super().__init__(stream, batch_size=None, num_workers=num_workers, collate_fn=_as_is,
-                         worker_init_fn=worker_init)
+        super().__init__(
+            stream, batch_size=None, num_workers=num_workers, collate_fn=_as_is, worker_init_fn=worker_init
+        )
         self.stream = stream
         self._finish = finish
 

@@ -19,11 +19,20 @@ class BatchMixer:
     """With probability `prob`, CutMix (probability `cutmix_switch_prob` when both are on) or
     Mixup, the mixing weight drawn from Beta(alpha, alpha); labels become (B, classes) mixtures."""
 
-    def __init__(self, mixup_alpha: float, cutmix_alpha: float, prob: float, cutmix_switch_prob: float,
-                 num_classes: int, seed: int) -> None:
+    def __init__(
+        self,
+        mixup_alpha: float,
+        cutmix_alpha: float,
+        prob: float,
+        cutmix_switch_prob: float,
+        num_classes: int,
+        seed: int,
+    ) -> None:
         if mixup_alpha < 0 or cutmix_alpha < 0 or not 0 <= prob <= 1 or not 0 <= cutmix_switch_prob <= 1:
-            raise UserError(f"data.image mixing: mixup_alpha={mixup_alpha} and cutmix_alpha={cutmix_alpha} must be "
-                            f">= 0, mix_prob={prob} and cutmix_switch_prob={cutmix_switch_prob} in [0, 1]")
+            raise UserError(
+                f"data.image mixing: mixup_alpha={mixup_alpha} and cutmix_alpha={cutmix_alpha} must be "
+                f">= 0, mix_prob={prob} and cutmix_switch_prob={cutmix_switch_prob} in [0, 1]"
+            )
         self.mixup_alpha, self.cutmix_alpha, self.prob = mixup_alpha, cutmix_alpha, prob
         self.switch_prob, self.num_classes, self.seed = cutmix_switch_prob, num_classes, seed
 
@@ -47,8 +56,9 @@ class BatchMixer:
         return {"images": images, "labels": lam * labels + (1 - lam) * labels.flip(0)}
 
 
-def _paste_box(images: torch.Tensor, partner: torch.Tensor, lam: float,
-               rng: np.random.Generator) -> tuple[torch.Tensor, float]:
+def _paste_box(
+    images: torch.Tensor, partner: torch.Tensor, lam: float, rng: np.random.Generator
+) -> tuple[torch.Tensor, float]:
     """Paste a box of about (1 - lam) of the area from `partner`, centred uniformly (clipped at
     the border); returns the images and lam corrected to the area actually kept."""
     H, W = images.shape[-2:]

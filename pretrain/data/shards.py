@@ -69,14 +69,20 @@ def read_index(urls: list[str], storage_options: dict, formats: tuple[str, ...],
         raise UserError(f"{path} not found: the shard set is missing or unfinished; {hint}") from None
     except (OSError, ValueError, ImportError) as exc:
         raise UserError(f"cannot read {path} ({type(exc).__name__}: {exc}); {hint}") from None
-    if not (isinstance(index, dict) and index.get("format") in formats and isinstance(index.get("shards"), list)
-            and all(isinstance(s, dict) and {"name", "samples"} <= s.keys() for s in index["shards"])):
+    if not (
+        isinstance(index, dict)
+        and index.get("format") in formats
+        and isinstance(index.get("shards"), list)
+        and all(isinstance(s, dict) and {"name", "samples"} <= s.keys() for s in index["shards"])
+    ):
         raise UserError(f"{path} is not a {' or '.join(formats)} index; {hint}")
     listed = {s["name"] for s in index["shards"]}
     for url in urls:
         if posixpath.dirname(url) != directory:
-            raise UserError(f"shard {url} is not in {directory}, the directory of the first shard: "
-                            "data.urls must name one shard set")
+            raise UserError(
+                f"shard {url} is not in {directory}, the directory of the first shard: "
+                "data.urls must name one shard set"
+            )
         if posixpath.basename(url) not in listed:
             raise UserError(f"shard {url} is not listed in {path}: fix data.urls or {hint}")
     return index
@@ -127,10 +133,22 @@ class ShardStream(IterableDataset):
     starts and reads its share of the rank's readers from there.
     """
 
-    def __init__(self, urls: list[str], samples_per_shard: dict[str, int], decode: Decoder, *,
-                 rank: int, world_size: int, num_workers: int, batch_size: int, readers: int,
-                 options: StreamOptions, storage_options: dict | None = None,
-                 collate: Callable[[list[dict]], Any] | None = None, epochs: int | None = None) -> None:
+    def __init__(
+        self,
+        urls: list[str],
+        samples_per_shard: dict[str, int],
+        decode: Decoder,
+        *,
+        rank: int,
+        world_size: int,
+        num_workers: int,
+        batch_size: int,
+        readers: int,
+        options: StreamOptions,
+        storage_options: dict | None = None,
+        collate: Callable[[list[dict]], Any] | None = None,
+        epochs: int | None = None,
+    ) -> None:
         """readers: L for a run that starts now (0: ranks x workers); a loaded state brings its own.
         epochs: None reads on forever (training); N stops each reader after N epochs, its last
         micro-batch possibly short (evaluation)."""
@@ -158,25 +176,30 @@ class ShardStream(IterableDataset):
         names where L came from when it was set explicitly (None: a checkpoint)."""
         layout = f"{self.world_size} ranks x {self.workers} loader workers"
         if self.readers > len(self.urls):
-            raise UserError(f"data.urls gives {len(self.urls)} shards for {source or layout} ({self.readers} "
-                            f"readers): every reader needs one; write more, smaller shards or lower data.num_workers")
+            raise UserError(
+                f"data.urls gives {len(self.urls)} shards for {source or layout} ({self.readers} "
+                f"readers): every reader needs one; write more, smaller shards or lower data.num_workers"
+            )
         if self.readers % (self.world_size * self.workers):
             fits = [n for n in range(self.workers, 0, -1) if self.readers % (self.world_size * n) == 0]
             hint = f"set data.num_workers={fits[0]}" if fits else f"use a number of ranks that divides {self.readers}"
-            what = source or (f"the run's {self.readers} logical readers (data.readers, fixed when it started; "
-                              f"kept in its checkpoints)")
+            what = source or (
+                f"the run's {self.readers} logical readers (data.readers, fixed when it started; "
+                f"kept in its checkpoints)"
+            )
             raise UserError(f"{what} cannot be shared evenly by {layout}: {hint}")
 
     def epoch_order(self, epoch: int, reader: int) -> list[str]:
         """Logical reader `reader`'s shards in the order epoch `epoch` reads them."""
         order = list(self.urls)
         random.Random(self.options.seed + epoch).shuffle(order)
-        return order[reader::self.readers]
+        return order[reader :: self.readers]
 
     def __iter__(self) -> Iterator[tuple[Any, tuple[int, dict[str, int]]]]:
         info = get_worker_info()
-        cycle = reader_cycle(self.readers, self.rank, self.world_size, info.id if info else 0, self.workers,
-                             self.batches)
+        cycle = reader_cycle(
+            self.readers, self.rank, self.world_size, info.id if info else 0, self.workers, self.batches
+        )
         states = {reader: ReaderState(**asdict(self.positions[reader])) for reader in cycle}
         samples = {reader: self._samples(reader, states[reader]) for reader in cycle}
         while cycle:
@@ -257,8 +280,10 @@ class ShardStream(IterableDataset):
         """on_error=raise: one line naming the shard (and member); skip: count and go on."""
         where = f"shard {url}" + (f" member {key}" if key else "")
         if self.options.on_error == "raise":
-            raise UserError(f"cannot read {where} ({' '.join(cause.split())}): re-create it, or set "
-                            "data.on_error=skip to count and skip bad samples")
+            raise UserError(
+                f"cannot read {where} ({' '.join(cause.split())}): re-create it, or set "
+                "data.on_error=skip to count and skip bad samples"
+            )
         state.skipped += lost
         log.warning("skipped %d sample(s) of %s: %s", lost, where, " ".join(cause.split()))
 
@@ -269,13 +294,22 @@ class ShardStream(IterableDataset):
     def state_dict(self) -> dict[str, Any]:
         """JSON: this rank's readers' positions as of the last micro-batch consumed, and what the
         run's sequence of micro-batches is cut from. merge_states joins those of all ranks."""
-        return {"version": STATE_VERSION, **self._sequence(), "batches": self.batches,
-                "positions": {str(reader): asdict(p) for reader, p in self.positions.items()}}
+        return {
+            "version": STATE_VERSION,
+            **self._sequence(),
+            "batches": self.batches,
+            "positions": {str(reader): asdict(p) for reader, p in self.positions.items()},
+        }
 
     def _sequence(self) -> dict[str, int]:
         """What fixes the run's sequence of micro-batches, besides the shards' contents."""
-        return {"readers": self.readers, "batch_size": self.batch_size, "num_shards": len(self.urls),
-                "seed": self.options.seed, "shuffle_buffer": self.options.shuffle_buffer}
+        return {
+            "readers": self.readers,
+            "batch_size": self.batch_size,
+            "num_shards": len(self.urls),
+            "seed": self.options.seed,
+            "shuffle_buffer": self.options.shuffle_buffer,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue the run's sequence of micro-batches where `state` (this rank's, or every
@@ -285,18 +319,24 @@ class ShardStream(IterableDataset):
         changed = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
         if changed:
             detail = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
-            raise UserError(f"the data changed since the checkpoint ({detail}): resume with the same shards, "
-                            "train.micro_batch_size, seed and data.shuffle_buffer, or start a new run")
+            raise UserError(
+                f"the data changed since the checkpoint ({detail}): resume with the same shards, "
+                "train.micro_batch_size, seed and data.shuffle_buffer, or start a new run"
+            )
         self.readers = state["readers"]
         self._check_split(None)
         if state["batches"] % self.world_size:
-            raise UserError(f"the checkpoint's data state is cut after {state['batches']} micro-batches, which "
-                            f"{self.world_size} ranks cannot have taken in equal turns; resume from another checkpoint")
+            raise UserError(
+                f"the checkpoint's data state is cut after {state['batches']} micro-batches, which "
+                f"{self.world_size} ranks cannot have taken in equal turns; resume from another checkpoint"
+            )
         positions = state["positions"]
         missing = [reader for reader in self._own_readers() if str(reader) not in positions]
         if missing:
-            raise UserError(f"the checkpoint's data state has no position for logical readers {missing}: "
-                            "a rank's data_rank*.json is missing from it; resume from another checkpoint")
+            raise UserError(
+                f"the checkpoint's data state has no position for logical readers {missing}: "
+                "a rank's data_rank*.json is missing from it; resume from another checkpoint"
+            )
         self.batches = state["batches"]
         self.positions = {reader: ReaderState(**positions[str(reader)]) for reader in self._own_readers()}
 
@@ -308,6 +348,8 @@ def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
     sequence = {k: v for k, v in first.items() if k != "positions"}
     for state in states[1:]:
         if {k: v for k, v in state.items() if k != "positions"} != sequence:
-            raise UserError("the checkpoint's data_rank*.json files disagree on where the run's data stand; "
-                            "resume from another checkpoint")
+            raise UserError(
+                "the checkpoint's data_rank*.json files disagree on where the run's data stand; "
+                "resume from another checkpoint"
+            )
     return {**sequence, "positions": {reader: p for state in states for reader, p in state["positions"].items()}}

@@ -40,9 +40,14 @@ def url_to_fs(url: str, storage_options: dict, role: str) -> tuple[fsspec.Abstra
 
 def add_storage_option_flag(parser: argparse.ArgumentParser) -> None:
     """The tools' repeatable --storage-option KEY=VALUE, read back by `parse_storage_options`."""
-    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="fsspec option for input and output URLs, repeatable (e.g. endpoint_url=http://host:9000); "
-                             "VALUE is read as JSON when it parses (true, 3, {...}), else as a string")
+    parser.add_argument(
+        "--storage-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="fsspec option for input and output URLs, repeatable (e.g. endpoint_url=http://host:9000); "
+        "VALUE is read as JSON when it parses (true, 3, {...}), else as a string",
+    )
 
 
 def parse_storage_options(pairs: list[str]) -> dict:

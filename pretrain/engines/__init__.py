@@ -48,8 +48,10 @@ def check_engine_config(cfg: Config, world_size: int) -> None:
         if e.offload_optimizer and e.zero_stage == 0:
             fail("engine.offload_optimizer needs engine.zero_stage >= 1 (ZeRO-Offload)")
         if e.compile and e.zero_stage == 3:
-            fail("engine.compile=true is not supported with engine.zero_stage=3 (ZeRO-3 hooks every "
-                 "parameter access); use zero_stage <= 2 or engine=fsdp")
+            fail(
+                "engine.compile=true is not supported with engine.zero_stage=3 (ZeRO-3 hooks every "
+                "parameter access); use zero_stage <= 2 or engine=fsdp"
+            )
         for key in DERIVED_KEYS:
             if key in e.deepspeed_overrides:
                 fail(f"engine.deepspeed_overrides.{key} is generated from train.* and optim.*; set those instead")
@@ -58,8 +60,10 @@ def check_engine_config(cfg: Config, world_size: int) -> None:
     if e.name == "fsdp" and e.offload_optimizer and not e.offload_params:
         fail("engine=fsdp offloads parameters and optimizer together: set engine.offload_params=true")
     if (e.offload_params or e.offload_optimizer) and not torch.cuda.is_available():
-        fail("engine.offload_params / engine.offload_optimizer move state from GPU to CPU memory; "
-             "there is no GPU here, so turn them off")
+        fail(
+            "engine.offload_params / engine.offload_optimizer move state from GPU to CPU memory; "
+            "there is no GPU here, so turn them off"
+        )
 
 
 def build_engine(model: nn.Module, cfg: Config, dist: DistInfo) -> Engine:

@@ -41,4 +41,3 @@ def prepare_blocks(model: nn.Module, cfg: EngineConfig) -> nn.Module:
         for block in model.blocks:
             block.compile()
     return model
-

@@ -32,8 +32,13 @@ from pretrain.optim import build_optimizer, build_scheduler, param_groups
 
 # Keys generated from our config that an override must not change: our trainer feeds exactly
 # this many micro-batches, and the optimizer and schedule are ours.
-DERIVED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                "optimizer", "scheduler")
+DERIVED_KEYS = (
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "optimizer",
+    "scheduler",
+)
 
 
 def _merge(base: dict, override: dict) -> dict:
@@ -70,8 +75,13 @@ def _optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
         return build_optimizer(model, cfg.optim)
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-    return DeepSpeedCPUAdam(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                            betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, adamw_mode=True)
+    return DeepSpeedCPUAdam(
+        param_groups(model, cfg.optim.weight_decay),
+        lr=cfg.optim.lr,
+        betas=tuple(cfg.optim.betas),
+        eps=cfg.optim.eps,
+        adamw_mode=True,
+    )
 
 
 class DeepSpeedEngine(Engine):
@@ -87,8 +97,9 @@ class DeepSpeedEngine(Engine):
         )
         # DeepSpeed keeps the global gradient norm only where a ZeRO or mixed-precision optimizer
         # computes it; ZeRO-0 in fp32 clips with torch and drops the norm, so measure it here.
-        self._measure_grad_norm = not (self.engine.zero_optimization() or self.engine.bfloat16_enabled()
-                                       or self.engine.fp16_enabled())
+        self._measure_grad_norm = not (
+            self.engine.zero_optimization() or self.engine.bfloat16_enabled() or self.engine.fp16_enabled()
+        )
 
     @property
     def model(self) -> nn.Module:
@@ -121,8 +132,10 @@ class DeepSpeedEngine(Engine):
     def to_device(self, batch: Batch) -> Batch:
         """DeepSpeed's bf16 holds the model in bf16 and leaves the inputs alone: cast images too."""
         dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else None
-        return {k: v.to(self.device, dtype=dtype if v.is_floating_point() else None, non_blocking=True)
-                for k, v in batch.items()}
+        return {
+            k: v.to(self.device, dtype=dtype if v.is_floating_point() else None, non_blocking=True)
+            for k, v in batch.items()
+        }
 
     def _grad_norm(self) -> float:
         """Global norm of the (already all-reduced) gradients, before DeepSpeed clips them."""
@@ -137,21 +150,33 @@ class DeepSpeedEngine(Engine):
         """ZeRO partitions the optimizer state by rank: files written by another number of
         ranks go through DeepSpeed's universal checkpoint (one file per parameter), converted
         by each node's first rank into node-local scratch space, loaded, and removed."""
-        if not os.path.isfile(os.path.join(step_dir, "mp_rank_00_model_states.pt")) and \
-                not glob.glob(os.path.join(step_dir, "zero_pp_rank_*_model_states.pt")):
-            raise UserError(f"checkpoint {step_dir} holds no DeepSpeed engine files; "
-                            f"was it written by another engine?")
+        if not os.path.isfile(os.path.join(step_dir, "mp_rank_00_model_states.pt")) and not glob.glob(
+            os.path.join(step_dir, "zero_pp_rank_*_model_states.pt")
+        ):
+            raise UserError(f"checkpoint {step_dir} holds no DeepSpeed engine files; was it written by another engine?")
         if saved_world_size == torch.distributed.get_world_size() or not self.engine.zero_optimization():
             self._load(step_dir)
             return
-        universal = os.path.join(tempfile.gettempdir(), "whitebox-universal",
-                                 hashlib.sha256(os.path.abspath(step_dir).encode()).hexdigest()[:16], "universal")
+        universal = os.path.join(
+            tempfile.gettempdir(),
+            "whitebox-universal",
+            hashlib.sha256(os.path.abspath(step_dir).encode()).hexdigest()[:16],
+            "universal",
+        )
         if self.local_rank == 0:
             shutil.rmtree(os.path.dirname(universal), ignore_errors=True)
             with contextlib.redirect_stdout(io.StringIO()):  # the converter prints its progress
-                ds_to_universal(SimpleNamespace(input_folder=step_dir, output_folder=universal, num_extract_workers=1,
-                                                num_merge_workers=1, keep_temp_folder=False, strict=True,
-                                                inject_missing_state=True))
+                ds_to_universal(
+                    SimpleNamespace(
+                        input_folder=step_dir,
+                        output_folder=universal,
+                        num_extract_workers=1,
+                        num_merge_workers=1,
+                        keep_temp_folder=False,
+                        strict=True,
+                        inject_missing_state=True,
+                    )
+                )
         torch.distributed.barrier()
         # DeepSpeed reads this flag only while loading; it must be off again for the next
         # ordinary checkpoint. There is no public setter.
@@ -171,8 +196,9 @@ class DeepSpeedEngine(Engine):
         param group 0's settings (weight decay) onto every group, and puts one `step` tensor into
         every sub-group's Adam state, which torch then increments once per sub-group, running the
         bias correction ahead. Found by a 2 -> 1 -> 2 rank run diverging after one step."""
-        saved = torch.load(os.path.join(universal, "zero", "optimizer_state.pt"),
-                           weights_only=False)["optimizer_state_dict"]["param_groups"]
+        saved = torch.load(os.path.join(universal, "zero", "optimizer_state.pt"), weights_only=False)[
+            "optimizer_state_dict"
+        ]["param_groups"]
         zero = self.engine.optimizer
         for group, saved_group in zip(zero.param_groups, saved, strict=True):
             group.update({k: v for k, v in saved_group.items() if k != "params"})
@@ -225,7 +251,7 @@ class DeepSpeedEngine(Engine):
         rank, pieces = torch.distributed.get_rank(), {}
         for name, p in self._partitioned().items():
             size = p.ds_tensor.numel()
-            flat = full[name].flatten()[rank * size: (rank + 1) * size]
+            flat = full[name].flatten()[rank * size : (rank + 1) * size]
             pieces[name] = torch.cat([flat, flat.new_zeros(size - len(flat))]).to(self.device)
         return pieces
 

@@ -23,7 +23,8 @@ class FSDPEngine(TorchEngine):
     def _wrap(self, model: nn.Module, cfg: Config) -> nn.Module:
         options = {
             "mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-            if cfg.engine.precision == "bf16" else MixedPrecisionPolicy(),
+            if cfg.engine.precision == "bf16"
+            else MixedPrecisionPolicy(),
             "offload_policy": CPUOffloadPolicy() if cfg.engine.offload_params else OffloadPolicy(),
         }
         for block in model.blocks:
@@ -58,12 +59,18 @@ class FSDPEngine(TorchEngine):
         return {name: p.to_local() for name, p in self._sharded().items()}
 
     def full_weights(self, pieces: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        full = {name: DTensor.from_local(pieces[name], p.device_mesh, p.placements, shape=p.shape,
-                                         stride=p.stride()).full_tensor().cpu()
-                for name, p in self._sharded().items()}
+        full = {
+            name: DTensor.from_local(pieces[name], p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+            .full_tensor()
+            .cpu()
+            for name, p in self._sharded().items()
+        }
         return full if torch.distributed.get_rank() == 0 else {}
 
     def local_pieces(self, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {name: DTensor.from_local(full[name].to(p.device), p.device_mesh, [Replicate()])
-                .redistribute(placements=p.placements).to_local()
-                for name, p in self._sharded().items()}
+        return {
+            name: DTensor.from_local(full[name].to(p.device), p.device_mesh, [Replicate()])
+            .redistribute(placements=p.placements)
+            .to_local()
+            for name, p in self._sharded().items()
+        }

@@ -102,13 +102,11 @@ class TorchEngine(Engine):
         """DCP reads whatever shards of the saved tensors this rank's shards need, so any
         number of saving ranks works."""
         if not os.path.isdir(os.path.join(step_dir, DCP_DIR)):
-            raise UserError(f"checkpoint {step_dir} holds no {DCP_DIR}/ directory; "
-                            f"was it written by engine=deepspeed?")
+            raise UserError(f"checkpoint {step_dir} holds no {DCP_DIR}/ directory; was it written by engine=deepspeed?")
         model_state, optim_state = get_state_dict(self.wrapped, self.optimizer)
         state = {"model": model_state, "optim": optim_state}
         dcp.load(state, checkpoint_id=os.path.join(step_dir, DCP_DIR))
-        set_state_dict(self.wrapped, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
+        set_state_dict(self.wrapped, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         self.scheduler.load_state_dict(torch.load(os.path.join(step_dir, SCHEDULER_FILE), weights_only=True))
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:

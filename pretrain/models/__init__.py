@@ -15,8 +15,11 @@ from pretrain.models.vision import ImageClassifier
 from pretrain.models.vit import ViT
 
 LANGUAGE_MODELS: dict[str, type[CausalLM]] = {"tost": ToSTLM, "gpt2": GPT2LM}
-VISION_MODELS: dict[str, Callable[[ModelConfig], ImageClassifier]] = {"crate": CRATE, "vit": ViT,
-                                                                       "tost_vision": tost_vision}
+VISION_MODELS: dict[str, Callable[[ModelConfig], ImageClassifier]] = {
+    "crate": CRATE,
+    "vit": ViT,
+    "tost_vision": tost_vision,
+}
 MODELS = {**LANGUAGE_MODELS, **VISION_MODELS}
 
 
@@ -25,7 +28,5 @@ def build_model(cfg: ModelConfig) -> CausalLM | ImageClassifier:
     if cfg.name not in MODELS:
         raise UserError(f"model.name={cfg.name!r} is unknown; valid names: {', '.join(MODELS)}")
     if cfg.n_embd % cfg.n_head != 0:
-        raise UserError(
-            f"model.n_embd={cfg.n_embd} must be divisible by model.n_head={cfg.n_head}"
-        )
+        raise UserError(f"model.n_embd={cfg.n_embd} must be divisible by model.n_head={cfg.n_head}")
     return MODELS[cfg.name](cfg)

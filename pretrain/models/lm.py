@@ -59,16 +59,12 @@ class CausalLM(nn.Module):
         logits = self.lm_head(self.ln_f(x))  # (B, T, V)
         if labels is None:
             return logits
-        return F.cross_entropy(
-            logits.float().view(-1, self.vocab_size), labels.reshape(-1), ignore_index=-100
-        )
+        return F.cross_entropy(logits.float().view(-1, self.vocab_size), labels.reshape(-1), ignore_index=-100)
 
     def no_weight_decay(self) -> set[str]:
         """Matrix-shaped parameters not to decay: the position table and the mixers' own picks."""
         return {"wpe.weight"} | {
-            f"blocks.{i}.attn.{name}"
-            for i, block in enumerate(self.blocks)
-            for name in block.attn.no_weight_decay()
+            f"blocks.{i}.attn.{name}" for i, block in enumerate(self.blocks) for name in block.attn.no_weight_decay()
         }
 
     def num_params(self, exclude_position_embeddings: bool = True) -> int:

@@ -153,8 +153,14 @@ class ToSTLM(CausalLM):
         return self.lm_head(self.ln_f(x))[:, 0]
 
     @torch.no_grad()
-    def generate(self, prompt: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 generator: torch.Generator | None = None) -> Tensor:
+    def generate(
+        self,
+        prompt: Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
         """prompt (B, T0) followed by `max_new_tokens` sampled tokens (B, T0 + new). The prompt
         is read token by token into the recurrent state; temperature 0 takes the most likely token."""
         states = self.init_states(len(prompt))

@@ -33,8 +33,10 @@ class ConvStem(nn.Module):
         super().__init__()
         n = int(math.log2(cfg.patch_size))
         if 2**n != cfg.patch_size or cfg.n_embd % 2 ** (n - 1):
-            raise UserError(f"model.skeleton=xcit needs model.patch_size a power of 2 (not {cfg.patch_size}) "
-                            f"and model.n_embd divisible by patch_size / 2")
+            raise UserError(
+                f"model.skeleton=xcit needs model.patch_size a power of 2 (not {cfg.patch_size}) "
+                f"and model.n_embd divisible by patch_size / 2"
+            )
         widths = [cfg.in_chans] + [cfg.n_embd // 2 ** (n - 1 - i) for i in range(n)]
         layers: list[nn.Module] = []
         for i, (c_in, c_out) in enumerate(zip(widths, widths[1:])):
@@ -63,8 +65,15 @@ class FourierPositions(nn.Module):
         cols = torch.arange(1, w + 1, device=device) / w * 2 * math.pi
         angle_r = rows[:, None, None] * frequencies  # (h, 1, F)
         angle_c = cols[None, :, None] * frequencies  # (1, w, F)
-        grid = torch.cat([angle_r.sin().expand(h, w, -1), angle_r.cos().expand(h, w, -1),
-                          angle_c.sin().expand(h, w, -1), angle_c.cos().expand(h, w, -1)], dim=-1)
+        grid = torch.cat(
+            [
+                angle_r.sin().expand(h, w, -1),
+                angle_r.cos().expand(h, w, -1),
+                angle_c.sin().expand(h, w, -1),
+                angle_c.cos().expand(h, w, -1),
+            ],
+            dim=-1,
+        )
         return self.proj(grid.reshape(h * w, 4 * self.features))
 
 

@@ -98,5 +98,7 @@ class ClassTokenClassifier(ImageClassifier):
 
     def no_weight_decay(self) -> set[str]:
         return {"cls_token", "pos_embed"} | {
-            f"blocks.{i}.attn.{name}" for i, block in enumerate(self.blocks)
-            for name in getattr(block.attn, "no_weight_decay", set)()}
+            f"blocks.{i}.attn.{name}"
+            for i, block in enumerate(self.blocks)
+            for name in getattr(block.attn, "no_weight_decay", set)()
+        }

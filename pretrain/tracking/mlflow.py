@@ -58,12 +58,15 @@ class Tracker:
             self.client.update_run(resume_run_id, status="RUNNING")
             return resume_run_id
         experiment = self.client.get_experiment_by_name(self.cfg.experiment)
-        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(
-            self.cfg.experiment, artifact_location=self._artifact_location())
+        experiment_id = (
+            experiment.experiment_id
+            if experiment
+            else self.client.create_experiment(self.cfg.experiment, artifact_location=self._artifact_location())
+        )
         run_id = self.client.create_run(experiment_id, run_name=self.cfg.run_name).info.run_id
         items = [Param(k, str(v)) for k, v in sorted(flatten(params).items())]
         for i in range(0, len(items), PARAMS_PER_CALL):
-            self.client.log_batch(run_id, params=items[i:i + PARAMS_PER_CALL])
+            self.client.log_batch(run_id, params=items[i : i + PARAMS_PER_CALL])
         return run_id
 
     def _artifact_location(self) -> str | None:

@@ -85,12 +85,12 @@ measured length ("all"), and over the largest {large} measured lengths ("large N
 per-pass costs matter least: 1 is linear, 2 quadratic."""
 MEMORY_HOW = {
     "cpu": "on CPU each case runs in a fresh process (forked from a server that imported torch "
-           "once); after the timed passes glibc's mmap threshold is fixed at 64 KiB and the heap trimmed, "
-           "so that freed buffers leave the resident set, the kernel's peak RSS is reset through "
-           "`/proc/self/clear_refs`, and memory is the peak RSS during a pass minus the RSS just before it "
-           f"(the largest of {MEMORY_PASSES} passes).",
+    "once); after the timed passes glibc's mmap threshold is fixed at 64 KiB and the heap trimmed, "
+    "so that freed buffers leave the resident set, the kernel's peak RSS is reset through "
+    "`/proc/self/clear_refs`, and memory is the peak RSS during a pass minus the RSS just before it "
+    f"(the largest of {MEMORY_PASSES} passes).",
     "cuda": "`torch.cuda.max_memory_allocated` during a pass (after `reset_peak_memory_stats`) minus "
-            f"`memory_allocated` just before it (the largest of {MEMORY_PASSES} passes).",
+    f"`memory_allocated` just before it (the largest of {MEMORY_PASSES} passes).",
 }
 
 
@@ -117,34 +117,76 @@ def mem_available_gib() -> float | None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="where to run (default: auto, the GPU when torch finds one)")
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where to run (default: auto, the GPU when torch finds one)",
+    )
     p.add_argument("--width", type=int, help="model width D (default: 384 on CPU, 768 on GPU)")
     p.add_argument("--heads", type=int, help="heads K (default: 6 on CPU, 12 on GPU)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), help="fp32, or bf16 autocast (default: fp32 on CPU, "
-                   "bf16 on GPU)")
-    p.add_argument("--tokens", type=token_count, nargs="+", default=DEFAULT_TOKENS, metavar="N",
-                   help="sequence lengths, e.g. 256 1k 16k (default: 256 512 1k 2k 4k 8k 16k)")
+    p.add_argument(
+        "--precision", choices=("fp32", "bf16"), help="fp32, or bf16 autocast (default: fp32 on CPU, bf16 on GPU)"
+    )
+    p.add_argument(
+        "--tokens",
+        type=token_count,
+        nargs="+",
+        default=DEFAULT_TOKENS,
+        metavar="N",
+        help="sequence lengths, e.g. 256 1k 16k (default: 256 512 1k 2k 4k 8k 16k)",
+    )
     p.add_argument("--max-tokens", type=token_count, help="drop the --tokens above this")
-    p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS),
-                   help="layers to measure (default: all four)")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        choices=sorted(VARIANTS),
+        default=list(VARIANTS),
+        help="layers to measure (default: all four)",
+    )
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions per case (default: 3)")
-    p.add_argument("--memory-limit-gib", type=float,
-                   help="skip a case whose extrapolated peak memory is above this (default: on CPU 60%% of "
-                        "MemAvailable at the start, on GPU 90%% of the GPU's memory)")
-    p.add_argument("--max-case-seconds", type=float, default=120.0,
-                   help="skip a case whose extrapolated run (warmup, repetitions, memory passes) would take "
-                        "longer than this (default: 120)")
-    p.add_argument("--quiet-wait", type=float, default=120.0, metavar="SECONDS",
-                   help="on CPU, wait in all up to this long, before the cases, for other processes to leave "
-                        "the cores (default: 120)")
-    p.add_argument("--positions", type=token_count, nargs="+", default=DEFAULT_POSITIONS, metavar="T",
-                   help="generation positions (default: 128 256 512 1k 2k 4k); 0 positions skips generation")
+    p.add_argument(
+        "--memory-limit-gib",
+        type=float,
+        help="skip a case whose extrapolated peak memory is above this (default: on CPU 60%% of "
+        "MemAvailable at the start, on GPU 90%% of the GPU's memory)",
+    )
+    p.add_argument(
+        "--max-case-seconds",
+        type=float,
+        default=120.0,
+        help="skip a case whose extrapolated run (warmup, repetitions, memory passes) would take "
+        "longer than this (default: 120)",
+    )
+    p.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="on CPU, wait in all up to this long, before the cases, for other processes to leave "
+        "the cores (default: 120)",
+    )
+    p.add_argument(
+        "--positions",
+        type=token_count,
+        nargs="+",
+        default=DEFAULT_POSITIONS,
+        metavar="T",
+        help="generation positions (default: 128 256 512 1k 2k 4k); 0 positions skips generation",
+    )
     p.add_argument("--gen-layers", type=int, default=GEN_LAYERS, help="layers of the generation ToSTLM (default: 4)")
-    p.add_argument("--plot", type=Path, default=Path("docs/attention_scaling.png"),
-                   help="log-log plot to write (default: docs/attention_scaling.png)")
-    p.add_argument("--write-doc", type=Path, metavar="MARKDOWN",
-                   help="also write the results as a section of this Markdown file, e.g. docs/benchmarks.md")
+    p.add_argument(
+        "--plot",
+        type=Path,
+        default=Path("docs/attention_scaling.png"),
+        help="log-log plot to write (default: docs/attention_scaling.png)",
+    )
+    p.add_argument(
+        "--write-doc",
+        type=Path,
+        metavar="MARKDOWN",
+        help="also write the results as a section of this Markdown file, e.g. docs/benchmarks.md",
+    )
     args = p.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -262,8 +304,13 @@ def measure_layer(variant: str, n: int, width: int, heads: int, device: str, pre
             base = PeakRSS.reset()
             one_pass()
             peaks.append(PeakRSS.peak() - base)
-    return {"seconds": statistics.median(times), "seconds_all": times, "passes_per_repetition": inner,
-            "warmup_seconds": first, "peak_bytes": max(peaks)}
+    return {
+        "seconds": statistics.median(times),
+        "seconds_all": times,
+        "passes_per_repetition": inner,
+        "warmup_seconds": first,
+        "peak_bytes": max(peaks),
+    }
 
 
 def last_logits(model: ToSTLM, ids: torch.Tensor) -> torch.Tensor:
@@ -276,8 +323,9 @@ def last_logits(model: ToSTLM, ids: torch.Tensor) -> torch.Tensor:
     return model.lm_head(model.ln_f(x[:, -1]))
 
 
-def measure_generation(positions: list[int], layers: int, width: int, heads: int, device: str, precision: str,
-                       repeats: int) -> dict:
+def measure_generation(
+    positions: list[int], layers: int, width: int, heads: int, device: str, precision: str, repeats: int
+) -> dict:
     """Seconds per new token at each position: recurrent `step` vs the parallel forward over the
     prefix; plus how far their logits differ at the last position."""
     torch.manual_seed(0)
@@ -307,9 +355,14 @@ def measure_generation(positions: list[int], layers: int, width: int, heads: int
             prefix[pos] = statistics.median(times)
     diff = (step_logits.float() - prefix_out.float()).abs().max().item()
     scale = prefix_out.float().abs().max().item()
-    recurrent = {pos: statistics.median(step_seconds[max(0, pos - STEP_WINDOW):pos]) for pos in positions}
-    return {"recurrent_seconds": recurrent, "prefix_seconds": prefix, "state_bytes": state_bytes,
-            "last_logits_max_abs_diff": diff, "last_logits_max_abs": scale}
+    recurrent = {pos: statistics.median(step_seconds[max(0, pos - STEP_WINDOW) : pos]) for pos in positions}
+    return {
+        "recurrent_seconds": recurrent,
+        "prefix_seconds": prefix,
+        "state_bytes": state_bytes,
+        "last_logits_max_abs_diff": diff,
+        "last_logits_max_abs": scale,
+    }
 
 
 def busy_cpu_seconds() -> float:
@@ -335,8 +388,13 @@ def sdpa_kernel(width: int, heads: int, device: str, precision: str) -> str | No
             y = layer(x)
         y.float().sum().backward()
         sync(device)
-    names = [e.key for e in prof.key_averages() if e.key.startswith("aten::_scaled_dot_product")
-             or e.key.startswith("aten::_efficient_attention") or e.key.startswith("aten::_flash_attention")]
+    names = [
+        e.key
+        for e in prof.key_averages()
+        if e.key.startswith("aten::_scaled_dot_product")
+        or e.key.startswith("aten::_efficient_attention")
+        or e.key.startswith("aten::_flash_attention")
+    ]
     return ", ".join(sorted({n.removeprefix("aten::") for n in names})) or None
 
 
@@ -405,8 +463,11 @@ class Runner:
                     best = result
                 if result["other_load"] <= RETRY_OTHER_LOAD:
                     break
-                print(f"  other processes kept {result['other_load']:.0%} of the cores busy"
-                      + ("; measuring again" if attempt < RETRIES else ""), file=sys.stderr)
+                print(
+                    f"  other processes kept {result['other_load']:.0%} of the cores busy"
+                    + ("; measuring again" if attempt < RETRIES else ""),
+                    file=sys.stderr,
+                )
             return "ok", best
         try:
             return "ok", globals()[fn_name](**kwargs)
@@ -447,7 +508,7 @@ def extrapolate(points: list[tuple[int, float]], n: int) -> float | None:
     if not points:
         return None
     if len(points) == 1:
-        (n0, y0), = points
+        ((n0, y0),) = points
         return y0 * n / n0
     (n0, y0), (n1, y1) = points[-2:]
     exponent = max(1.0, math.log(max(y1, 1e-12) / max(y0, 1e-12)) / math.log(n1 / n0))
@@ -466,20 +527,37 @@ def run_layers(args: argparse.Namespace, runner: Runner) -> dict:
             if cases and cases[-1]["status"] != "ok":
                 case.update(status="skipped", reason=f"{cases[-1]['tokens']} tokens were not measured")
             elif mem_guess is not None and mem_guess / 2**30 > args.memory_limit_gib:
-                case.update(status="skipped", reason=f"would need ~{mem_guess / 2**30:.1f} GiB, over "
-                            f"--memory-limit-gib {args.memory_limit_gib:.1f}")
+                case.update(
+                    status="skipped",
+                    reason=f"would need ~{mem_guess / 2**30:.1f} GiB, over "
+                    f"--memory-limit-gib {args.memory_limit_gib:.1f}",
+                )
             elif time_guess is not None and time_guess * passes > args.max_case_seconds:
-                case.update(status="skipped", reason=f"would take ~{time_guess * passes:.0f} s, over "
-                            f"--max-case-seconds {args.max_case_seconds:.0f}")
+                case.update(
+                    status="skipped",
+                    reason=f"would take ~{time_guess * passes:.0f} s, over "
+                    f"--max-case-seconds {args.max_case_seconds:.0f}",
+                )
             else:
                 start = time.perf_counter()
-                status, out = runner("measure_layer", variant=variant, n=n, width=args.width, heads=args.heads,
-                                     device=args.device, precision=args.precision, repeats=args.repeats)
+                status, out = runner(
+                    "measure_layer",
+                    variant=variant,
+                    n=n,
+                    width=args.width,
+                    heads=args.heads,
+                    device=args.device,
+                    precision=args.precision,
+                    repeats=args.repeats,
+                )
                 if status == "ok":
-                    case.update(status="ok", ms=round(out["seconds"] * 1e3, 4),
-                                ms_repetitions=[round(t * 1e3, 4) for t in out["seconds_all"]],
-                                passes_per_repetition=out["passes_per_repetition"],
-                                peak_mib=round(out["peak_bytes"] / MiB, 2))
+                    case.update(
+                        status="ok",
+                        ms=round(out["seconds"] * 1e3, 4),
+                        ms_repetitions=[round(t * 1e3, 4) for t in out["seconds_all"]],
+                        passes_per_repetition=out["passes_per_repetition"],
+                        peak_mib=round(out["peak_bytes"] / MiB, 2),
+                    )
                     if "other_load" in out:
                         case.update(other_load=round(out["other_load"], 3), attempts=out["attempts"])
                     timed.append((n, out["seconds"]))
@@ -487,8 +565,12 @@ def run_layers(args: argparse.Namespace, runner: Runner) -> dict:
                 else:
                     case.update(status="failed", reason=out)
                 load = f", other load {case['other_load']:.0%}" if "other_load" in case else ""
-                print(f"{label} {n}: " + (f"{case['ms']:.2f} ms, {case['peak_mib']:.1f} MiB{load}" if status == "ok"
-                      else f"failed: {out}") + f" ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
+                print(
+                    f"{label} {n}: "
+                    + (f"{case['ms']:.2f} ms, {case['peak_mib']:.1f} MiB{load}" if status == "ok" else f"failed: {out}")
+                    + f" ({time.perf_counter() - start:.1f} s)",
+                    file=sys.stderr,
+                )
             if case["status"] == "skipped":
                 print(f"{label} {n}: skipped, {case['reason']}", file=sys.stderr)
             cases.append(case)
@@ -500,8 +582,11 @@ def run_layers(args: argparse.Namespace, runner: Runner) -> dict:
             "memory": slope([c["tokens"] for c in ok], [max(c["peak_mib"], 1e-3) for c in ok]),
             "memory_large_n": slope([c["tokens"] for c in big], [max(c["peak_mib"], 1e-3) for c in big]),
         }
-        results[variant] = {"label": label, "cases": cases,
-                            "exponents": {k: None if v is None else round(v, 3) for k, v in exponents.items()}}
+        results[variant] = {
+            "label": label,
+            "cases": cases,
+            "exponents": {k: None if v is None else round(v, 3) for k, v in exponents.items()},
+        }
     return results
 
 
@@ -509,24 +594,50 @@ def run_generation(args: argparse.Namespace, runner: Runner) -> dict | None:
     if not args.positions:
         return None
     start = time.perf_counter()
-    status, out = runner("measure_generation", positions=args.positions, layers=args.gen_layers, width=args.width,
-                         heads=args.heads, device=args.device, precision=args.precision, repeats=args.repeats)
+    status, out = runner(
+        "measure_generation",
+        positions=args.positions,
+        layers=args.gen_layers,
+        width=args.width,
+        heads=args.heads,
+        device=args.device,
+        precision=args.precision,
+        repeats=args.repeats,
+    )
     if status != "ok":
         print(f"generation failed: {out}", file=sys.stderr)
         return {"status": "failed", "reason": out}
-    rows = [{"position": pos, "recurrent_ms": round(out["recurrent_seconds"][pos] * 1e3, 4),
-             "prefix_ms": round(out["prefix_seconds"][pos] * 1e3, 4)} for pos in args.positions]
+    rows = [
+        {
+            "position": pos,
+            "recurrent_ms": round(out["recurrent_seconds"][pos] * 1e3, 4),
+            "prefix_ms": round(out["prefix_seconds"][pos] * 1e3, 4),
+        }
+        for pos in args.positions
+    ]
     for row in rows:
-        print(f"generation at {row['position']}: recurrent {row['recurrent_ms']:.2f} ms/token, "
-              f"prefix re-run {row['prefix_ms']:.2f} ms/token", file=sys.stderr)
+        print(
+            f"generation at {row['position']}: recurrent {row['recurrent_ms']:.2f} ms/token, "
+            f"prefix re-run {row['prefix_ms']:.2f} ms/token",
+            file=sys.stderr,
+        )
     print(f"generation done ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
     positions = [r["position"] for r in rows]
-    return {"status": "ok", "layers": args.gen_layers, "vocab_size": GEN_VOCAB, "step_window": STEP_WINDOW,
-            "rows": rows, "state_bytes": out["state_bytes"], "other_load": round(out.get("other_load", 0.0), 3),
-            "last_logits_max_abs_diff": out["last_logits_max_abs_diff"],
-            "last_logits_max_abs": out["last_logits_max_abs"],
-            "exponents": {name: round(slope(positions, [r[f"{name}_ms"] for r in rows]), 3)
-                          if len(rows) > 1 else None for name in ("recurrent", "prefix")}}
+    return {
+        "status": "ok",
+        "layers": args.gen_layers,
+        "vocab_size": GEN_VOCAB,
+        "step_window": STEP_WINDOW,
+        "rows": rows,
+        "state_bytes": out["state_bytes"],
+        "other_load": round(out.get("other_load", 0.0), 3),
+        "last_logits_max_abs_diff": out["last_logits_max_abs_diff"],
+        "last_logits_max_abs": out["last_logits_max_abs"],
+        "exponents": {
+            name: round(slope(positions, [r[f"{name}_ms"] for r in rows]), 3) if len(rows) > 1 else None
+            for name in ("recurrent", "prefix")
+        },
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -546,8 +657,12 @@ def plot(report: dict, path: Path) -> None:
     gen = report["generation"]
     panels = 3 if gen and gen["status"] == "ok" else 2
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.4))
-    styles = {"tssa": ("tab:blue", "-o"), "tssa_causal": ("tab:blue", "--s"),
-              "softmax": ("tab:red", "-o"), "softmax_causal": ("tab:red", "--s")}
+    styles = {
+        "tssa": ("tab:blue", "-o"),
+        "tssa_causal": ("tab:blue", "--s"),
+        "softmax": ("tab:red", "-o"),
+        "softmax_causal": ("tab:red", "--s"),
+    }
     for variant, res in report["layers"].items():
         ok = [c for c in res["cases"] if c["status"] == "ok"]
         if not ok:
@@ -555,21 +670,36 @@ def plot(report: dict, path: Path) -> None:
         color, style = styles[variant]
         n = [c["tokens"] for c in ok]
         e = res["exponents"]
-        axes[0].plot(n, [c["ms"] for c in ok], style, color=color,
-                     label=f"{res['label']}: N^{fmt_exp(e['time'])} (large N: N^{fmt_exp(e['time_large_n'])})")
-        axes[1].plot(n, [c["peak_mib"] for c in ok], style, color=color,
-                     label=f"{res['label']}: N^{fmt_exp(e['memory'])}")
+        axes[0].plot(
+            n,
+            [c["ms"] for c in ok],
+            style,
+            color=color,
+            label=f"{res['label']}: N^{fmt_exp(e['time'])} (large N: N^{fmt_exp(e['time_large_n'])})",
+        )
+        axes[1].plot(
+            n, [c["peak_mib"] for c in ok], style, color=color, label=f"{res['label']}: N^{fmt_exp(e['memory'])}"
+        )
     title = f"one layer, D={report['width']}, {report['heads']} heads, {report['precision']}, batch 1"
     axes[0].set(xlabel="tokens N", ylabel="forward + backward, ms", title=f"time: {title}")
     axes[1].set(xlabel="tokens N", ylabel="peak memory of a pass, MiB", title="memory")
     if panels == 3:
         pos = [r["position"] for r in gen["rows"]]
-        axes[2].plot(pos, [r["recurrent_ms"] for r in gen["rows"]], "-o", color="tab:blue",
-                     label=f"recurrent step: T^{fmt_exp(gen['exponents']['recurrent'])}")
-        axes[2].plot(pos, [r["prefix_ms"] for r in gen["rows"]], "--s", color="tab:gray",
-                     label=f"prefix re-run: T^{fmt_exp(gen['exponents']['prefix'])}")
-        axes[2].set(xlabel="position T", ylabel="ms per new token",
-                    title=f"ToSTLM generation, {gen['layers']} layers")
+        axes[2].plot(
+            pos,
+            [r["recurrent_ms"] for r in gen["rows"]],
+            "-o",
+            color="tab:blue",
+            label=f"recurrent step: T^{fmt_exp(gen['exponents']['recurrent'])}",
+        )
+        axes[2].plot(
+            pos,
+            [r["prefix_ms"] for r in gen["rows"]],
+            "--s",
+            color="tab:gray",
+            label=f"prefix re-run: T^{fmt_exp(gen['exponents']['prefix'])}",
+        )
+        axes[2].set(xlabel="position T", ylabel="ms per new token", title=f"ToSTLM generation, {gen['layers']} layers")
     for ax in axes:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -597,44 +727,67 @@ def markdown_section(report: dict, args: argparse.Namespace, command: str) -> tu
     for i, n in enumerate(report["tokens"]):
         time_rows.append(f"| {n:,} | " + " | ".join(cell(layers[v]["cases"][i], "ms", 2) for v in names) + " |")
         mem_rows.append(f"| {n:,} | " + " | ".join(cell(layers[v]["cases"][i], "peak_mib", 1) for v in names) + " |")
-    exp_rows = [f"| {res['label']} | {fmt_exp(res['exponents']['time'])} | {fmt_exp(res['exponents']['time_large_n'])} "
-                f"| {fmt_exp(res['exponents']['memory'])} | {fmt_exp(res['exponents']['memory_large_n'])} |"
-                for res in layers.values()]
-    skipped = [f"- {res['label']}, {c['tokens']:,} tokens: {c['status']}, {c['reason']}"
-               for res in layers.values() for c in res["cases"] if c["status"] != "ok"]
+    exp_rows = [
+        f"| {res['label']} | {fmt_exp(res['exponents']['time'])} | {fmt_exp(res['exponents']['time_large_n'])} "
+        f"| {fmt_exp(res['exponents']['memory'])} | {fmt_exp(res['exponents']['memory_large_n'])} |"
+        for res in layers.values()
+    ]
+    skipped = [
+        f"- {res['label']}, {c['tokens']:,} tokens: {c['status']}, {c['reason']}"
+        for res in layers.values()
+        for c in res["cases"]
+        if c["status"] != "ok"
+    ]
     lines = [
         f"## Attention scaling, {mode}, {report['precision']}: {report['device']}, {datetime.date.today().isoformat()}",
         "",
         f"`{command}`",
         "",
-        ABOUT.format(min_rep_ms=MIN_REPETITION_S * 1e3, memory=MEMORY_HOW[report["device_kind"]],
-                     large=LARGE_N_POINTS),
+        ABOUT.format(min_rep_ms=MIN_REPETITION_S * 1e3, memory=MEMORY_HOW[report["device_kind"]], large=LARGE_N_POINTS),
         "",
         f"torch {report['torch']}, {report['threads']} CPU threads; width D {report['width']}, {report['heads']} heads "
         f"(head dim {report['width'] // report['heads']}), {report['precision']}; 1 warmup pass + {args.repeats} "
         f"timed repetitions per case; --memory-limit-gib {report['memory_limit_gib']:.1f}, --max-case-seconds "
         f"{args.max_case_seconds:.0f}. Total run {report['total_seconds']:.0f} s. `SelfAttention`'s SDPA ran "
         f"`{report['sdpa_kernel']}`"
-        + (", which never stores the N x N scores: the softmax layers' memory grows linearly like TSSA's, "
-           "only their time quadratically." if report["sdpa_kernel"] and "math" not in report["sdpa_kernel"]
-           else "."),
+        + (
+            ", which never stores the N x N scores: the softmax layers' memory grows linearly like TSSA's, "
+            "only their time quadratically."
+            if report["sdpa_kernel"] and "math" not in report["sdpa_kernel"]
+            else "."
+        ),
         "",
-        *([f"The machine is shared: while the cases ran, other processes kept {report['other_load']['mean']:.0%} of "
-           f"its cores busy on average (from /proc/stat, less the case's own CPU time), at most "
-           f"{report['other_load']['max']:.0%} ({report['other_load']['max_case']}); a case above "
-           f"{RETRY_OTHER_LOAD:.0%} was measured again (after waiting for the cores to be free, up to --quiet-wait seconds "
-           f"in all), "
-           f"up to {1 + RETRIES} times, and its least disturbed measurement kept"
-           + ("; still disturbed: " + "; ".join(f"{name} ({load:.0%})" for load, name in report["other_load"]["disturbed"])
-              if report["other_load"]["disturbed"] else "") + ".", ""]
-          if "other_load" in report else []),
+        *(
+            [
+                f"The machine is shared: while the cases ran, other processes kept {report['other_load']['mean']:.0%} of "
+                f"its cores busy on average (from /proc/stat, less the case's own CPU time), at most "
+                f"{report['other_load']['max']:.0%} ({report['other_load']['max_case']}); a case above "
+                f"{RETRY_OTHER_LOAD:.0%} was measured again (after waiting for the cores to be free, up to --quiet-wait seconds "
+                f"in all), "
+                f"up to {1 + RETRIES} times, and its least disturbed measurement kept"
+                + (
+                    "; still disturbed: "
+                    + "; ".join(f"{name} ({load:.0%})" for load, name in report["other_load"]["disturbed"])
+                    if report["other_load"]["disturbed"]
+                    else ""
+                )
+                + ".",
+                "",
+            ]
+            if "other_load" in report
+            else []
+        ),
         "Forward + backward, ms (median):",
         "",
-        head, rule, *time_rows,
+        head,
+        rule,
+        *time_rows,
         "",
         "Peak memory of one forward + backward above what was allocated before it, MiB:",
         "",
-        head, rule, *mem_rows,
+        head,
+        rule,
+        *mem_rows,
         "",
         "Measured scaling exponents (slope of log-log least squares):",
         "",
@@ -643,10 +796,17 @@ def markdown_section(report: dict, args: argparse.Namespace, command: str) -> tu
         *exp_rows,
         "",
     ]
-    lines += (["Not measured (a case is skipped when its time or memory, extrapolated from the smaller lengths "
-               "of the same layer, would pass --max-case-seconds or --memory-limit-gib):", "", *skipped, ""]
-              if skipped else ["Every case was measured: none was predicted to pass --max-case-seconds or "
-                               "--memory-limit-gib.", ""])
+    lines += (
+        [
+            "Not measured (a case is skipped when its time or memory, extrapolated from the smaller lengths "
+            "of the same layer, would pass --max-case-seconds or --memory-limit-gib):",
+            "",
+            *skipped,
+            "",
+        ]
+        if skipped
+        else ["Every case was measured: none was predicted to pass --max-case-seconds or --memory-limit-gib.", ""]
+    )
     gen = report["generation"]
     if gen and gen["status"] == "ok":
         lines += [
@@ -661,8 +821,11 @@ def markdown_section(report: dict, args: argparse.Namespace, command: str) -> tu
             "",
             "| position T | recurrent ms/token | prefix re-run ms/token | re-run / recurrent |",
             "|---:|---:|---:|---:|",
-            *[f"| {r['position']:,} | {r['recurrent_ms']:.2f} | {r['prefix_ms']:.2f} | "
-              f"{r['prefix_ms'] / r['recurrent_ms']:.1f}x |" for r in gen["rows"]],
+            *[
+                f"| {r['position']:,} | {r['recurrent_ms']:.2f} | {r['prefix_ms']:.2f} | "
+                f"{r['prefix_ms'] / r['recurrent_ms']:.1f}x |"
+                for r in gen["rows"]
+            ],
             "",
             f"Exponent of time per token against T: recurrent {fmt_exp(gen['exponents']['recurrent'])}, prefix re-run "
             f"{fmt_exp(gen['exponents']['prefix'])}.",
@@ -671,7 +834,10 @@ def markdown_section(report: dict, args: argparse.Namespace, command: str) -> tu
     elif gen:
         lines += [f"Generation: failed, {gen['reason']}.", ""]
     if report.get("plot"):
-        lines += [f"![attention scaling]({os.path.relpath(Path(report['plot']).resolve(), args.write_doc.resolve().parent)})", ""]
+        lines += [
+            f"![attention scaling]({os.path.relpath(Path(report['plot']).resolve(), args.write_doc.resolve().parent)})",
+            "",
+        ]
     return f"attention {mode} {report['precision']} | {report['device']}", "\n".join(lines)
 
 
@@ -679,25 +845,43 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
     runner = Runner(args.device, args.quiet_wait)
-    report = {"device": device_name(), "device_kind": args.device, "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "width": args.width, "heads": args.heads,
-              "precision": args.precision, "batch": 1, "tokens": args.tokens, "repeats": args.repeats,
-              "memory_limit_gib": round(args.memory_limit_gib, 2), "max_case_seconds": args.max_case_seconds,
-              "memory_method": "peak RSS increase (VmHWM reset via /proc/self/clear_refs), fresh process per case"
-              if args.device == "cpu" else "torch.cuda.max_memory_allocated increase"}
+    report = {
+        "device": device_name(),
+        "device_kind": args.device,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "width": args.width,
+        "heads": args.heads,
+        "precision": args.precision,
+        "batch": 1,
+        "tokens": args.tokens,
+        "repeats": args.repeats,
+        "memory_limit_gib": round(args.memory_limit_gib, 2),
+        "max_case_seconds": args.max_case_seconds,
+        "memory_method": "peak RSS increase (VmHWM reset via /proc/self/clear_refs), fresh process per case"
+        if args.device == "cpu"
+        else "torch.cuda.max_memory_allocated increase",
+    }
     report["sdpa_kernel"] = sdpa_kernel(args.width, args.heads, args.device, args.precision)
     report["layers"] = run_layers(args, runner)
     report["generation"] = run_generation(args, runner)
     report["total_seconds"] = round(time.perf_counter() - start, 1)
-    loads = [(c["other_load"], f"{res['label']}, {c['tokens']:,} tokens") for res in report["layers"].values()
-             for c in res["cases"] if "other_load" in c]
+    loads = [
+        (c["other_load"], f"{res['label']}, {c['tokens']:,} tokens")
+        for res in report["layers"].values()
+        for c in res["cases"]
+        if "other_load" in c
+    ]
     if report["generation"] and "other_load" in report["generation"]:
         loads.append((report["generation"]["other_load"], "generation"))
     if loads:
         worst = max(loads)
-        report["other_load"] = {"mean": round(sum(v for v, _ in loads) / len(loads), 3), "max": worst[0],
-                                "max_case": worst[1],
-                                "disturbed": [(v, name) for v, name in loads if v > RETRY_OTHER_LOAD]}
+        report["other_load"] = {
+            "mean": round(sum(v for v, _ in loads) / len(loads), 3),
+            "max": worst[0],
+            "max_case": worst[1],
+            "disturbed": [(v, name) for v, name in loads if v > RETRY_OTHER_LOAD],
+        }
     if args.plot:
         plot(report, args.plot)
         report["plot"] = str(args.plot)

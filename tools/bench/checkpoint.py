@@ -84,13 +84,19 @@ def save_and_load(writer: StateWriter, store: CheckpointStore, step: int) -> dic
     for name in writer.state:
         torch.load(os.path.join(directory, f"{name}.pt"), weights_only=False)
     loaded = time.perf_counter()
-    return {"bytes": size, "write_s": written - start, "upload_commit_s": committed - written,
-            "save_mb_per_s": size / MB / (committed - start), "fetch_verify_s": fetched - committed,
-            "load_mb_per_s": size / MB / (loaded - committed)}
+    return {
+        "bytes": size,
+        "write_s": written - start,
+        "upload_commit_s": committed - written,
+        "save_mb_per_s": size / MB / (committed - start),
+        "fetch_verify_s": fetched - committed,
+        "load_mb_per_s": size / MB / (loaded - committed),
+    }
 
 
-def blocked_fraction(dist_info, url: str, options: dict, staging: str, steps: int, interval: int, matmuls: int,
-                     async_upload: bool) -> dict:
+def blocked_fraction(
+    dist_info, url: str, options: dict, staging: str, steps: int, interval: int, matmuls: int, async_upload: bool
+) -> dict:
     """A stand-in training loop with saves; the share of its wall time that saves blocked."""
     writer = StateWriter()
     store = CheckpointStore(url, options, staging, ONE_NODE)
@@ -107,44 +113,62 @@ def blocked_fraction(dist_info, url: str, options: dict, staging: str, steps: in
     manager.wait()
     blocked += time.perf_counter() - wait_start  # the end of a run waits for the last upload
     wall = time.perf_counter() - start
-    return {"async_upload": async_upload, "wall_s": wall, "blocked_s": blocked, "blocked_fraction": blocked / wall,
-            "saves": steps // interval, "save_s": manager.committed_save_seconds()}
+    return {
+        "async_upload": async_upload,
+        "wall_s": wall,
+        "blocked_s": blocked,
+        "blocked_fraction": blocked / wall,
+        "saves": steps // interval,
+        "save_s": manager.committed_save_seconds(),
+    }
 
 
 def markdown(report: dict, command: str) -> tuple[str, str]:
-    rows = [f"| {r['store']} | {r['bytes'] / MB:,.0f} | {r['save_mb_per_s']:,.0f} | {r['load_mb_per_s']:,.0f} |"
-            for r in report["throughput"]]
-    loops = [f"| {r['store']} | {'async' if r['async_upload'] else 'sync'} | {r['saves']} | {r['wall_s']:.1f} | "
-             f"{r['blocked_s']:.1f} | {r['blocked_fraction']:.1%} |" for r in report["blocked"]]
-    text = "\n".join([
-        f"## Checkpoints: {report['device']}, {datetime.date.today().isoformat()}",
-        "",
-        f"`{command}`",
-        "",
-        "Save = torch.save of ToST-Base's fp32 weights and AdamW moments into staging, upload with sha256, "
-        "manifest; load = download (S3) or read in place (local), check every sha256, torch.load. `s3` is moto's "
-        "server on 127.0.0.1 in its own process, on the same 2 cores.",
-        "",
-        "| store | MB | save MB/s | load MB/s |",
-        "|---|---:|---:|---:|",
-        *rows,
-        "",
-        f"Blocked fraction: a stand-in training loop ({report['loop']['steps']} steps of "
-        f"{report['loop']['matmuls']} {LOOP_MATMUL}x{LOOP_MATMUL} matmuls) saving that state every "
-        f"{report['loop']['interval']} steps through the CheckpointManager; blocked = time inside save() plus the "
-        "final wait for the last upload.",
-        "",
-        "| store | upload | saves | wall s | blocked s | blocked |",
-        "|---|---|---:|---:|---:|---:|",
-        *loops,
-    ])
+    rows = [
+        f"| {r['store']} | {r['bytes'] / MB:,.0f} | {r['save_mb_per_s']:,.0f} | {r['load_mb_per_s']:,.0f} |"
+        for r in report["throughput"]
+    ]
+    loops = [
+        f"| {r['store']} | {'async' if r['async_upload'] else 'sync'} | {r['saves']} | {r['wall_s']:.1f} | "
+        f"{r['blocked_s']:.1f} | {r['blocked_fraction']:.1%} |"
+        for r in report["blocked"]
+    ]
+    text = "\n".join(
+        [
+            f"## Checkpoints: {report['device']}, {datetime.date.today().isoformat()}",
+            "",
+            f"`{command}`",
+            "",
+            "Save = torch.save of ToST-Base's fp32 weights and AdamW moments into staging, upload with sha256, "
+            "manifest; load = download (S3) or read in place (local), check every sha256, torch.load. `s3` is moto's "
+            "server on 127.0.0.1 in its own process, on the same 2 cores.",
+            "",
+            "| store | MB | save MB/s | load MB/s |",
+            "|---|---:|---:|---:|",
+            *rows,
+            "",
+            f"Blocked fraction: a stand-in training loop ({report['loop']['steps']} steps of "
+            f"{report['loop']['matmuls']} {LOOP_MATMUL}x{LOOP_MATMUL} matmuls) saving that state every "
+            f"{report['loop']['interval']} steps through the CheckpointManager; blocked = time inside save() plus the "
+            "final wait for the last upload.",
+            "",
+            "| store | upload | saves | wall s | blocked s | blocked |",
+            "|---|---|---:|---:|---:|---:|",
+            *loops,
+        ]
+    )
     return f"checkpoint | {report['device']}", text
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    report = {"device": device_name(), "torch": torch.__version__, "throughput": [], "blocked": [],
-              "loop": {"steps": args.steps, "interval": args.interval, "matmuls": args.matmuls}}
+    report = {
+        "device": device_name(),
+        "torch": torch.__version__,
+        "throughput": [],
+        "blocked": [],
+        "loop": {"steps": args.steps, "interval": args.interval, "matmuls": args.matmuls},
+    }
     print("building the ToST-Base state", file=sys.stderr)
     writer = StateWriter()
     server = LocalS3()
@@ -154,15 +178,28 @@ def main(argv: list[str] | None = None) -> int:
             store = CheckpointStore(url, options, f"{tmp}/staging-{name}", ONE_NODE)
             result = {"store": name, **save_and_load(writer, store, 1)}
             report["throughput"].append(result)
-            print(f"{name}: save {result['save_mb_per_s']:,.0f} MB/s, load {result['load_mb_per_s']:,.0f} MB/s",
-                  file=sys.stderr)
+            print(
+                f"{name}: save {result['save_mb_per_s']:,.0f} MB/s, load {result['load_mb_per_s']:,.0f} MB/s",
+                file=sys.stderr,
+            )
             for async_upload in (False, True):
-                (loop,) = run_local_world(blocked_fraction, 1, f"{url}-loop-{async_upload}", options,
-                                          f"{tmp}/staging-loop-{name}", args.steps, args.interval, args.matmuls,
-                                          async_upload)
+                (loop,) = run_local_world(
+                    blocked_fraction,
+                    1,
+                    f"{url}-loop-{async_upload}",
+                    options,
+                    f"{tmp}/staging-loop-{name}",
+                    args.steps,
+                    args.interval,
+                    args.matmuls,
+                    async_upload,
+                )
                 report["blocked"].append({"store": name, **loop})
-                print(f"{name} {'async' if async_upload else 'sync'}: blocked {loop['blocked_fraction']:.1%} "
-                      f"of {loop['wall_s']:.1f} s", file=sys.stderr)
+                print(
+                    f"{name} {'async' if async_upload else 'sync'}: blocked {loop['blocked_fraction']:.1%} "
+                    f"of {loop['wall_s']:.1f} s",
+                    file=sys.stderr,
+                )
     print(json.dumps(report, indent=2))
     if args.write_doc:
         write_section(args.write_doc, *markdown(report, shlex.join(["python", *sys.argv])))

@@ -62,20 +62,35 @@ local process world so that no variant inherits another's memory high-water mark
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gpu", action="store_true",
-                   help="benchmark ToST-Base and GPT2-Base on one CUDA GPU instead of the engines on CPU")
-    p.add_argument("--gpu-engine", choices=sorted(GPU_ENGINES), default="zero0",
-                   help="engine for --gpu: DeepSpeed ZeRO-0 or plain PyTorch (default: zero0)")
+    p.add_argument(
+        "--gpu",
+        action="store_true",
+        help="benchmark ToST-Base and GPT2-Base on one CUDA GPU instead of the engines on CPU",
+    )
+    p.add_argument(
+        "--gpu-engine",
+        choices=sorted(GPU_ENGINES),
+        default="zero0",
+        help="engine for --gpu: DeepSpeed ZeRO-0 or plain PyTorch (default: zero0)",
+    )
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before timing (default: 3)")
     p.add_argument("--steps", type=int, help="timed optimizer steps (default: 10; 50 with --gpu)")
     p.add_argument("--micro-batch", type=int, help="sequences per micro-batch (default: 4; 8 with --gpu)")
-    p.add_argument("--global-batch", type=int,
-                   help="sequences per optimizer step over all ranks (default: 8; the micro-batch with --gpu)")
-    p.add_argument("--world-size", type=int,
-                   help="ranks of the local world (default: 2; --gpu runs 1 process and allows only 1)")
+    p.add_argument(
+        "--global-batch",
+        type=int,
+        help="sequences per optimizer step over all ranks (default: 8; the micro-batch with --gpu)",
+    )
+    p.add_argument(
+        "--world-size", type=int, help="ranks of the local world (default: 2; --gpu runs 1 process and allows only 1)"
+    )
     p.add_argument("--precision", choices=("fp32", "bf16"), help="engine.precision (default: fp32; bf16 with --gpu)")
-    p.add_argument("--write-doc", type=Path, metavar="MARKDOWN",
-                   help="also write the results as a section of this Markdown file, e.g. docs/benchmarks.md")
+    p.add_argument(
+        "--write-doc",
+        type=Path,
+        metavar="MARKDOWN",
+        help="also write the results as a section of this Markdown file, e.g. docs/benchmarks.md",
+    )
     args = p.parse_args(argv)
     steps, micro, global_batch, world, precision = MODE_DEFAULTS["gpu" if args.gpu else "cpu"]
     args.steps = args.steps or steps
@@ -99,9 +114,16 @@ def variants(args: argparse.Namespace) -> list[tuple[str, str, Config]]:
     runs = []
     for model in models:
         for engine, overrides in engines.items():
-            cfg = load_config([f"+exp={model}", *extra, *overrides, f"engine.precision={args.precision}",
-                               f"train.global_batch_size={args.global_batch}",
-                               f"train.micro_batch_size={args.micro_batch}"])
+            cfg = load_config(
+                [
+                    f"+exp={model}",
+                    *extra,
+                    *overrides,
+                    f"engine.precision={args.precision}",
+                    f"train.global_batch_size={args.global_batch}",
+                    f"train.micro_batch_size={args.micro_batch}",
+                ]
+            )
             runs.append((model, engine, cfg))
     return runs
 
@@ -144,9 +166,13 @@ def bench_rank(dist_info: DistInfo, cfg: Config, warmup: int, steps: int) -> dic
     elapsed = time.perf_counter() - start
     mean_loss = torch.tensor([loss], dtype=torch.float64, device=dist_info.device)
     dist.all_reduce(mean_loss)
-    return {"elapsed_s": elapsed, "loss": mean_loss.item() / dist_info.world_size,
-            "memory_gib": memory_gib(dist_info.device), "flops_per_token": flops_per_token,
-            "peak_flops": peak_flops(dist_info.device, cfg.engine.precision)}
+    return {
+        "elapsed_s": elapsed,
+        "loss": mean_loss.item() / dist_info.world_size,
+        "memory_gib": memory_gib(dist_info.device),
+        "flops_per_token": flops_per_token,
+        "peak_flops": peak_flops(dist_info.device, cfg.engine.precision),
+    }
 
 
 def run_variant(model: str, engine: str, cfg: Config, args: argparse.Namespace) -> dict:
@@ -155,36 +181,45 @@ def run_variant(model: str, engine: str, cfg: Config, args: argparse.Namespace) 
     elapsed = ranks[0]["elapsed_s"]
     tokens_per_s = args.steps * cfg.train.global_batch_size * cfg.model.seq_len / elapsed
     utilisation = mfu(tokens_per_s / args.world_size, ranks[0]["flops_per_token"], ranks[0]["peak_flops"])
-    return {"model": model, "engine": engine, "steps_per_s": round(args.steps / elapsed, 3),
-            "tokens_per_s": round(tokens_per_s, 1),
-            "peak_mem_gib_per_rank": [round(r["memory_gib"], 3) for r in ranks],
-            "final_loss": round(ranks[0]["loss"], 4),
-            "mfu": None if utilisation is None else round(utilisation, 4)}
+    return {
+        "model": model,
+        "engine": engine,
+        "steps_per_s": round(args.steps / elapsed, 3),
+        "tokens_per_s": round(tokens_per_s, 1),
+        "peak_mem_gib_per_rank": [round(r["memory_gib"], 3) for r in ranks],
+        "final_loss": round(ranks[0]["loss"], 4),
+        "mfu": None if utilisation is None else round(utilisation, 4),
+    }
 
 
 def markdown_section(report: dict, args: argparse.Namespace, command: str) -> tuple[str, str]:
     """(key, text) of this run's section; the key (mode, precision, device) decides what a rerun replaces."""
     mode = "gpu" if args.gpu else "cpu-engines"
     key = f"{mode} {report['precision']} | {report['device']}"
-    title = ("Base models, 1 GPU" if args.gpu else f"Engines on CPU, {report['world_size']} ranks")
-    rows = [f"| {r['model']} | {r['engine']} | {r['steps_per_s']:.3f} | {r['tokens_per_s']:,.0f} | "
-            f"{' / '.join(f'{m:.2f}' for m in r['peak_mem_gib_per_rank'])} | {r['final_loss']:.4f} | "
-            f"{'-' if r['mfu'] is None else format(r['mfu'], '.1%')} |" for r in report["results"]]
-    text = "\n".join([
-        f"## {title}, {report['precision']}: {report['device']}, {datetime.date.today().isoformat()}",
-        "",
-        f"`{command}`",
-        "",
-        ABOUT,
-        "",
-        f"torch {report['torch']}, DeepSpeed {report['deepspeed']}; {args.warmup} warmup + {args.steps} timed "
-        f"steps, global batch {args.global_batch}, micro-batch {args.micro_batch} sequences.",
-        "",
-        "| model | engine | steps/s | tokens/s | peak GiB per rank | final loss | MFU |",
-        "|---|---|---:|---:|---:|---:|---:|",
-        *rows,
-        "",
-    ])
+    title = "Base models, 1 GPU" if args.gpu else f"Engines on CPU, {report['world_size']} ranks"
+    rows = [
+        f"| {r['model']} | {r['engine']} | {r['steps_per_s']:.3f} | {r['tokens_per_s']:,.0f} | "
+        f"{' / '.join(f'{m:.2f}' for m in r['peak_mem_gib_per_rank'])} | {r['final_loss']:.4f} | "
+        f"{'-' if r['mfu'] is None else format(r['mfu'], '.1%')} |"
+        for r in report["results"]
+    ]
+    text = "\n".join(
+        [
+            f"## {title}, {report['precision']}: {report['device']}, {datetime.date.today().isoformat()}",
+            "",
+            f"`{command}`",
+            "",
+            ABOUT,
+            "",
+            f"torch {report['torch']}, DeepSpeed {report['deepspeed']}; {args.warmup} warmup + {args.steps} timed "
+            f"steps, global batch {args.global_batch}, micro-batch {args.micro_batch} sequences.",
+            "",
+            "| model | engine | steps/s | tokens/s | peak GiB per rank | final loss | MFU |",
+            "|---|---|---:|---:|---:|---:|---:|",
+            *rows,
+            "",
+        ]
+    )
     return key, text
 
 
@@ -195,16 +230,24 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"engines: error: {exc}", file=sys.stderr)
         return BAD_INPUT_EXIT
-    report = {"device": device_name(), "torch": torch.__version__,
-              "deepspeed": importlib.metadata.version("deepspeed"), "world_size": args.world_size,
-              "precision": args.precision, "results": []}
+    report = {
+        "device": device_name(),
+        "torch": torch.__version__,
+        "deepspeed": importlib.metadata.version("deepspeed"),
+        "world_size": args.world_size,
+        "precision": args.precision,
+        "results": [],
+    }
     for i, (model, engine, cfg) in enumerate(runs, 1):
         start = time.perf_counter()
         result = run_variant(model, engine, cfg, args)
         report["results"].append(result)
-        print(f"[{i}/{len(runs)}] {model} {engine}: {result['steps_per_s']:.3f} steps/s, "
-              f"{result['tokens_per_s']:,.0f} tok/s, peak {max(result['peak_mem_gib_per_rank']):.2f} GiB, "
-              f"loss {result['final_loss']:.4f} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+        print(
+            f"[{i}/{len(runs)}] {model} {engine}: {result['steps_per_s']:.3f} steps/s, "
+            f"{result['tokens_per_s']:,.0f} tok/s, peak {max(result['peak_mem_gib_per_rank']):.2f} GiB, "
+            f"loss {result['final_loss']:.4f} ({time.perf_counter() - start:.0f} s)",
+            file=sys.stderr,
+        )
     print(json.dumps(report, indent=2))
     if args.write_doc:
         write_section(args.write_doc, *markdown_section(report, args, shlex.join(["python", *sys.argv])))

@@ -65,10 +65,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workers", type=int, nargs="+", default=[1], help="loader worker counts to time (default: 1)")
     p.add_argument("--seconds", type=float, default=10.0, help="timed seconds per case, after warmup (default: 10)")
-    p.add_argument("--cache-dir", default="~/.cache/whitebox-pretrain",
-                   help="where the stdlib corpus shards are built once and kept (default: data.cache_dir's)")
-    p.add_argument("--write-doc", type=Path, metavar="MARKDOWN",
-                   help="also write the results as a section of this Markdown file, e.g. docs/benchmarks.md")
+    p.add_argument(
+        "--cache-dir",
+        default="~/.cache/whitebox-pretrain",
+        help="where the stdlib corpus shards are built once and kept (default: data.cache_dir's)",
+    )
+    p.add_argument(
+        "--write-doc",
+        type=Path,
+        metavar="MARKDOWN",
+        help="also write the results as a section of this Markdown file, e.g. docs/benchmarks.md",
+    )
     return p.parse_args(argv)
 
 
@@ -101,8 +108,11 @@ class LocalS3:
     def __init__(self) -> None:
         port = free_port()
         self.options = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "bench", "secret": "bench"}
-        self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + S3_START_TIMEOUT_S
         while True:
             try:
@@ -155,20 +165,37 @@ def time_loader(loader: ShardLoader, seconds: float) -> dict:
 
 
 def data_config(urls: list[str], storage_options: dict, workers: int) -> DataConfig:
-    return DataConfig(source="shards", urls=urls, storage_options=storage_options, num_workers=workers,
-                      shuffle_buffer=SHUFFLE_BUFFER)
+    return DataConfig(
+        source="shards", urls=urls, storage_options=storage_options, num_workers=workers, shuffle_buffer=SHUFFLE_BUFFER
+    )
 
 
 def bench_text(urls: list[str], storage_options: dict, workers: int, seq_len: int, batch: int, seconds: float) -> dict:
-    loader = build_text_loader(data_config(urls, storage_options, workers), seq_len=seq_len, vocab_size=50304,
-                               batch_size=batch, rank=0, world_size=1, local_rank=0, seed=SEED)
+    loader = build_text_loader(
+        data_config(urls, storage_options, workers),
+        seq_len=seq_len,
+        vocab_size=50304,
+        batch_size=batch,
+        rank=0,
+        world_size=1,
+        local_rank=0,
+        seed=SEED,
+    )
     result = time_loader(loader, seconds)
     return {**result, "tokens_per_s": result["samples_per_s"] * seq_len}
 
 
 def bench_images(urls: list[str], storage_options: dict, workers: int, seconds: float) -> dict:
-    loader = build_image_loader(data_config(urls, storage_options, workers), image_size=IMAGE_SIZE,
-                                batch_size=IMAGE_BATCH, rank=0, world_size=1, local_rank=0, seed=SEED, train=True)
+    loader = build_image_loader(
+        data_config(urls, storage_options, workers),
+        image_size=IMAGE_SIZE,
+        batch_size=IMAGE_BATCH,
+        rank=0,
+        world_size=1,
+        local_rank=0,
+        seed=SEED,
+        train=True,
+    )
     return time_loader(loader, seconds)
 
 
@@ -179,9 +206,15 @@ def gpu_ceiling() -> dict:
     with torch.device("meta"):  # the FLOP count needs shapes only
         flops_per_token = build_model(cfg.model).flops_per_token()
     peak = PEAK_BF16_FLOPS[TARGET_GPU]
-    return {"model": "ToST-Base (tost_base)", "gpu": TARGET_GPU, "peak_bf16_flops": peak,
-            "flops_per_token": flops_per_token, "tokens_per_s_at_100pct_mfu": peak / flops_per_token,
-            "seq_len": cfg.model.seq_len, "micro_batch": cfg.train.micro_batch_size}
+    return {
+        "model": "ToST-Base (tost_base)",
+        "gpu": TARGET_GPU,
+        "peak_bf16_flops": peak,
+        "flops_per_token": flops_per_token,
+        "tokens_per_s_at_100pct_mfu": peak / flops_per_token,
+        "seq_len": cfg.model.seq_len,
+        "micro_batch": cfg.train.micro_batch_size,
+    }
 
 
 # --------------------------------------------------------------------------- report
@@ -192,34 +225,39 @@ def markdown(report: dict, command: str) -> tuple[str, str]:
     rows = []
     for r in report["results"]:
         per_worker = r["samples_per_s"] / r["workers"]
-        rate = (f"{r['tokens_per_s']:,.0f} tokens/s ({per_worker * ceiling['seq_len']:,.0f} per worker)"
-                if r["kind"] == "text" else f"{r['samples_per_s']:,.0f} images/s ({per_worker:,.0f} per worker)")
+        rate = (
+            f"{r['tokens_per_s']:,.0f} tokens/s ({per_worker * ceiling['seq_len']:,.0f} per worker)"
+            if r["kind"] == "text"
+            else f"{r['samples_per_s']:,.0f} images/s ({per_worker:,.0f} per worker)"
+        )
         verdict = ("yes" if r["tokens_per_s"] / r["workers"] >= target else "no") if r["kind"] == "text" else "-"
         server = "-" if r["s3_server_cores"] is None else f"{r['s3_server_cores']:.2f}"
         rows.append(f"| {r['kind']} | {r['source']} | {r['workers']} | {r['batch']} | {rate} | {server} | {verdict} |")
-    text = "\n".join([
-        f"## Data loader: {report['device']}, {datetime.date.today().isoformat()}",
-        "",
-        f"`{command}`",
-        "",
-        "What one training rank's ShardLoader delivers, timed in the training process over whole batches "
-        f"after {WARMUP_BATCHES} warmup batches, {report['seconds']:.0f} s per row. Text: {ceiling['seq_len'] + 1}-token "
-        f"uint16 blocks of the stdlib corpus ({TEXT_SHARD_BLOCKS} blocks per shard), batches of "
-        f"{ceiling['micro_batch']} sequences (`+exp=tost_gpt2`'s micro-batch). Images: {PHOTOS} distinct "
-        f"{PHOTO_SIZE[0]} x {PHOTO_SIZE[1]} JPEGs ({PHOTOS_PER_SHARD} per shard) through the training augmentation "
-        f"(random-resized crop to {IMAGE_SIZE} px, flip, normalisation), batches of {IMAGE_BATCH}. `s3` is moto's "
-        "server on 127.0.0.1 through s3fs: a Python server in its own process on the same cores as the training "
-        "process and the loader worker; the CPU cores it kept busy are in the table.",
-        "",
-        f"Target (text): one worker delivers at least {TARGET_FACTOR}x what one {ceiling['gpu']} could consume "
-        f"training ToST-Base, taken at 100% MFU since no GPU was measured: {ceiling['peak_bf16_flops']:.3g} FLOP/s / "
-        f"{ceiling['flops_per_token']:.4g} FLOP per token = {ceiling['tokens_per_s_at_100pct_mfu']:,.0f} tokens/s, "
-        f"so {target:,.0f} tokens/s per worker.",
-        "",
-        "| data | from | workers | batch | delivered | S3 server cores | text target met |",
-        "|---|---|---:|---:|---:|---:|---|",
-        *rows,
-    ])
+    text = "\n".join(
+        [
+            f"## Data loader: {report['device']}, {datetime.date.today().isoformat()}",
+            "",
+            f"`{command}`",
+            "",
+            "What one training rank's ShardLoader delivers, timed in the training process over whole batches "
+            f"after {WARMUP_BATCHES} warmup batches, {report['seconds']:.0f} s per row. Text: {ceiling['seq_len'] + 1}-token "
+            f"uint16 blocks of the stdlib corpus ({TEXT_SHARD_BLOCKS} blocks per shard), batches of "
+            f"{ceiling['micro_batch']} sequences (`+exp=tost_gpt2`'s micro-batch). Images: {PHOTOS} distinct "
+            f"{PHOTO_SIZE[0]} x {PHOTO_SIZE[1]} JPEGs ({PHOTOS_PER_SHARD} per shard) through the training augmentation "
+            f"(random-resized crop to {IMAGE_SIZE} px, flip, normalisation), batches of {IMAGE_BATCH}. `s3` is moto's "
+            "server on 127.0.0.1 through s3fs: a Python server in its own process on the same cores as the training "
+            "process and the loader worker; the CPU cores it kept busy are in the table.",
+            "",
+            f"Target (text): one worker delivers at least {TARGET_FACTOR}x what one {ceiling['gpu']} could consume "
+            f"training ToST-Base, taken at 100% MFU since no GPU was measured: {ceiling['peak_bf16_flops']:.3g} FLOP/s / "
+            f"{ceiling['flops_per_token']:.4g} FLOP per token = {ceiling['tokens_per_s_at_100pct_mfu']:,.0f} tokens/s, "
+            f"so {target:,.0f} tokens/s per worker.",
+            "",
+            "| data | from | workers | batch | delivered | S3 server cores | text target met |",
+            "|---|---|---:|---:|---:|---:|---|",
+            *rows,
+        ]
+    )
     return f"loader | {report['device']}", text
 
 
@@ -227,18 +265,33 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     basis = gpu_ceiling()
     seq_len, micro_batch = basis["seq_len"], basis["micro_batch"]
-    report = {"device": device_name(), "torch": torch.__version__, "seconds": args.seconds, "basis": basis,
-              "target_tokens_per_s": TARGET_FACTOR * basis["tokens_per_s_at_100pct_mfu"], "results": []}
+    report = {
+        "device": device_name(),
+        "torch": torch.__version__,
+        "seconds": args.seconds,
+        "basis": basis,
+        "target_tokens_per_s": TARGET_FACTOR * basis["tokens_per_s_at_100pct_mfu"],
+        "results": [],
+    }
     print("preparing text and image shards", file=sys.stderr)
-    text_dir = prepare_stdlib_corpus(args.cache_dir, seq_len + 1, TEXT_SHARD_BLOCKS, TEXT_CORPUS_MB * 2**20,
-                                     is_preparer=True, progress=sys.stderr.isatty())
+    text_dir = prepare_stdlib_corpus(
+        args.cache_dir,
+        seq_len + 1,
+        TEXT_SHARD_BLOCKS,
+        TEXT_CORPUS_MB * 2**20,
+        is_preparer=True,
+        progress=sys.stderr.isatty(),
+    )
     server = LocalS3()
     with tempfile.TemporaryDirectory() as tmp, closing(server):
         image_dir = f"{tmp}/images"
         write_image_shards(photo_samples(PHOTOS), image_dir, PHOTOS_PER_SHARD, ["china", "flower"])
-        roots = {("text", "file"): text_dir, ("images", "file"): image_dir,
-                 ("text", "s3"): upload(text_dir, "text", server.options),
-                 ("images", "s3"): upload(image_dir, "images", server.options)}
+        roots = {
+            ("text", "file"): text_dir,
+            ("images", "file"): image_dir,
+            ("text", "s3"): upload(text_dir, "text", server.options),
+            ("images", "s3"): upload(image_dir, "images", server.options),
+        }
         for (kind, where), root in sorted(roots.items(), key=lambda kv: (kv[0][1], kv[0][0] == "images")):
             urls = shard_urls(root, server.options if where == "s3" else {})
             options = server.options if where == "s3" else {}
@@ -249,12 +302,20 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     result = bench_images(urls, options, workers, args.seconds)
                 server_cores = (server.cpu_seconds() - cpu_before) / result.pop("wall_s") if where == "s3" else None
-                result = {"kind": kind, "source": where, "workers": workers,
-                          "batch": micro_batch if kind == "text" else IMAGE_BATCH, **result,
-                          "s3_server_cores": server_cores}
+                result = {
+                    "kind": kind,
+                    "source": where,
+                    "workers": workers,
+                    "batch": micro_batch if kind == "text" else IMAGE_BATCH,
+                    **result,
+                    "s3_server_cores": server_cores,
+                }
                 report["results"].append(result)
-                rate = (f"{result['tokens_per_s']:,.0f} tokens/s" if kind == "text"
-                        else f"{result['samples_per_s']:,.0f} images/s")
+                rate = (
+                    f"{result['tokens_per_s']:,.0f} tokens/s"
+                    if kind == "text"
+                    else f"{result['samples_per_s']:,.0f} images/s"
+                )
                 print(f"{kind} from {where}, {workers} worker(s): {rate}", file=sys.stderr)
     print(json.dumps(report, indent=2))
     if args.write_doc:
