@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -29,7 +29,7 @@ class ModelConfig:
     vocab_size: int = 50304
     seq_len: int = 1024
     bias: bool = False
-    layerscale_init: Optional[float] = None
+    layerscale_init: float | None = None
     dropout: float = 0.0
     norm_eps: float = 1e-5
     image_size: int = 224
@@ -126,9 +126,9 @@ class TrainConfig:
 class CheckpointConfig:
     interval: int = 1000
     resume: str = "auto"
-    url: Optional[str] = None
+    url: str | None = None
     storage_options: dict = field(default_factory=dict)
-    staging_dir: Optional[str] = None
+    staging_dir: str | None = None
     keep_last: int = 3
     keep_every: int = 0
     commit_wait_s: float = 600.0
@@ -139,9 +139,9 @@ class CheckpointConfig:
 
 @dataclass
 class TrackingConfig:
-    uri: Optional[str] = None
+    uri: str | None = None
     experiment: str = "whitebox-pretrain"
-    run_name: Optional[str] = None
+    run_name: str | None = None
 
 
 @dataclass

@@ -12,7 +12,8 @@ import io
 import os
 import queue
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.multiprocessing as mp

@@ -232,7 +232,8 @@ class Trainer:
                 tracker.log_metrics(metrics, step)
                 if world.is_main:
                     log.info(
-                        "step %d/%d | loss %.4f | lr %.2e | grad %.3f | %.0f tok/s | mfu %s | mem %.2f GiB | %.3f s/step",
+                        "step %d/%d | loss %.4f | lr %.2e | grad %.3f | %.0f tok/s | mfu %s | mem %.2f GiB"
+                        " | %.3f s/step",
                         step,
                         cfg.train.max_steps,
                         last_loss,

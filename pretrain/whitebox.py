@@ -122,9 +122,9 @@ def plot(metrics: dict[str, float], title: str, path: str) -> str | None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
-    for ax, (label, names) in zip(axes[0], panels):
+    for ax, (label, names) in zip(axes[0], panels, strict=True):
         for name in names:
-            layers, values = zip(*per_measure[name])
+            layers, values = zip(*per_measure[name], strict=True)
             ax.plot(layers, values, marker="o", label=name)
         ax.set_xticks(layers)
         ax.set_xlabel("layer")

@@ -57,7 +57,9 @@ def test_checkpointing_changes_no_number_and_saves_less(name: str):
         assert ac_loss == pytest.approx(loss, rel=1e-6), mode
         assert ac_grads.keys() == grads.keys()
         for n in grads:
-            torch.testing.assert_close(ac_grads[n], grads[n], rtol=1e-6, atol=1e-9, msg=lambda m: f"{mode} {n}: {m}")
+            torch.testing.assert_close(
+                ac_grads[n], grads[n], rtol=1e-6, atol=1e-9, msg=lambda m, where=f"{mode} {n}": f"{where}: {m}"
+            )
     every_k, full = results["every_k"][2], results["full"][2]
     assert full < every_k < saved
     assert full < 0.6 * saved  # the blocks' activations dominate what backward keeps
@@ -79,5 +81,5 @@ def test_compiled_blocks_compute_the_same_loss_and_gradients():
     loss, grads = run(EngineConfig())
     compiled_loss, compiled_grads = run(EngineConfig(compile=True, activation_checkpointing="full"))
     assert compiled_loss == pytest.approx(loss, rel=1e-5)
-    for g, ref in zip(compiled_grads, grads):
+    for g, ref in zip(compiled_grads, grads, strict=True):
         torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-7)

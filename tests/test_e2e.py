@@ -12,7 +12,6 @@ import sys
 import fsspec
 import pytest
 import torch
-
 from helpers import REPO, TINY, check, launch, launch_and_signal, metric_history, mlflow_run
 
 from pretrain.faults import NAN_ENV

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import torch
-
 from helpers import MAIN, REPO
+
 from pretrain.config import load_config
 from pretrain.distributed import free_port
 from pretrain.engines import check_engine_config

@@ -257,7 +257,7 @@ def average_weights(dist_info, variants, root):
         engine, _ = train(dist_info, cfg, [])
         ema = WeightAverage(engine, 0.5)
 
-        def snapshot():  # unsharded CPU weights may come back as the live tensors themselves
+        def snapshot(engine=engine):  # unsharded CPU weights may come back as the live tensors themselves
             return {name: w.clone() for name, w in engine.full_state_dict().items()}
 
         history = [snapshot()]

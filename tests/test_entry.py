@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from helpers import launch
+
 from pretrain.config import TrainConfig, grad_accum_steps, load_config
 from pretrain.distributed import strip_launcher_args
 from pretrain.errors import UserError

@@ -237,7 +237,7 @@ def test_train_transform_shape_and_normalisation():
     image = Image.new("RGB", (50, 40), (51, 102, 204))
     out = TrainTransform(32, mean=mean, std=std)(image, torch.Generator().manual_seed(0))
     assert out.shape == (3, 32, 32) and out.dtype == torch.float32 and out.is_contiguous()
-    expected = [(v / 255 - m) / s for v, m, s in zip((51, 102, 204), mean, std)]
+    expected = [(v / 255 - m) / s for v, m, s in zip((51, 102, 204), mean, std, strict=True)]
     for c in range(3):
         assert torch.allclose(out[c], torch.full((32, 32), expected[c]), atol=1e-5)
 

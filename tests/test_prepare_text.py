@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from pretrain.data.storage import parse_storage_options
 from pretrain.data.text import (
     INDEX_NAME,
     PROGRESS_NAME,
@@ -28,7 +29,6 @@ from pretrain.data.text import (
     prepare_token_shards,
     shard_bytes,
 )
-from pretrain.data.storage import parse_storage_options
 from pretrain.data.tokenizer import gpt2_tokenizer
 from pretrain.errors import UserError
 

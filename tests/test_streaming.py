@@ -152,7 +152,7 @@ def test_resume_replays_exactly_mid_shard_at_shard_and_epoch_boundaries(where, k
             resumed = loader(cfg, rank, world, batch=1)
             resumed.load_state_dict(state)
             got = take(iter(resumed), 6)
-            assert all(torch.equal(a, b) for a, b in zip(got, expected)), (rank, cut)
+            assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True)), (rank, cut)
 
 
 def run_steps(
@@ -324,7 +324,7 @@ def test_transient_read_errors_are_retried_with_backoff(local_shards):
     # index.json is read once, unflaky; every shard's first two opens fail, the third works.
     expected = take(iter(loader(config(local_shards, shuffle_buffer=1), batch=1)), 32)
     got = take(iter(loader(config(flaky_root, shuffle_buffer=1, retries=2), batch=1)), 32)
-    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
     FlakyFileSystem.opened.clear()
     with pytest.raises(UserError, match="after 1 retries"):
         take(iter(loader(config(flaky_root, shuffle_buffer=1, retries=1), batch=1)), 4)
@@ -428,7 +428,7 @@ def test_evaluation_reads_the_validation_split_once_over_the_ranks(workers, tmp_
         seen += [
             (tuple(image.flatten().tolist()), label)
             for b in batches
-            for image, label in zip(b["images"], b["labels"].tolist())
+            for image, label in zip(b["images"], b["labels"].tolist(), strict=True)
         ]
     val = digits_samples("val").samples
     assert len(seen) == len(val) == 299

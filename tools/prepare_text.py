@@ -18,6 +18,7 @@ import argparse
 import os
 import sys
 
+from pretrain.data.storage import add_storage_option_flag, parse_storage_options
 from pretrain.data.text import (
     DEFAULT_CHUNK_CHARS,
     DEFAULT_TEXT_FIELD,
@@ -29,7 +30,6 @@ from pretrain.data.text import (
     stdlib_documents,
 )
 from pretrain.data.tokenizer import GPT2_NAME, load_tokenizer
-from pretrain.data.storage import add_storage_option_flag, parse_storage_options
 from pretrain.errors import UserError
 
 BAD_INPUT_EXIT = 2

@@ -24,8 +24,8 @@ from typing import Any
 from fsspec.implementations.local import LocalFileSystem
 
 from pretrain.data.storage import url_to_fs
-from pretrain.faults import crash_point
 from pretrain.errors import UserError
+from pretrain.faults import crash_point
 
 MANIFEST_NAME = "MANIFEST.json"
 MANIFEST_FORMAT = "whitebox-checkpoint"

@@ -272,7 +272,7 @@ def csv_samples(
     base = posixpath.dirname(_url(fs, path))
     urls = [p if "://" in p else posixpath.join(base, p) for p in paths]
     classes, ids = _class_list(labels)
-    samples = _EncodedFiles(list(zip(urls, ids)), options, short_side, jpeg_quality)
+    samples = _EncodedFiles(list(zip(urls, ids, strict=True)), options, short_side, jpeg_quality)
     return ImageSource(classes, samples, _describe("CSV", csv_path, short_side))
 
 
@@ -319,7 +319,7 @@ def digits_samples(split: str | None = None) -> ImageSource:
     held_out = [i % DIGITS_VAL_EVERY == DIGITS_VAL_EVERY - 1 for i in range(len(pixels))]
     samples = [
         (_encode(Image.fromarray(p), "PNG"), "png", int(t))
-        for p, t, val in zip(pixels, digits.target, held_out)
+        for p, t, val in zip(pixels, digits.target, held_out, strict=True)
         if split is None or val == (split == "val")
     ]
     classes = [str(name) for name in digits.target_names]

@@ -32,7 +32,6 @@ from typing import Any
 
 import braceexpand
 import fsspec
-import torch
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 

@@ -815,7 +815,7 @@ def prepare_stdlib_corpus(
         # both, so the loss does not jump with the shard a rank happens to be reading.
         random.Random(STDLIB_SHUFFLE_SEED).shuffle(documents)
         held_out = [i % STDLIB_VAL_EVERY == STDLIB_VAL_EVERY - 1 for i in range(len(documents))]
-        documents = [d for d, val in zip(documents, held_out) if val == (split == "val")]
+        documents = [d for d, val in zip(documents, held_out, strict=True) if val == (split == "val")]
         write_token_shards(
             documents,
             str(directory),

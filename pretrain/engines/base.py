@@ -34,8 +34,9 @@ class Engine(ABC):
     engine's business); `save`/`load` write and read the engine's native files in a step
     directory, on every rank, collectively. A step whose global gradient norm is not finite (a
     NaN or inf loss on any rank makes it so) changes nothing and reports itself skipped, on
-    every rank alike, where the engine can skip it (all but DeepSpeed without ZeRO). `load` is told how many ranks wrote the files: an
-    engine reshards them onto this run's ranks, or refuses with a UserError saying why.
+    every rank alike, where the engine can skip it (all but DeepSpeed without ZeRO). `load` is
+    told how many ranks wrote the files: an engine reshards them onto this run's ranks, or
+    refuses with a UserError saying why.
     """
 
     device: torch.device

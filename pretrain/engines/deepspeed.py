@@ -29,7 +29,6 @@ from pretrain.engines.base import Batch, Engine, StepResult
 from pretrain.errors import UserError
 from pretrain.optim import build_optimizer, build_scheduler, param_groups
 
-
 # Keys generated from our config that an override must not change: our trainer feeds exactly
 # this many micro-batches, and the optimizer and schedule are ours.
 DERIVED_KEYS = (

@@ -7,8 +7,6 @@ dictionary D by one ISTA step. There is one residual per layer, around MSSA; non
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn

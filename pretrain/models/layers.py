@@ -6,7 +6,8 @@ A block is agnostic of how tokens are mixed; the mixer (softmax attention, TSSA,
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn

@@ -7,7 +7,7 @@ rest (embeddings, blocks, tied head, init, loss, counting) lives here once.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

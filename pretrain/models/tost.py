@@ -148,7 +148,7 @@ class ToSTLM(CausalLM):
         if t >= self.seq_len:
             raise ValueError(f"position {t} is past model.seq_len={self.seq_len} (the position table)")
         x = self.wte(tokens)[:, None] + self.wpe.weight[t]  # (B, 1, D)
-        for block, state in zip(self.blocks, states):
+        for block, state in zip(self.blocks, states, strict=True):
             x = block(x, state)
         return self.lm_head(self.ln_f(x))[:, 0]
 

@@ -9,6 +9,7 @@ layout with TSSA as the mixer.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -39,7 +40,7 @@ class ConvStem(nn.Module):
             )
         widths = [cfg.in_chans] + [cfg.n_embd // 2 ** (n - 1 - i) for i in range(n)]
         layers: list[nn.Module] = []
-        for i, (c_in, c_out) in enumerate(zip(widths, widths[1:])):
+        for i, (c_in, c_out) in enumerate(itertools.pairwise(widths)):
             layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out)]
             if i < n - 1:
                 layers.append(nn.GELU())

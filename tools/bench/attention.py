@@ -759,11 +759,11 @@ def markdown_section(report: dict, args: argparse.Namespace, command: str) -> tu
         "",
         *(
             [
-                f"The machine is shared: while the cases ran, other processes kept {report['other_load']['mean']:.0%} of "
-                f"its cores busy on average (from /proc/stat, less the case's own CPU time), at most "
-                f"{report['other_load']['max']:.0%} ({report['other_load']['max_case']}); a case above "
-                f"{RETRY_OTHER_LOAD:.0%} was measured again (after waiting for the cores to be free, up to --quiet-wait seconds "
-                f"in all), "
+                f"The machine is shared: while the cases ran, other processes kept "
+                f"{report['other_load']['mean']:.0%} of its cores busy on average (from /proc/stat, less the case's "
+                f"own CPU time), at most {report['other_load']['max']:.0%} ({report['other_load']['max_case']}); "
+                f"a case above {RETRY_OTHER_LOAD:.0%} was measured again (after waiting for the cores to be free, "
+                f"up to --quiet-wait seconds in all), "
                 f"up to {1 + RETRIES} times, and its least disturbed measurement kept"
                 + (
                     "; still disturbed: "

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
 from report import UNUSED_DATA, device_name, write_section
 
 from pretrain.config import Config, load_config

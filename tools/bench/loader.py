@@ -240,7 +240,8 @@ def markdown(report: dict, command: str) -> tuple[str, str]:
             f"`{command}`",
             "",
             "What one training rank's ShardLoader delivers, timed in the training process over whole batches "
-            f"after {WARMUP_BATCHES} warmup batches, {report['seconds']:.0f} s per row. Text: {ceiling['seq_len'] + 1}-token "
+            f"after {WARMUP_BATCHES} warmup batches, {report['seconds']:.0f} s per row. "
+            f"Text: {ceiling['seq_len'] + 1}-token "
             f"uint16 blocks of the stdlib corpus ({TEXT_SHARD_BLOCKS} blocks per shard), batches of "
             f"{ceiling['micro_batch']} sequences (`+exp=tost_gpt2`'s micro-batch). Images: {PHOTOS} distinct "
             f"{PHOTO_SIZE[0]} x {PHOTO_SIZE[1]} JPEGs ({PHOTOS_PER_SHARD} per shard) through the training augmentation "
@@ -249,7 +250,8 @@ def markdown(report: dict, command: str) -> tuple[str, str]:
             "process and the loader worker; the CPU cores it kept busy are in the table.",
             "",
             f"Target (text): one worker delivers at least {TARGET_FACTOR}x what one {ceiling['gpu']} could consume "
-            f"training ToST-Base, taken at 100% MFU since no GPU was measured: {ceiling['peak_bf16_flops']:.3g} FLOP/s / "
+            f"training ToST-Base, taken at 100% MFU since no GPU was measured: "
+            f"{ceiling['peak_bf16_flops']:.3g} FLOP/s / "
             f"{ceiling['flops_per_token']:.4g} FLOP per token = {ceiling['tokens_per_s_at_100pct_mfu']:,.0f} tokens/s, "
             f"so {target:,.0f} tokens/s per worker.",
             "",

@@ -37,7 +37,7 @@ def write_section(path: Path, key: str, text: str) -> None:
     markers = list(SECTION_MARKER.finditer(old))
     sections = {
         m.group(1): old[m.start() : n.start() if n else len(old)].rstrip() + "\n"
-        for m, n in zip(markers, [*markers[1:], None])
+        for m, n in zip(markers, [*markers[1:], None], strict=True)
     }
     sections[key] = f"<!-- bench: {key} -->\n{text.rstrip()}\n"
     path.parent.mkdir(parents=True, exist_ok=True)
