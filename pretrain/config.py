@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional  # Optional, not X | None: OmegaConf 2.3.0 reads only the former
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -29,7 +29,7 @@ class ModelConfig:
     vocab_size: int = 50304
     seq_len: int = 1024
     bias: bool = False
-    layerscale_init: float | None = None
+    layerscale_init: Optional[float] = None
     dropout: float = 0.0
     norm_eps: float = 1e-5
     image_size: int = 224
@@ -126,9 +126,9 @@ class TrainConfig:
 class CheckpointConfig:
     interval: int = 1000
     resume: str = "auto"
-    url: str | None = None
+    url: Optional[str] = None
     storage_options: dict = field(default_factory=dict)
-    staging_dir: str | None = None
+    staging_dir: Optional[str] = None
     keep_last: int = 3
     keep_every: int = 0
     commit_wait_s: float = 600.0
@@ -139,9 +139,9 @@ class CheckpointConfig:
 
 @dataclass
 class TrackingConfig:
-    uri: str | None = None
+    uri: Optional[str] = None
     experiment: str = "whitebox-pretrain"
-    run_name: str | None = None
+    run_name: Optional[str] = None
 
 
 @dataclass

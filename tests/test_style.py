@@ -3,8 +3,12 @@ clean and formatted. `ruff check --fix . && ruff format .` repairs most of what 
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata
+import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 from helpers import REPO
@@ -16,3 +20,41 @@ def test_ruff_is_clean(command: list[str]) -> None:
     assert ruff, "ruff is not installed: pip install -e '.[dev]'"
     proc = subprocess.run([ruff, *command, "."], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"ruff {' '.join(command)} failed:\n{proc.stdout[-4000:]}{proc.stderr[-2000:]}"
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _declared(requirements: list[str]) -> set[str]:
+    return {_canonical(re.split(r"[\[<>=!~; ]", r, maxsplit=1)[0]) for r in requirements}
+
+
+def _imported_modules(folders: list[str]) -> set[str]:
+    """Top-level names of every module imported in the .py files under `folders`."""
+    found = set()
+    for folder in folders:
+        for path in (REPO / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    found |= {alias.name.split(".")[0] for alias in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    found.add(node.module.split(".")[0])
+    return found
+
+
+@pytest.mark.parametrize("folders, extra", [(["pretrain", "tools"], None), (["tests"], "dev")])
+def test_every_package_the_code_imports_is_declared(folders: list[str], extra: str | None) -> None:
+    """Direct imports come from declared distributions, not from another package's dependencies;
+    tests may also use the dev extra's."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    declared = _declared(project["dependencies"] + (project["optional-dependencies"][extra] if extra else []))
+    local = {"pretrain", "helpers", "conftest"} | {p.stem for p in (REPO / "tools").rglob("*.py")}
+    distributions = importlib.metadata.packages_distributions()
+    missing = {}
+    for module in _imported_modules(folders) - set(sys.stdlib_module_names) - local - {"__future__"}:
+        names = {_canonical(d) for d in distributions.get(module, [module])}
+        if not names & declared:
+            missing[module] = sorted(names)
+    assert not missing, f"imported but not declared in pyproject.toml: {missing}"
