@@ -104,3 +104,40 @@ def remove_shm_buffers(rank: int) -> None:
     for path in glob.glob(pattern):
         with contextlib.suppress(OSError):
             os.remove(path)
+
+
+# Collectives on single values, for decisions every rank must take alike (stop, evaluate on) and
+# for figures that describe the whole run (mean loss, skipped samples).
+
+
+def _collective_device() -> torch.device:
+    """Where a collective's tensors live: the current GPU under NCCL, the CPU under gloo."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def any_rank(flag: bool) -> bool:
+    """Collective: whether `flag` is true on at least one rank."""
+    t = torch.tensor([flag], dtype=torch.int32, device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def sum_over_ranks(value: float) -> float:
+    """Collective: the sum of every rank's `value` (in float64)."""
+    t = torch.tensor([value], dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(t)
+    return t.item()
+
+
+def mean_over_ranks(value: float) -> float:
+    """Collective: the mean of every rank's `value`."""
+    return sum_over_ranks(value) / dist.get_world_size()
+
+
+def mean_over_reporting_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Collective: each key's mean over the ranks whose `values` are not empty (a rank may have had
+    nothing to measure, e.g. no validation data); the first reporting rank's keys."""
+    gathered: list[dict[str, float]] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, values)
+    reported = [v for v in gathered if v]
+    return {k: sum(v[k] for v in reported) / len(reported) for k in (reported[0] if reported else {})}

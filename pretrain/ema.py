@@ -20,7 +20,9 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-from pretrain.engines.base import Engine
+from pretrain.callbacks import Callback, LoopState
+from pretrain.checkpoint.manager import Checkpointable
+from pretrain.engines.base import Engine, StepResult
 from pretrain.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -28,7 +30,10 @@ log = logging.getLogger(__name__)
 EMA_FILE = "ema.pt"
 
 
-class WeightAverage:
+class WeightAverage(Callback):
+    """Updated after every applied step; each evaluation runs a second pass with the average in
+    place of the weights, logged as eval_ema_*; checkpoints hold it as ema.pt."""
+
     def __init__(self, engine: Engine, decay: float) -> None:
         if not 0.0 < decay < 1.0:
             raise UserError(
@@ -36,6 +41,18 @@ class WeightAverage:
             )
         self.engine, self.decay = engine, decay
         self.average = self._copy(self._live())
+
+    def on_step_end(self, loop: LoopState, result: StepResult) -> None:
+        if not result.bad:  # a skipped step changed no weight
+            self.update()
+
+    def on_eval(self, loop: LoopState, metrics: dict[str, float]) -> None:
+        with self.applied():
+            averaged = loop.task.evaluate(self.engine)
+        metrics |= {f"eval_ema_{k.removeprefix('eval_')}": v for k, v in averaged.items() if k.startswith("eval_")}
+
+    def checkpointables(self) -> list[Checkpointable]:
+        return [self]
 
     def _buffers(self) -> dict[str, torch.Tensor]:
         """Floating buffers (batch-norm statistics), whole on every rank under every engine: they

@@ -4,7 +4,8 @@ produce a NaN loss at named steps.
 With WHITEBOX_CRASH_AT="<point>:<step>" in the environment, the process that reaches `point`
 while handling `step` kills its whole process group (launcher, every rank, loader workers) with
 SIGKILL, as a node failure would: no handler runs, no file is closed. Unset, as in every real
-run, each point costs one environment lookup.
+run, no step is checked (the trainer installs FaultInjection only when a variable is set) and
+each point within a save costs one environment lookup.
 
 Points: "step" (after the optimizer update of `step`), and within the save of `step`:
 "save.staged" (every rank's files staged, nothing uploaded), "upload.first_file" (one file
@@ -21,7 +22,10 @@ import os
 import signal
 from collections import Counter
 
-from torch import nn
+from torch import Tensor, nn
+
+from pretrain.callbacks import Callback, LoopState
+from pretrain.engines.base import StepResult
 
 ENV = "WHITEBOX_CRASH_AT"
 NAN_ENV = "WHITEBOX_NAN_AT"
@@ -40,22 +44,32 @@ def crash_point(point: str, step: int) -> None:
         os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
-class NaNLoss:
-    """A forward hook that turns the model's loss into NaN in the steps WHITEBOX_NAN_AT lists;
-    the trainer says which step is running (`step`)."""
+class FaultInjection(Callback):
+    """The step-time faults: a crash at point "step", NaN losses in the listed steps (rank 0).
+    The trainer installs it only when WHITEBOX_CRASH_AT or WHITEBOX_NAN_AT is set (`from_env`),
+    so real runs never carry it."""
 
-    def __init__(self, model: nn.Module, steps: str) -> None:
-        self.left = Counter(int(s) for s in steps.split(","))
-        self.step = 0
-        model.register_forward_hook(self._poison)
+    def __init__(self, nan_steps: Counter[int] | None) -> None:
+        self.nan_left = nan_steps  # how many more times each step's loss is poisoned
+        self.step = 0  # the step running now
 
-    def _poison(self, module: nn.Module, args: tuple, loss):
-        return loss * float("nan") if self.left[self.step] > 0 else loss
+    @classmethod
+    def from_env(cls, rank: int) -> FaultInjection | None:
+        steps = os.environ.get(NAN_ENV)
+        nan_steps = Counter(int(s) for s in steps.split(",")) if steps and rank == 0 else None
+        return cls(nan_steps) if nan_steps or os.environ.get(ENV) else None
 
-    def step_done(self) -> None:
-        self.left[self.step] = max(0, self.left[self.step] - 1)
+    def on_fit_start(self, loop: LoopState) -> None:
+        if self.nan_left is not None:
+            loop.engine.model.register_forward_hook(self._poison)
 
+    def _poison(self, module: nn.Module, args: tuple, loss: Tensor) -> Tensor:
+        return loss * float("nan") if self.nan_left[self.step] > 0 else loss
 
-def nan_loss(model: nn.Module, rank: int) -> NaNLoss | None:
-    steps = os.environ.get(NAN_ENV)
-    return NaNLoss(model, steps) if steps and rank == 0 else None
+    def on_step_start(self, loop: LoopState) -> None:
+        self.step = loop.step + 1
+
+    def on_step_end(self, loop: LoopState, result: StepResult) -> None:
+        if self.nan_left is not None:
+            self.nan_left[self.step] = max(0, self.nan_left[self.step] - 1)
+        crash_point("step", loop.step)

@@ -3,21 +3,22 @@
 The engine skips such a step (no update, on every rank alike) where it can; this guard counts
 these bad steps and, when `reload_after` come in a row, says that the last checkpoint should be
 reloaded: a streak usually means the weights themselves went bad (and where a step could not
-be skipped, they did). The data stream is not rewound on a reload, so
-the batches of the streak are not met again. After `max_reloads` reloads the run gives up.
+be skipped, they did). The data stream is not rewound on a reload, so the batches of the streak
+are not met again. After `max_reloads` reloads the run gives up.
 """
 
 from __future__ import annotations
 
 import logging
 
+from pretrain.callbacks import Callback, LoopState
 from pretrain.engines.base import StepResult
 from pretrain.errors import UserError
 
 log = logging.getLogger("pretrain")
 
 
-class NonFiniteGuard:
+class NonFiniteGuard(Callback):
     def __init__(self, reload_after: int, max_reloads: int, is_main: bool) -> None:
         if reload_after < 1 or max_reloads < 0:
             raise UserError(
@@ -27,6 +28,13 @@ class NonFiniteGuard:
         self.skipped = 0  # bad steps since this process started
         self.reloads = 0
         self.in_a_row = 0
+
+    def on_step_end(self, loop: LoopState, result: StepResult) -> None:
+        loop.reload_requested = self.reload_due(loop.step, result)
+        loop.saves_held = self.in_a_row > 0
+
+    def interval_metrics(self) -> dict[str, float]:
+        return {"steps_skipped": self.skipped, "reloads": self.reloads}
 
     def reload_due(self, step: int, result: StepResult) -> bool:
         """Record `step`'s outcome; True when the last checkpoint should be reloaded now. Raises

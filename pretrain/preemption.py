@@ -9,11 +9,19 @@ PREEMPTED_EXIT_CODE, which cluster/ templates treat as "requeue". A second signa
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 from types import FrameType
 
+import torch.distributed as dist
+
+from pretrain.callbacks import Callback, LoopState
+from pretrain.distributed import any_rank
+from pretrain.engines.base import StepResult
 from pretrain.errors import UserError
+
+log = logging.getLogger("pretrain")
 
 # sysexits.h EX_TEMPFAIL, "a temporary failure; the user is invited to retry": exactly this.
 PREEMPTED_EXIT_CODE = 75
@@ -69,3 +77,28 @@ class PreemptionWatch:
         """Put the handlers that were there before back."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+class Preemption(Callback):
+    """Turns a notice that reached any rank into a stop after the same step on every rank: the
+    loop saves, waits for the commit, and the run leaves with Preempted."""
+
+    def __init__(self, watch: PreemptionWatch) -> None:
+        self.watch = watch
+
+    def on_step_end(self, loop: LoopState, result: StepResult) -> None:
+        loop.stop_requested = any_rank(self.watch.signal_name is not None)
+
+    def on_fit_end(self, loop: LoopState) -> None:
+        if not loop.stop_requested:
+            return
+        dist.barrier()  # no rank exits (and no launcher kills the rest) before rank 0 has committed
+        if loop.dist.is_main:
+            log.warning(
+                "preempted (%s) after step %d: checkpoint %s; exiting with %d so that the scheduler requeues the run",
+                self.watch.signal_name or "signal on another rank",
+                loop.step,
+                loop.checkpoints.store.step_url(loop.step),
+                PREEMPTED_EXIT_CODE,
+            )
+        raise Preempted(loop.step)

@@ -15,12 +15,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from pretrain.callbacks import Callback, LoopState
 from pretrain.config import Config
 from pretrain.data import build_image_loader, build_text_loader
 from pretrain.data.loader import Batch, ShardLoader
 from pretrain.data.mixing import BatchMixer
-from pretrain.distributed import DistInfo
-from pretrain.engines.base import Engine
+from pretrain.distributed import DistInfo, any_rank, mean_over_reporting_ranks
+from pretrain.engines.base import Engine, StepResult
 from pretrain.models.vision import ImageClassifier
 from pretrain.whitebox import Probe
 
@@ -71,7 +72,7 @@ class Task:
         with contextlib.closing(batch for batch in self._val) as batches:
             while True:
                 batch = next(batches, None) if not limit or taken < limit else None
-                if not _any_rank(batch is not None, self.dist.device):
+                if not any_rank(batch is not None):
                     break
                 # Every rank probes its first forward, a dummy one included: the probes' own module
                 # calls must be collective too under ZeRO-3. A dummy's measures are not kept.
@@ -83,7 +84,7 @@ class Task:
                 totals += torch.tensor(score(output, batch), dtype=torch.float64)
         totals = totals.to(self.dist.device)
         dist.all_reduce(totals)
-        return totals.tolist(), _mean_over_measuring_ranks(probe.metrics() if measured else {})
+        return totals.tolist(), mean_over_reporting_ranks(probe.metrics() if measured else {})
 
 
 class LanguageModelling(Task):
@@ -184,18 +185,16 @@ class ImageClassification(Task):
         return {"eval_loss": loss / images, "eval_top1": top1 / images, f"eval_top{TOP_K}": top5 / images, **whitebox}
 
 
-def _mean_over_measuring_ranks(metrics: dict[str, float]) -> dict[str, float]:
-    """Each measure's mean over the ranks that measured (some may hold no validation data)."""
-    gathered: list[dict[str, float]] = [{} for _ in range(dist.get_world_size())]
-    dist.all_gather_object(gathered, metrics)
-    measured = [m for m in gathered if m]
-    return {k: sum(m[k] for m in measured) / len(measured) for k in (measured[0] if measured else {})}
+class Evaluation(Callback):
+    """Evaluates every `train.eval_interval` steps and after the last step; the callbacks see the
+    metrics through on_eval (the weight average adds its own pass, the log records them)."""
 
-
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    t = torch.tensor([flag], dtype=torch.int32, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    def on_step_end(self, loop: LoopState, result: StepResult) -> None:
+        every = loop.cfg.train.eval_interval
+        if loop.at_end or every and loop.step % every == 0:
+            metrics = loop.task.evaluate(loop.engine)
+            if metrics:  # an unevaluated run (shards without data.val_urls) has none
+                loop.callbacks.on_eval(loop, metrics)
 
 
 def build_task(cfg: Config, model: nn.Module, dist_info: DistInfo, worker_init: Callable[[int], None]) -> Task:

@@ -10,30 +10,31 @@ import logging
 import os
 import random
 import tempfile
-import time
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from pretrain import whitebox
+from pretrain.callbacks import Callbacks, LoopState
 from pretrain.checkpoint.manager import Checkpointable, CheckpointManager, Restored, SavePolicy
 from pretrain.checkpoint.store import CheckpointStore, Node
 from pretrain.config import Config, config_changes, grad_accum_steps, redacted
+from pretrain.data.loader import Batch
 from pretrain.data.shards import merge_states
 from pretrain.distributed import DistInfo
 from pretrain.ema import WeightAverage
 from pretrain.engines import build_engine
 from pretrain.engines.base import Engine
 from pretrain.errors import UserError
-from pretrain.faults import crash_point, nan_loss
+from pretrain.faults import FaultInjection
 from pretrain.guard import NonFiniteGuard
 from pretrain.models import build_model
-from pretrain.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatch
-from pretrain.tasks import build_task
-from pretrain.tracking.metrics import memory_gib, mfu, peak_flops
+from pretrain.preemption import Preempted, Preemption, PreemptionWatch
+from pretrain.tasks import Evaluation, build_task
 from pretrain.tracking.mlflow import Tracker
+from pretrain.tracking.progress import MetricsLog
+from pretrain.whitebox import WhiteboxPlot
 
 log = logging.getLogger("pretrain")
 # Config keys whose change makes a checkpoint's state unusable: the engine that wrote its files,
@@ -59,9 +60,6 @@ class Trainer:
         self.dist = dist_info
         self.run_dir = os.path.abspath(cfg.run_dir)
         self.grad_accum_steps = grad_accum_steps(cfg.train, dist_info.world_size)
-        self.tokens_per_step = 0  # global batch x the task's tokens per sample, once the model is built
-        self.tokens_seen = 0  # by the model's current state: kept in checkpoints, as the batch size may change
-        self.ema: WeightAverage | None = None  # with train.ema_decay, once the engine is built
 
     def checkpoints(self) -> CheckpointManager:
         """The checkpoint store at `checkpoint.url` (default: <run_dir>/checkpoints), staged in a
@@ -80,14 +78,16 @@ class Trainer:
         policy = SavePolicy(c.keep_last, c.keep_every, c.commit_wait_s, c.async_upload, c.on_upload_error)
         return CheckpointManager(store, world, policy)
 
-    def _restore(self, ckpt: CheckpointManager, engine: Engine) -> Restored | None:
+    def _restore(
+        self, ckpt: CheckpointManager, engine: Engine, extras: Sequence[Checkpointable] = ()
+    ) -> Restored | None:
         resume = str(self.cfg.checkpoint.resume)
         if resume == "none":
             return None
         if resume != "auto" and not resume.isdecimal():
             raise UserError(f"checkpoint.resume={resume!r} is neither auto, none nor a step number")
         return ckpt.restore(
-            engine, None if resume == "auto" else int(resume), check=self._check_saved_config, extras=self._extras()
+            engine, None if resume == "auto" else int(resume), check=self._check_saved_config, extras=extras
         )
 
     def _check_saved_config(self, manifest: dict) -> None:
@@ -124,23 +124,20 @@ class Trainer:
 
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
         model = build_model(cfg.model)
-        nan = nan_loss(model, world.rank)  # fault injection for the guard's tests; None in real runs
-        flops_per_token = model.flops_per_token()
-        n_params = model.num_params()
+        flops_per_token, n_params = model.flops_per_token(), model.num_params()
         engine = build_engine(model, cfg, world)
-        self.ema = WeightAverage(engine, cfg.train.ema_decay) if cfg.train.ema_decay else None
-        self.task = build_task(cfg, model, world, watch.worker_init)
-        self.tokens_per_step = cfg.train.global_batch_size * self.task.tokens_per_sample
-        data = self.task.loader(train=True)
+        task = build_task(cfg, model, world, watch.worker_init)
+        data = task.loader(train=True)
         ckpt = self.checkpoints()
+        callbacks = self._callbacks(engine, watch, flops_per_token)
 
-        step, run_id = 0, None
+        step, run_id, tokens_seen = 0, None, 0
         seed_everything(cfg.train.seed + world.rank)  # dropout etc. differ across ranks
-        restored = self._restore(ckpt, engine)
+        restored = self._restore(ckpt, engine, callbacks.checkpointables())
         if restored:
             data.load_state_dict(merge_states(restored.data_states))
             step, run_id = restored.step, restored.manifest.get("mlflow_run_id")
-            self.tokens_seen = restored.manifest["tokens_seen"]
+            tokens_seen = restored.manifest["tokens_seen"]
             log.info("resumed from %s (step %d)", ckpt.store.step_url(step), step)
             if restored.resharded:
                 # The saved per-rank RNG streams belong to other ranks: start new ones, distinct
@@ -158,20 +155,34 @@ class Trainer:
         if run_id is None and str(cfg.checkpoint.resume) == "auto":
             run_id = tracker.previous_run_id()  # restarted before its first checkpoint committed
         run_id = tracker.start(redacted(cfg), resume_run_id=run_id)
+        loop = LoopState(
+            cfg=cfg,
+            dist=world,
+            engine=engine,
+            task=task,
+            data=data,
+            checkpoints=ckpt,
+            tracker=tracker,
+            run_id=run_id,
+            callbacks=callbacks,
+            step=step,
+            tokens_seen=tokens_seen,
+            tokens_per_step=cfg.train.global_batch_size * task.tokens_per_sample,
+        )
         log.info(
             "%s: %.2fM params, %d ranks on %s, %d tokens/step, steps %d -> %d",
             cfg.model.name,
             n_params / 1e6,
             world.world_size,
             world.device,
-            self.tokens_per_step,
+            loop.tokens_per_step,
             step,
             cfg.train.max_steps,
         )
         # Closed on any way out, which stops the loader's workers (see ShardLoader.__iter__).
-        with contextlib.closing(self.task.batches(data)) as batches:
+        with contextlib.closing(task.batches(data)) as batches:
             try:
-                last_loss = self._loop(step, engine, data, batches, ckpt, tracker, run_id, flops_per_token, watch, nan)
+                self._loop(loop, batches)
             except Preempted:
                 tracker.finish("KILLED")
                 raise
@@ -181,156 +192,69 @@ class Trainer:
         tracker.finish()
         if world.is_main:
             log.info("done: checkpoints in %s, MLflow run %s in %s", ckpt.store.url, run_id, tracker.uri)
-        return last_loss
+        return loop.last_loss
 
-    def _loop(self, step, engine, data, batches, ckpt, tracker, run_id, flops_per_token, watch, nan) -> float:
+    def _callbacks(self, engine: Engine, watch: PreemptionWatch, flops_per_token: float) -> Callbacks:
+        """What the run does around its steps, in the order it is done (see pretrain/callbacks.py):
+        the weight average comes before the log, whose on_eval records the average's metrics too,
+        and the log before evaluation, so that an interval ending at an evaluation is logged first."""
         cfg, world = self.cfg, self.dist
-        peak = peak_flops(world.device, cfg.engine.precision)
-        guard = NonFiniteGuard(cfg.train.bad_steps_to_reload, cfg.train.max_reloads, world.is_main)
-        losses: list[float] = []  # of the interval's applied steps
-        interval_steps, last_loss = 0, float("nan")
-        interval_start = time.perf_counter()
-        while step < cfg.train.max_steps:
-            micro_batches = [next(batches) for _ in range(self.grad_accum_steps)]
-            if nan:
-                nan.step = step + 1
-            result = engine.train_step(micro_batches)
-            if nan:
-                nan.step_done()
-            step += 1
-            interval_steps += 1
-            self.tokens_seen += self.tokens_per_step
-            if not result.bad:
-                losses.append(result.loss)
-                if self.ema:
-                    self.ema.update()
-            crash_point("step", step)
-            if guard.reload_due(step, result):
-                step = self._reload(ckpt, engine, step)
-                continue
-
-            if step % cfg.train.log_interval == 0 or step == cfg.train.max_steps:
-                elapsed = time.perf_counter() - interval_start
-                last_loss = self._mean_over_ranks(sum(losses) / len(losses) if losses else float("nan"))
-                tokens_per_s = self.tokens_per_step * interval_steps / elapsed
-                metrics = {
-                    "loss": last_loss,
-                    "lr": result.lr,
-                    "grad_norm": result.grad_norm,
-                    "data_skipped": self._sum_over_ranks(data.skipped_samples()),
-                    "steps_skipped": guard.skipped,
-                    "reloads": guard.reloads,
-                    "tokens_seen": self.tokens_seen,
-                    "tokens_per_s": tokens_per_s,
-                    "samples_per_s": tokens_per_s / self.task.tokens_per_sample,
-                    "step_time_s": elapsed / interval_steps,
-                    "memory_gib": memory_gib(world.device),
-                }
-                utilisation = mfu(tokens_per_s / world.world_size, flops_per_token, peak)
-                if utilisation is not None:
-                    metrics["mfu"] = utilisation
-                tracker.log_metrics(metrics, step)
-                if world.is_main:
-                    log.info(
-                        "step %d/%d | loss %.4f | lr %.2e | grad %.3f | %.0f tok/s | mfu %s | mem %.2f GiB"
-                        " | %.3f s/step",
-                        step,
-                        cfg.train.max_steps,
-                        last_loss,
-                        result.lr,
-                        result.grad_norm,
-                        tokens_per_s,
-                        "-" if utilisation is None else f"{100 * utilisation:.1f}%",
-                        metrics["memory_gib"],
-                        metrics["step_time_s"],
-                    )
-                losses.clear()
-                interval_steps, interval_start = 0, time.perf_counter()
-
-            if step == cfg.train.max_steps or cfg.train.eval_interval and step % cfg.train.eval_interval == 0:
-                self._evaluate(engine, tracker, step)
-            preempted = self._any_rank_signalled(watch)
-            # No scheduled save in a streak of skipped steps: the one before it is what a reload wants.
-            scheduled = step % cfg.checkpoint.interval == 0 and not guard.in_a_row
-            if preempted or scheduled or step == cfg.train.max_steps:
-                blocked = ckpt.save(step, engine, data.state_dict(), self._checkpoint_record(run_id), self._extras())
-                tracker.log_metrics({"ckpt_blocked_s": blocked}, step)
-                interval_start += blocked  # saving is not training time
-            self._log_committed_saves(ckpt, tracker)
-            if preempted:
-                ckpt.wait()
-                dist.barrier()  # no rank exits (and no launcher kills the rest) before rank 0 has committed
-                self._log_committed_saves(ckpt, tracker)
-                if world.is_main:
-                    log.warning(
-                        "preempted (%s) after step %d: checkpoint %s; exiting with %d so that the "
-                        "scheduler requeues the run",
-                        watch.signal_name or "signal on another rank",
-                        step,
-                        ckpt.store.step_url(step),
-                        PREEMPTED_EXIT_CODE,
-                    )
-                raise Preempted(step)
-        ckpt.wait()  # the last checkpoint is committed before the run reports done
-        self._log_committed_saves(ckpt, tracker)
-        return last_loss
-
-    def _evaluate(self, engine: Engine, tracker: Tracker, step: int) -> None:
-        """The task's metrics, and at the end of the run a plot of the white-box measures
-        against depth (MLflow artifact whitebox.png)."""
-        metrics = self.task.evaluate(engine)
-        if not metrics:
-            return
-        if self.ema:
-            with self.ema.applied():
-                averaged = self.task.evaluate(engine)
-            metrics |= {f"eval_ema_{k.removeprefix('eval_')}": v for k, v in averaged.items() if k.startswith("eval_")}
-        tracker.log_metrics(metrics, step)
-        if not self.dist.is_main:
-            return
-        log.info(
-            "eval at step %d | %s",
-            step,
-            " | ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in metrics.items() if k.startswith("eval_")),
+        return Callbacks(
+            [
+                *filter(None, [FaultInjection.from_env(world.rank)]),  # tests only: None unless asked for
+                *([WeightAverage(engine, cfg.train.ema_decay)] if cfg.train.ema_decay else []),
+                NonFiniteGuard(cfg.train.bad_steps_to_reload, cfg.train.max_reloads, world.is_main),
+                MetricsLog(flops_per_token),
+                Evaluation(),
+                WhiteboxPlot(),
+                Preemption(watch),
+            ]
         )
-        if step == self.cfg.train.max_steps:
-            path = whitebox.plot(
-                metrics, f"{self.cfg.model.name}, step {step}", os.path.join(self.run_dir, "whitebox.png")
-            )
-            if path:
-                tracker.log_artifact(path)
 
-    def _extras(self) -> list[Checkpointable]:
-        """What checkpoints hold beside the engine."""
-        return [self.ema] if self.ema else []
+    def _loop(self, loop: LoopState, batches: Iterator[Batch]) -> None:
+        cfg, callbacks = self.cfg, loop.callbacks
+        callbacks.on_fit_start(loop)
+        while loop.step < cfg.train.max_steps and not loop.stop_requested:
+            micro_batches = [next(batches) for _ in range(self.grad_accum_steps)]
+            callbacks.on_step_start(loop)
+            result = loop.engine.train_step(micro_batches)
+            loop.step += 1
+            loop.tokens_seen += loop.tokens_per_step
+            callbacks.on_step_end(loop, result)
+            if loop.reload_requested:
+                self._reload(loop)
+                continue
+            scheduled = loop.step % cfg.checkpoint.interval == 0 and not loop.saves_held
+            if scheduled or loop.stop_requested or loop.at_end:
+                record = self._checkpoint_record(loop.run_id, loop.tokens_seen)
+                extras = callbacks.checkpointables()
+                blocked = loop.checkpoints.save(loop.step, loop.engine, loop.data.state_dict(), record, extras)
+                callbacks.on_save(loop, blocked)
+        loop.checkpoints.wait()  # the last checkpoint is committed before the run reports done (or stops)
+        callbacks.on_fit_end(loop)
 
-    def _reload(self, ckpt: CheckpointManager, engine: Engine, step: int) -> int:
-        """Load the newest committed checkpoint's model, optimizer, schedule and RNG; the data
-        go on from here. Returns the step to continue from."""
-        ckpt.wait()
-        restored = ckpt.restore(engine, extras=self._extras())
+    def _reload(self, loop: LoopState) -> None:
+        """Load the newest committed checkpoint's model, optimizer, schedule, RNG and extras; the
+        data go on from here."""
+        loop.checkpoints.wait()
+        restored = loop.checkpoints.restore(loop.engine, extras=loop.callbacks.checkpointables())
         if restored is None:
             raise UserError(
-                f"steps up to {step} had a non-finite loss or gradient norm and there is no committed "
+                f"steps up to {loop.step} had a non-finite loss or gradient norm and there is no committed "
                 f"checkpoint to reload; lower optim.lr, raise optim.warmup_steps or check the data"
             )
         if self.dist.is_main:
             log.warning(
                 "reloaded %s (step %d) after %d skipped steps; the data go on from step %d's position",
-                ckpt.store.step_url(restored.step),
+                loop.checkpoints.store.step_url(restored.step),
                 restored.step,
                 self.cfg.train.bad_steps_to_reload,
-                step,
+                loop.step,
             )
-        self.tokens_seen = restored.manifest["tokens_seen"]
-        return restored.step
+        loop.step, loop.tokens_seen = restored.step, restored.manifest["tokens_seen"]
+        loop.reload_requested = False
 
-    @staticmethod
-    def _log_committed_saves(ckpt: CheckpointManager, tracker: Tracker) -> None:
-        for saved_step, seconds in ckpt.committed_save_seconds().items():
-            tracker.log_metrics({"ckpt_save_s": seconds}, saved_step)
-
-    def _checkpoint_record(self, run_id: str | None) -> dict:
+    def _checkpoint_record(self, run_id: str | None, tokens_seen: int) -> dict:
         """What the manifest says of the run besides its files: enough to tell, on resume, what
         wrote it (engine, config and its hash; credentials masked) and which MLflow run to continue."""
         config = redacted(self.cfg)
@@ -338,21 +262,7 @@ class Trainer:
             "engine": self.cfg.engine.name,
             "model": self.cfg.model.name,
             "mlflow_run_id": run_id,
-            "tokens_seen": self.tokens_seen,
+            "tokens_seen": tokens_seen,
             "config": config,
             "config_hash": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
         }
-
-    def _any_rank_signalled(self, watch: PreemptionWatch) -> bool:
-        """Whether a preemption signal reached any rank: all ranks must stop after the same step."""
-        flag = torch.tensor([watch.signal_name is not None], dtype=torch.int32, device=self.dist.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def _sum_over_ranks(self, value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64, device=self.dist.device)
-        dist.all_reduce(t)
-        return t.item()
-
-    def _mean_over_ranks(self, value: float) -> float:
-        return self._sum_over_ranks(value) / self.dist.world_size

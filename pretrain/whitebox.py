@@ -20,6 +20,7 @@ from collections import defaultdict
 import torch
 from torch import Tensor, nn
 
+from pretrain.callbacks import Callback, LoopState
 from pretrain.models.layers import split_heads
 from pretrain.models.tost import CausalTSSA, token_statistics
 
@@ -99,6 +100,19 @@ class Probe:
         return {
             f"{name}_layer{i:02d}": sum(v) / len(v) for name, layers in self.values.items() for i, v in layers.items()
         }
+
+
+class WhiteboxPlot(Callback):
+    """After the last evaluation of a run, its measures against depth as the MLflow artifact
+    whitebox.png (rank 0, which holds the averaged measures)."""
+
+    def on_eval(self, loop: LoopState, metrics: dict[str, float]) -> None:
+        if not (loop.at_end and loop.dist.is_main):
+            return
+        title = f"{loop.cfg.model.name}, step {loop.step}"
+        path = plot(metrics, title, os.path.join(os.path.abspath(loop.cfg.run_dir), "whitebox.png"))
+        if path:
+            loop.tracker.log_artifact(path)
 
 
 def plot(metrics: dict[str, float], title: str, path: str) -> str | None:

@@ -135,7 +135,7 @@ def test_config_changes_since_the_checkpoint_warn_or_refuse_naming_the_key(tmp_p
     def trainer(*overrides):
         return Trainer(load_config(["+exp=tost_gpt2_smoke", f"run_dir={tmp_path}", *overrides]), ONE_RANK)
 
-    saved = {"config": trainer()._checkpoint_record(None)["config"]}
+    saved = {"config": trainer()._checkpoint_record(None, 0)["config"]}
     with caplog.at_level("WARNING", logger="pretrain"):
         trainer("optim.lr=0.5", "model.dropout=0.1")._check_saved_config(saved)
     assert "config changed since the checkpoint: model.dropout 0.0 -> 0.1, optim.lr 0.002 -> 0.5" in caplog.text
