@@ -10,7 +10,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pretrain.distributed import free_port
+import torch
+
+from pretrain.config import Config, load_config
+from pretrain.distributed import DistInfo, free_port, mean_over_ranks
+from pretrain.engines import Engine, build_engine
+from pretrain.models import build_model
+from pretrain.trainer import seed_everything
 
 REPO = Path(__file__).resolve().parent.parent
 MAIN = str(REPO / "pretrain" / "main.py")
@@ -123,18 +129,21 @@ def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return proc
 
 
-def mlflow_run(run_dir: Path, uri: str | None = None):
-    """The one MLflow run a training run recorded (default: the sqlite database in its run_dir)."""
+def mlflow_run(run_dir: Path, uri: str | None = None, experiment: str = "whitebox-pretrain"):
+    """The one MLflow run a training run recorded in `experiment` (default: the sqlite database in
+    its run_dir)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri or f"sqlite:///{run_dir}/mlflow.db")
-    (run,) = client.search_runs([client.get_experiment_by_name("whitebox-pretrain").experiment_id])
+    (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     return client, run
 
 
-def metric_history(run_dir: Path, key: str = "loss", uri: str | None = None) -> dict[int, float]:
+def metric_history(
+    run_dir: Path, key: str = "loss", uri: str | None = None, experiment: str = "whitebox-pretrain"
+) -> dict[int, float]:
     """step -> logged value of metric `key`, read back from MLflow."""
-    client, run = mlflow_run(run_dir, uri)
+    client, run = mlflow_run(run_dir, uri, experiment)
     return {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
 
 
@@ -148,3 +157,74 @@ class S3:
 
     def url(self, path: str) -> str:
         return f"s3://{self.bucket}/{path.lstrip('/')}"
+
+
+# --------------------------------------------------------------------------- engines on fixed batches
+# Engines driven directly through the Engine interface on fixed token batches (the data pipeline
+# is tested elsewhere), in this process or in local worlds of processes.
+
+SEQ_LEN, ALPHABET = 16, 16
+TINY_MODEL = ["model.n_layer=2", "model.n_head=4", "model.n_embd=64", f"model.seq_len={SEQ_LEN}"]
+
+
+def config(
+    model: str, engine: list[str], global_batch: int = 8, micro: int = 2, lr: float = 3e-3, precision: str = "fp32"
+) -> Config:
+    """`model`'s smoke recipe at the tiny size of these batches, on the engine `engine` chooses."""
+    return load_config(
+        [
+            f"+exp={model}_smoke",
+            *TINY_MODEL,
+            *engine,
+            f"engine.precision={precision}",
+            f"train.global_batch_size={global_batch}",
+            f"train.micro_batch_size={micro}",
+            f"optim.lr={lr}",
+            "optim.warmup_steps=2",
+            "optim.decay_steps=10",
+        ]
+    )
+
+
+def global_batches(steps: int, size: int, seed: int = 0) -> list[torch.Tensor]:
+    """Fixed token blocks (size, SEQ_LEN + 1) for each step, the same in every process."""
+    g = torch.Generator().manual_seed(seed)
+    # A small alphabet gives the model something to learn within a few steps.
+    return [torch.randint(0, ALPHABET, (size, SEQ_LEN + 1), generator=g) for _ in range(steps)]
+
+
+def rank_micro_batches(block: torch.Tensor, rank: int, world: int, micro: int) -> list[dict]:
+    """This rank's share of a global batch, cut into micro-batches (rank-major, like a sampler)."""
+    mine = block.chunk(world)[rank]
+    return [{"input_ids": m[:, :-1], "labels": m[:, 1:]} for m in mine.split(micro)]
+
+
+def train(
+    dist_info: DistInfo, cfg: Config, blocks: list[torch.Tensor], seed: int | None = None
+) -> tuple[Engine, list[float]]:
+    """An engine built from a seeded model, and its losses after a step on each of `blocks`."""
+    seed_everything(cfg.train.seed if seed is None else seed)
+    engine = build_engine(build_model(cfg.model), cfg, dist_info)
+    return engine, [step(engine, block, dist_info, cfg) for block in blocks]
+
+
+def step(engine: Engine, block: torch.Tensor, dist_info: DistInfo, cfg: Config) -> float:
+    """One optimizer step on this rank's share of `block`; the loss, mean over ranks."""
+    micro = rank_micro_batches(block, dist_info.rank, dist_info.world_size, cfg.train.micro_batch_size)
+    return mean_over_ranks(engine.train_step(micro).loss)
+
+
+def weight_errors(weights: dict, ref: dict) -> tuple[float, dict[str, float]]:
+    """Relative error of the whole model and of each tensor, in norm.
+
+    Summing gradients in another order (all-reduce vs one process) is fp32 rounding; Adam,
+    dividing by sqrt(v), turns it into ~1e-5 moves of elements whose gradient is near zero (the
+    key bias has an exactly-zero one: softmax ignores a shift of every key). The model as a whole
+    agrees to 1e-5; a real engine bug (a wrong averaging factor, a missed clip) is ~1e-1.
+    """
+    diff = {k: weights[k].double() - v.double() for k, v in ref.items()}
+    total = (
+        sum(d.square().sum() for d in diff.values()).sqrt()
+        / sum(v.double().square().sum() for v in ref.values()).sqrt()
+    )
+    return total.item(), {k: (d.norm() / ref[k].double().norm()).item() for k, d in diff.items()}

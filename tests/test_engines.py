@@ -10,63 +10,11 @@ import os
 
 import pytest
 import torch
+from helpers import config, global_batches, rank_micro_batches, step, train, weight_errors
 
-from pretrain.config import load_config
-from pretrain.engines import build_engine
+from pretrain.engines import VARIANTS
 from pretrain.launch import run_local_world
 from pretrain.models import build_model
-from pretrain.trainer import seed_everything
-
-SEQ_LEN, ALPHABET = 16, 16
-TINY_MODEL = ["model.n_layer=2", "model.n_head=4", "model.n_embd=64", f"model.seq_len={SEQ_LEN}"]
-
-
-def config(
-    model: str, engine: list[str], global_batch: int = 8, micro: int = 2, lr: float = 3e-3, precision: str = "fp32"
-):
-    return load_config(
-        [
-            f"+exp={model}_smoke",
-            *TINY_MODEL,
-            *engine,
-            f"engine.precision={precision}",
-            f"train.global_batch_size={global_batch}",
-            f"train.micro_batch_size={micro}",
-            f"optim.lr={lr}",
-            "optim.warmup_steps=2",
-            "optim.decay_steps=10",
-        ]
-    )
-
-
-def global_batches(steps: int, size: int, seed: int = 0) -> list[torch.Tensor]:
-    """Fixed token blocks (size, SEQ_LEN + 1) for each step, the same in every process."""
-    g = torch.Generator().manual_seed(seed)
-    # A small alphabet gives the model something to learn within a few steps.
-    return [torch.randint(0, ALPHABET, (size, SEQ_LEN + 1), generator=g) for _ in range(steps)]
-
-
-def rank_micro_batches(block: torch.Tensor, rank: int, world: int, micro: int) -> list[dict]:
-    """This rank's share of a global batch, cut into micro-batches (rank-major, like a sampler)."""
-    mine = block.chunk(world)[rank]
-    return [{"input_ids": m[:, :-1], "labels": m[:, 1:]} for m in mine.split(micro)]
-
-
-def mean_over_ranks(value: float) -> float:
-    t = torch.tensor([value], dtype=torch.float64)
-    torch.distributed.all_reduce(t)
-    return t.item() / torch.distributed.get_world_size()
-
-
-def train(dist_info, cfg, blocks, seed=None):
-    seed_everything(cfg.train.seed if seed is None else seed)
-    engine = build_engine(build_model(cfg.model), cfg, dist_info)
-    return engine, [step(engine, block, dist_info, cfg) for block in blocks]
-
-
-def step(engine, block, dist_info, cfg) -> float:
-    micro = rank_micro_batches(block, dist_info.rank, dist_info.world_size, cfg.train.micro_batch_size)
-    return mean_over_ranks(engine.train_step(micro).loss)
 
 
 def run_engines(dist_info, model, variants, steps, global_batch, micro):
@@ -79,28 +27,8 @@ def run_engines(dist_info, model, variants, steps, global_batch, micro):
     return out if dist_info.rank == 0 else None
 
 
-def weight_errors(weights: dict, ref: dict) -> tuple[float, dict[str, float]]:
-    """Relative error of the whole model and of each tensor, in norm.
-
-    Summing gradients in another order (all-reduce vs one process) is fp32 rounding; Adam,
-    dividing by sqrt(v), turns it into ~1e-5 moves of elements whose gradient is near zero (the
-    key bias has an exactly-zero one: softmax ignores a shift of every key). The model as a whole
-    agrees to 1e-5; a real engine bug (a wrong averaging factor, a missed clip) is ~1e-1.
-    """
-    diff = {k: weights[k].double() - v.double() for k, v in ref.items()}
-    total = (
-        sum(d.square().sum() for d in diff.values()).sqrt()
-        / sum(v.double().square().sum() for v in ref.values()).sqrt()
-    )
-    return total.item(), {k: (d.norm() / ref[k].double().norm()).item() for k, d in diff.items()}
-
-
 TWO_RANK_ENGINES = {
-    "ddp": ["engine=ddp"],
-    "zero1": ["engine=deepspeed", "engine.zero_stage=1"],
-    "zero2": ["engine=deepspeed", "engine.zero_stage=2"],
-    "zero3": ["engine=deepspeed", "engine.zero_stage=3"],
-    "fsdp": ["engine=fsdp"],
+    **{label: VARIANTS[label] for label in ("ddp", "zero1", "zero2", "zero3", "fsdp")},
     "fsdp+ac": ["engine=fsdp", "engine.activation_checkpointing=full"],
     "zero3+ac": ["engine=deepspeed", "engine.zero_stage=3", "engine.activation_checkpointing=every_k"],
 }
@@ -121,25 +49,6 @@ def test_all_engines_take_the_same_steps(model):
         assert total < 1e-5, (label, total)
         worst = max(per_tensor, key=per_tensor.get)
         assert per_tensor[worst] < 1e-3, (label, worst, per_tensor[worst])
-
-
-def accumulate(dist_info, engine_overrides):
-    """The same 4 sequences per step as 2 micro-batches x accumulation 2, and as 1 micro-batch of 4."""
-    blocks = global_batches(3, 4)
-    out = {}
-    for micro in (2, 4):
-        engine, losses = train(dist_info, config("tost_gpt2", engine_overrides, global_batch=4, micro=micro), blocks)
-        out[micro] = (losses, engine.full_state_dict())
-    return out
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("engine", [["engine=ddp"], ["engine=deepspeed", "engine.zero_stage=2"], ["engine=fsdp"]])
-def test_gradient_accumulation_equals_one_big_micro_batch(engine):
-    (out,) = run_local_world(accumulate, 1, engine)
-    (accumulated, weights), (big, big_weights) = out[2], out[4]
-    assert accumulated == pytest.approx(big, rel=1e-5)
-    assert weight_errors(weights, big_weights)[0] < 1e-5
 
 
 def bf16_train_save_load(dist_info, variants, root):

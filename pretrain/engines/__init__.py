@@ -14,6 +14,16 @@ from pretrain.optim import OPTIMIZERS
 
 ENGINES = ("deepspeed", "fsdp", "ddp")
 PRECISIONS = ("bf16", "fp32")
+# Every way of wrapping and sharding a model, by label, as the overrides that choose it: what the
+# engine tests and the engine benchmark run, each of them.
+VARIANTS = {
+    "ddp": ["engine=ddp"],
+    "zero0": ["engine=deepspeed", "engine.zero_stage=0"],
+    "zero1": ["engine=deepspeed", "engine.zero_stage=1"],
+    "zero2": ["engine=deepspeed", "engine.zero_stage=2"],
+    "zero3": ["engine=deepspeed", "engine.zero_stage=3"],
+    "fsdp": ["engine=fsdp"],
+}
 
 
 def check_engine_config(cfg: Config, world_size: int) -> None:
@@ -82,4 +92,4 @@ def build_engine(model: nn.Module, cfg: Config, dist: DistInfo) -> Engine:
     return DDPEngine(model, cfg, dist)
 
 
-__all__ = ["Engine", "StepResult", "build_engine", "check_engine_config"]
+__all__ = ["VARIANTS", "Engine", "StepResult", "build_engine", "check_engine_config"]

@@ -28,7 +28,7 @@ from report import UNUSED_DATA, device_name, write_section
 
 from pretrain.config import Config, load_config
 from pretrain.distributed import DistInfo
-from pretrain.engines import build_engine
+from pretrain.engines import VARIANTS, build_engine
 from pretrain.errors import UserError
 from pretrain.launch import run_local_world
 from pretrain.models import build_model
@@ -38,14 +38,8 @@ from pretrain.trainer import seed_everything
 BAD_INPUT_EXIT = 2
 SMOKE_MODELS = ("tost_gpt2_smoke", "gpt2_smoke")
 BASE_MODELS = ("tost_gpt2", "gpt2")
-CPU_ENGINES = {
-    "ddp": ["engine=ddp"],
-    "zero1": ["engine=deepspeed", "engine.zero_stage=1"],
-    "zero2": ["engine=deepspeed", "engine.zero_stage=2"],
-    "zero3": ["engine=deepspeed", "engine.zero_stage=3"],
-    "fsdp": ["engine=fsdp"],
-}
-GPU_ENGINES = {"zero0": ["engine=deepspeed", "engine.zero_stage=0"], "ddp": ["engine=ddp"]}
+CPU_ENGINES = {label: VARIANTS[label] for label in ("ddp", "zero1", "zero2", "zero3", "fsdp")}
+GPU_ENGINES = {label: VARIANTS[label] for label in ("zero0", "ddp")}
 # Per mode: (steps, micro-batch, global batch or None for one micro-batch per rank, ranks, precision).
 MODE_DEFAULTS = {"cpu": (10, 4, 8, 2, "fp32"), "gpu": (50, 8, None, 1, "bf16")}
 DATA_SEED = 0
