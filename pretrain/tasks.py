@@ -17,7 +17,7 @@ from torch import nn
 
 from pretrain.callbacks import Callback, LoopState
 from pretrain.config import Config
-from pretrain.data import build_image_loader, build_text_loader
+from pretrain.data.build import build_image_loader, build_text_loader
 from pretrain.data.loader import Batch, ShardLoader
 from pretrain.data.mixing import BatchMixer
 from pretrain.distributed import DistInfo, any_rank, mean_over_reporting_ranks

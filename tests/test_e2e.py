@@ -169,7 +169,8 @@ def test_plain_python_single_and_deepspeed_engines_agree(tmp_path, corpus_cache)
 
 
 def test_smoke_experiment_streams_its_shards_from_s3(tmp_path, s3):
-    from pretrain.data.text import stdlib_documents, write_token_shards
+    from pretrain.prepare.embedded import stdlib_documents
+    from pretrain.prepare.text import write_token_shards
 
     index = write_token_shards(
         stdlib_documents(300_000), s3.url("e2e/tokens"), 33, 128, storage_options=s3.storage_options

@@ -15,19 +15,11 @@ import torch
 from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from pretrain.data.images import (
-    INDEX_FORMAT,
-    EvalTransform,
-    ImageDecoder,
-    TrainTransform,
-    csv_samples,
-    decode_image,
-    digits_samples,
-    image_folder_samples,
-    prepare_digits,
-    write_image_shards,
-)
+from pretrain.data.images import INDEX_FORMAT, EvalTransform, ImageDecoder, TrainTransform, decode_image
 from pretrain.errors import UserError
+from pretrain.prepare.embedded import digits_samples, prepare_digits
+from pretrain.prepare.images import Encoded, ImageSource, csv_samples, image_folder_samples, prepare_image_shards
+from pretrain.prepare.writer import PROGRESS_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 N_DIGITS = 1797
@@ -61,8 +53,7 @@ def opened(data: bytes) -> Image.Image:
 @pytest.fixture(scope="module")
 def digits_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("digits")
-    source = digits_samples()
-    write_image_shards(source.samples, str(out), 500, source.classes, source=source.description)
+    prepare_image_shards(digits_samples(), str(out), 500)
     return out
 
 
@@ -108,8 +99,7 @@ def test_digits_round_trip(digits_dir):
 
 
 def test_same_input_gives_identical_bytes(digits_dir, tmp_path):
-    source = digits_samples()
-    write_image_shards(source.samples, str(tmp_path), 500, source.classes, source=source.description)
+    prepare_image_shards(digits_samples(), str(tmp_path), 500)
     names = sorted(p.name for p in digits_dir.iterdir())
     assert names == sorted(p.name for p in tmp_path.iterdir())
     assert all((digits_dir / n).read_bytes() == (tmp_path / n).read_bytes() for n in names)
@@ -134,16 +124,16 @@ def test_prepare_digits_once_and_waiters(tmp_path):
 
 
 def test_digits_splits_partition_the_set():
-    train, val = digits_samples("train").samples, digits_samples("val").samples
+    train, val = list(digits_samples("train").samples()), list(digits_samples("val").samples())
     assert (len(train), len(val)) == (1498, 299) and len(train) + len(val) == N_DIGITS
-    every = digits_samples().samples
+    every = list(digits_samples().samples())
     assert val == every[5::6] and set(map(tuple, train)).isdisjoint(map(tuple, val))
 
 
 def test_image_folder_keeps_files_as_they_are(folder, tmp_path):
     source = image_folder_samples(str(folder))
-    assert source.classes == ["cat", "dog"] and len(source.samples) == 5
-    write_image_shards(source.samples, str(tmp_path / "out"), 2, source.classes)
+    assert source.classes == ["cat", "dog"] and len(source.items) == 5
+    prepare_image_shards(source, str(tmp_path / "out"), 2)
     index, samples = read_samples(str(tmp_path / "out"))
     assert [s["samples"] for s in index["shards"]] == [2, 2, 1]
     got = [(next(k for k in ("jpg", "png") if k in s), int(s["cls"])) for _, s in samples]
@@ -157,7 +147,7 @@ def test_image_folder_keeps_files_as_they_are(folder, tmp_path):
 
 def test_image_folder_short_side(folder):
     source = image_folder_samples(str(folder), short_side=20)
-    sizes = [(ext, opened(data).format, opened(data).size) for data, ext, _ in source.samples]
+    sizes = [(ext, opened(data).format, opened(data).size) for data, ext, _ in source.samples()]
     assert sizes == [
         ("png", "PNG", (27, 20)),
         ("jpg", "JPEG", (20, 27)),
@@ -173,13 +163,13 @@ def test_csv_labels_names_and_ints(folder, tmp_path):
     (tmp_path / "cat").symlink_to(folder / "cat")
     source = csv_samples(str(named), short_side=20)
     assert source.classes == ["beagle", "tabby"]
-    got = [(ext, label, opened(data).size) for data, ext, label in source.samples]
+    got = [(ext, label, opened(data).size) for data, ext, label in source.samples()]
     assert got == [("png", 1, (27, 20)), ("jpg", 0, (20, 20)), ("jpg", 1, (20, 27))]
     numbered = tmp_path / "numbered.csv"
     numbered.write_text("path,label\ncat/a.png,3\ncat/b.JPG,0\n")
     source = csv_samples(str(numbered))
     assert source.classes == ["0", "1", "2", "3"]
-    assert [(data, label) for data, _, label in source.samples] == [
+    assert [(data, label) for data, _, label in source.samples()] == [
         ((folder / "cat/a.png").read_bytes(), 3),
         ((folder / "cat/b.JPG").read_bytes(), 0),
     ]
@@ -191,7 +181,7 @@ def test_s3_input_and_output(folder, s3):
     source = image_folder_samples(s3.url("tree"), short_side=20, storage_options=s3.storage_options)
     assert source.classes == ["cat", "dog"]
     out = s3.url("image-shards")
-    write_image_shards(source.samples, out, 3, source.classes, s3.storage_options)
+    prepare_image_shards(source, out, 3, s3.storage_options)
     index, samples = read_samples(out, s3.storage_options)
     assert index["total_samples"] == len(samples) == 5
     decoded = ImageDecoder(EvalTransform(16, 20), 10)(samples[0][1], samples[0][0], 0)
@@ -199,18 +189,63 @@ def test_s3_input_and_output(folder, s3):
 
 
 def test_writer_refuses_bad_samples(tmp_path):
+    def source(samples: list, classes: list[str]) -> ImageSource:
+        return ImageSource(classes, samples, Encoded, "made here", "made here")
+
     with pytest.raises(UserError, match="label 2, outside 0..1"):
-        write_image_shards([(b"x", "png", 2)], str(tmp_path / "a"), 10, ["a", "b"])
+        prepare_image_shards(source([(b"x", "png", 2)], ["a", "b"]), str(tmp_path / "a"), 10)
     with pytest.raises(UserError, match="'bmp'"):
-        write_image_shards([(b"x", "bmp", 0)], str(tmp_path / "b"), 10, ["a"])
+        prepare_image_shards(source([(b"x", "bmp", 0)], ["a"]), str(tmp_path / "b"), 10)
     with pytest.raises(UserError, match="no images"):
-        write_image_shards([], str(tmp_path / "c"), 10, ["a"])
+        prepare_image_shards(source([], ["a"]), str(tmp_path / "c"), 10)
+    with pytest.raises(UserError, match="class list is empty"):
+        prepare_image_shards(source([(b"x", "png", 0)], []), str(tmp_path / "d"), 10)
+
+
+def shard_bytes(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.glob("shard-*"))}
+
+
+def test_interrupted_preparation_resumes_without_reading_finished_images(folder, tmp_path):
+    """A file that fails mid-run (here: still being copied, so the same size but not yet an
+    image) stops the run after the shards before it; once it is whole, the re-run writes only
+    the rest, never reading the finished shards' images again, and the shards equal a clean run's."""
+    fresh = prepare_image_shards(image_folder_samples(str(folder)), str(tmp_path / "clean"), 2)
+    assert (fresh.written, fresh.skipped) == (3, 0)
+    late, good = folder / "dog/sub/c.jpeg", (folder / "dog/sub/c.jpeg").read_bytes()  # sample 3, shard 1
+    late.write_bytes(b"\0" * len(good))
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=r"dog/sub/c\.jpeg"):
+        prepare_image_shards(image_folder_samples(str(folder)), str(out), 2)
+    progress = json.loads((out / PROGRESS_NAME).read_text())
+    assert [s["name"] for s in progress["shards"]] == ["shard-000000.tar"] and not (out / "index.json").exists()
+    late.write_bytes(good)
+    first = folder / "cat/a.png"  # in the finished shard: garbage now, so reading it again would fail
+    first.write_bytes(b"\0" * first.stat().st_size)
+    resumed = prepare_image_shards(image_folder_samples(str(folder)), str(out), 2)
+    assert (resumed.written, resumed.skipped, resumed.already_done) == (2, 1, False)
+    assert shard_bytes(out) == shard_bytes(tmp_path / "clean")
+    assert resumed.index == fresh.index and not (out / PROGRESS_NAME).exists()
+    again = prepare_image_shards(image_folder_samples(str(folder)), str(out), 2)
+    assert again.already_done and again.written == 0 and again.index == fresh.index
+
+
+def test_other_settings_on_an_output_need_overwrite(folder, tmp_path):
+    prepare_image_shards(image_folder_samples(str(folder)), str(tmp_path), 2)
+    (folder / "cat/extra.png").write_bytes(image_bytes((9, 9), "PNG"))  # another input file
+    for source in (image_folder_samples(str(folder)), image_folder_samples(str(folder), short_side=20)):
+        with pytest.raises(UserError, match="different preparation.*--overwrite"):
+            prepare_image_shards(source, str(tmp_path), 2)
+    result = prepare_image_shards(image_folder_samples(str(folder), short_side=20), str(tmp_path), 2, overwrite=True)
+    assert result.index["total_samples"] == 6 and sorted(shard_bytes(tmp_path)) == [
+        f"shard-00000{i}.tar" for i in range(3)
+    ]
 
 
 def test_bad_inputs_name_the_file(folder, tmp_path):
     (folder / "dog/broken.png").write_bytes(image_bytes((20, 20), "PNG")[:60])
     with pytest.raises(UserError, match=r"dog/broken\.png"):
-        list(image_folder_samples(str(folder)).samples)
+        list(image_folder_samples(str(folder)).samples())
     with pytest.raises(UserError, match="does not exist"):
         image_folder_samples(str(tmp_path / "nowhere"))
     (tmp_path / "empty_class" / "a").mkdir(parents=True)
@@ -332,10 +367,15 @@ def prepare_images(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_cli_digits_and_folder_to_s3(tmp_path, folder, s3):
-    proc = prepare_images("--digits", "--output", str(tmp_path / "digits"))
+def test_cli_digits_and_folder_to_s3(tmp_path, folder, s3, digits_dir):
+    out = tmp_path / "digits"
+    proc = prepare_images("--digits", "--output", str(out), "--samples-per-shard", "500", "--workers", "2")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == f"wrote 2 shards, {N_DIGITS} images, 10 classes to {tmp_path / 'digits'}"
+    totals = f"{N_DIGITS} images, 10 classes"
+    assert proc.stdout.strip() == f"wrote 4 shards (0 finished earlier, skipped), {totals} to {out}"
+    assert shard_bytes(out) == shard_bytes(digits_dir)  # two encoding processes write what one does
+    proc = prepare_images("--digits", "--output", str(out), "--samples-per-shard", "500")
+    assert proc.stdout.strip() == f"{out} was already complete: 4 shards, {totals}; nothing to do"
     options = [f"--storage-option={k}={v}" for k, v in s3.storage_options.items()]
     out = s3.url("cli-images")
     proc = prepare_images("--image-folder", str(folder), "--output", out, "--short-side", "20", *options)

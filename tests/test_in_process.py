@@ -10,9 +10,9 @@ import torch
 from helpers import config, global_batches, metric_history, mlflow_run, step, train
 
 from pretrain.config import load_config
-from pretrain.data.text import write_token_shards
 from pretrain.distributed import DistInfo, free_port, init_distributed, shutdown
 from pretrain.engines import VARIANTS
+from pretrain.prepare.text import write_token_shards
 from pretrain.trainer import Trainer
 
 LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")

@@ -17,20 +17,18 @@ import pyarrow.parquet as pq
 import pytest
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from pretrain.data.storage import parse_storage_options
-from pretrain.data.text import (
-    INDEX_NAME,
-    PROGRESS_NAME,
+from pretrain.data.storage import INDEX_NAME, parse_storage_options
+from pretrain.data.tokenizer import gpt2_tokenizer
+from pretrain.errors import UserError
+from pretrain.prepare.documents import find_input_files, input_documents
+from pretrain.prepare.text import (
     block_dtype,
     blocks_per_shard_for,
-    find_input_files,
-    input_documents,
     prepare_text_files,
     prepare_token_shards,
     shard_bytes,
 )
-from pretrain.data.tokenizer import gpt2_tokenizer
-from pretrain.errors import UserError
+from pretrain.prepare.writer import PROGRESS_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = REPO / "tools" / "prepare_text.py"

@@ -3,6 +3,7 @@ retries; from local files and from S3 (moto's server through s3fs)."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import tarfile
@@ -14,12 +15,13 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 
 from pretrain.config import DataConfig, load_config
-from pretrain.data import build_image_loader, build_text_loader
-from pretrain.data.images import digits_samples, write_image_shards
+from pretrain.data.build import build_image_loader, build_text_loader
 from pretrain.data.loader import ShardLoader
 from pretrain.data.shards import merge_states
-from pretrain.data.text import write_token_shards
 from pretrain.errors import UserError
+from pretrain.prepare.embedded import digits_samples
+from pretrain.prepare.images import prepare_image_shards
+from pretrain.prepare.text import write_token_shards
 
 SEQ_LEN, BLOCKS_PER_SHARD, N_SHARDS = 8, 4, 8
 IMAGE_SIZE = 12  # digits are 8x8: a random-resized crop upsamples them
@@ -46,8 +48,8 @@ def local_shards(tmp_path_factory) -> str:
 def prepare_images(output: str, storage_options: dict | None = None) -> dict:
     """N_SHARDS shards of BLOCKS_PER_SHARD digits: the same layout as the text shards."""
     source = digits_samples()
-    images = list(source.samples)[: N_SHARDS * BLOCKS_PER_SHARD]
-    return write_image_shards(images, output, BLOCKS_PER_SHARD, source.classes, storage_options)
+    source = dataclasses.replace(source, items=source.items[: N_SHARDS * BLOCKS_PER_SHARD])
+    return prepare_image_shards(source, output, BLOCKS_PER_SHARD, storage_options).index
 
 
 @pytest.fixture(scope="module")
@@ -430,9 +432,9 @@ def test_evaluation_reads_the_validation_split_once_over_the_ranks(workers, tmp_
             for b in batches
             for image, label in zip(b["images"], b["labels"].tolist(), strict=True)
         ]
-    val = digits_samples("val").samples
+    val = digits_samples("val").items
     assert len(seen) == len(val) == 299
-    assert sorted(label for _, label in seen) == sorted(label for _, _, label in val)
+    assert sorted(label for _, label in seen) == sorted(label for _, label in val)
     with pytest.raises(UserError, match="data.val_urls is required when data.source=shards"):
         build_image_loader(
             load_config(["data=image_shards", "data.urls=/x/shard-000000.tar"]).data,

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-import pretrain.data.text as text
-from pretrain.data.text import prepare_stdlib_corpus, stdlib_documents, write_token_shards
+import pretrain.prepare.embedded as embedded
 from pretrain.data.tokenizer import gpt2_tokenizer
 from pretrain.errors import UserError
+from pretrain.prepare.embedded import prepare_stdlib_corpus, stdlib_documents
+from pretrain.prepare.text import write_token_shards
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ_LEN = 16
@@ -138,8 +139,8 @@ def test_non_preparer_times_out_naming_the_directory(tmp_path):
 
 
 def test_preparer_that_loses_the_rename_race_uses_the_winner(tmp_path, monkeypatch):
-    final = tmp_path / text.stdlib_corpus_name(BLOCK_LEN, SMALL)
-    real = text.write_token_shards
+    final = tmp_path / embedded.stdlib_corpus_name(BLOCK_LEN, SMALL)
+    real = embedded.write_token_shards
 
     def write_then_get_overtaken(documents, output, *args, **kw):
         index = real(documents, output, *args, **kw)
@@ -147,6 +148,6 @@ def test_preparer_that_loses_the_rename_race_uses_the_winner(tmp_path, monkeypat
         (final / "winner").touch()
         return index
 
-    monkeypatch.setattr(text, "write_token_shards", write_then_get_overtaken)
+    monkeypatch.setattr(embedded, "write_token_shards", write_then_get_overtaken)
     assert prepare_stdlib_corpus(str(tmp_path), BLOCK_LEN, 256, SMALL, is_preparer=True) == str(final)
     assert (final / "winner").exists() and os.listdir(tmp_path) == [final.name]

@@ -1,29 +1,27 @@
 """Write images and labels as webdataset image-classification shards for training.
 
     python tools/prepare_images.py --image-folder train/ --output s3://bucket/imagenet/train --short-side 256
-    python tools/prepare_images.py --csv labels.csv --output data/pets --samples-per-shard 500
+    python tools/prepare_images.py --csv labels.csv --output data/pets --samples-per-shard 500 --workers 8
     python tools/prepare_images.py --digits --output data/digits
 
 --image-folder: root/<class>/**/<image>, classes in sorted order. --csv: a header row, then
 path,label rows (paths relative to the CSV). --digits: scikit-learn's bundled digits, the
-embedded default. Train on the result with 'data.urls="<output>/shard-{000000..NNNNNN}.tar"'.
+embedded default. Re-running the same command resumes an interrupted run: finished shards are
+kept, and their images not read again. Train on the result with
+'data.urls="<output>/shard-{000000..NNNNNN}.tar"'.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from pretrain.data.images import (
-    JPEG_QUALITY,
-    ImageSource,
-    csv_samples,
-    digits_samples,
-    image_folder_samples,
-    write_image_shards,
-)
 from pretrain.data.storage import add_storage_option_flag, parse_storage_options
 from pretrain.errors import UserError
+from pretrain.prepare.embedded import digits_samples
+from pretrain.prepare.images import JPEG_QUALITY, ImageSource, csv_samples, image_folder_samples, prepare_image_shards
+from pretrain.prepare.writer import PrepareResult
 
 BAD_INPUT_EXIT = 2
 SAMPLES_PER_SHARD = 1000
@@ -54,7 +52,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=JPEG_QUALITY,
         help=f"quality of JPEGs re-encoded after shrinking (default: {JPEG_QUALITY})",
     )
+    p.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="encoding processes (default: the number of CPUs)"
+    )
     add_storage_option_flag(p)
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace what another preparation left at --output instead of stopping"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p.parse_args(argv)
 
@@ -75,24 +79,28 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         options = parse_storage_options(args.storage_option)
-        source = open_source(args, options)
-        index = write_image_shards(
-            source.samples,
+        result = prepare_image_shards(
+            open_source(args, options),
             args.output,
             args.samples_per_shard,
-            source.classes,
             options,
+            workers=args.workers,
+            overwrite=args.overwrite,
             progress=not args.no_progress,
-            source=source.description,
         )
     except UserError as exc:
         print(f"prepare_images: error: {exc}", file=sys.stderr)
         return BAD_INPUT_EXIT
-    print(
-        f"wrote {len(index['shards'])} shards, {index['total_samples']} images, "
-        f"{index['num_classes']} classes to {args.output}"
-    )
+    print(summary(result, args.output))
     return 0
+
+
+def summary(result: PrepareResult, output: str) -> str:
+    index = result.index
+    totals = f"{index['total_samples']} images, {index['num_classes']} classes"
+    if result.already_done:
+        return f"{output} was already complete: {len(index['shards'])} shards, {totals}; nothing to do"
+    return f"wrote {result.written} shards ({result.skipped} finished earlier, skipped), {totals} to {output}"
 
 
 if __name__ == "__main__":

@@ -19,18 +19,18 @@ import os
 import sys
 
 from pretrain.data.storage import add_storage_option_flag, parse_storage_options
-from pretrain.data.text import (
+from pretrain.data.tokenizer import GPT2_NAME, load_tokenizer
+from pretrain.errors import UserError
+from pretrain.prepare.documents import DEFAULT_TEXT_FIELD
+from pretrain.prepare.embedded import stdlib_documents
+from pretrain.prepare.text import (
     DEFAULT_CHUNK_CHARS,
-    DEFAULT_TEXT_FIELD,
-    PrepareResult,
     block_dtype,
     blocks_per_shard_for,
     prepare_text_files,
     prepare_token_shards,
-    stdlib_documents,
 )
-from pretrain.data.tokenizer import GPT2_NAME, load_tokenizer
-from pretrain.errors import UserError
+from pretrain.prepare.writer import PrepareResult
 
 BAD_INPUT_EXIT = 2
 DEFAULT_SHARD_SIZE_MB = 256

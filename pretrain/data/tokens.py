@@ -1,5 +1,5 @@
-"""Token-block samples: checking a text shard set against the model, and cutting training
-samples (inputs and next-token labels) from its blocks."""
+"""Token-block samples: the format of a text shard set, checking it against the model, and
+cutting training samples (inputs and next-token labels) from its blocks."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import io
 import numpy as np
 import torch
 
-from pretrain.data.text import BLOCK_MEMBER, INDEX_FORMAT
 from pretrain.errors import UserError
 
+INDEX_FORMAT = "token-blocks"
+INDEX_VERSION = 1
+BLOCK_MEMBER = "npy"  # one block per sample: a .npy array of block_len token ids
 PREPARE_HINT = "create the shards with `python tools/prepare_text.py`"
 BLOCK_DTYPES = ("uint16", "uint32")
 

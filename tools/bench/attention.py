@@ -29,13 +29,10 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import datetime
-import json
 import math
 import multiprocessing as mp
 import os
 import re
-import shlex
 import statistics
 import sys
 import time
@@ -44,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from report import device_name, write_section
+from common import device_name, heading, publish
 
 from pretrain.config import ModelConfig
 from pretrain.models.attention import SelfAttention
@@ -739,7 +736,7 @@ def markdown_section(report: dict, args: argparse.Namespace, command: str) -> tu
         if c["status"] != "ok"
     ]
     lines = [
-        f"## Attention scaling, {mode}, {report['precision']}: {report['device']}, {datetime.date.today().isoformat()}",
+        heading(f"Attention scaling, {mode}, {report['precision']}", report["device"]),
         "",
         f"`{command}`",
         "",
@@ -886,9 +883,7 @@ def main(argv: list[str] | None = None) -> int:
         plot(report, args.plot)
         report["plot"] = str(args.plot)
         print(f"plot: {args.plot}", file=sys.stderr)
-    print(json.dumps(report, indent=2))
-    if args.write_doc:
-        write_section(args.write_doc, *markdown_section(report, args, shlex.join(["python", *sys.argv])))
+    publish(report, args.write_doc, lambda command: markdown_section(report, args, command))
     return 0
 
 

@@ -15,10 +15,7 @@ One JSON object goes to stdout; progress goes to stderr.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import shlex
 import sys
 import tempfile
 import time
@@ -26,8 +23,7 @@ from contextlib import closing
 from pathlib import Path
 
 import torch
-from loader import LocalS3
-from report import TOST_BASE, device_name, write_section
+from common import TOST_BASE, LocalS3, device_name, heading, publish
 
 from pretrain.checkpoint.manager import CheckpointManager, SavePolicy
 from pretrain.checkpoint.store import CheckpointStore, Node
@@ -135,7 +131,7 @@ def markdown(report: dict, command: str) -> tuple[str, str]:
     ]
     text = "\n".join(
         [
-            f"## Checkpoints: {report['device']}, {datetime.date.today().isoformat()}",
+            heading("Checkpoints", report["device"]),
             "",
             f"`{command}`",
             "",
@@ -200,9 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"of {loop['wall_s']:.1f} s",
                     file=sys.stderr,
                 )
-    print(json.dumps(report, indent=2))
-    if args.write_doc:
-        write_section(args.write_doc, *markdown(report, shlex.join(["python", *sys.argv])))
+    publish(report, args.write_doc, lambda command: markdown(report, command))
     return 0
 
 

@@ -13,18 +13,15 @@ earlier variant would otherwise set. One JSON object goes to stdout; progress go
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.metadata
-import json
 import os
-import shlex
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from report import UNUSED_DATA, device_name, write_section
+from common import UNUSED_DATA, device_name, heading, publish
 
 from pretrain.config import Config, load_config
 from pretrain.distributed import DistInfo
@@ -198,7 +195,7 @@ def markdown_section(report: dict, args: argparse.Namespace, command: str) -> tu
     ]
     text = "\n".join(
         [
-            f"## {title}, {report['precision']}: {report['device']}, {datetime.date.today().isoformat()}",
+            heading(f"{title}, {report['precision']}", report["device"]),
             "",
             f"`{command}`",
             "",
@@ -241,9 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             f"loss {result['final_loss']:.4f} ({time.perf_counter() - start:.0f} s)",
             file=sys.stderr,
         )
-    print(json.dumps(report, indent=2))
-    if args.write_doc:
-        write_section(args.write_doc, *markdown_section(report, args, shlex.join(["python", *sys.argv])))
+    publish(report, args.write_doc, lambda command: markdown_section(report, args, command))
     return 0
 
 

@@ -18,12 +18,8 @@ goes to stdout; progress goes to stderr.
 from __future__ import annotations
 
 import argparse
-import datetime
 import io
 import json
-import os
-import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,17 +29,17 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import torch
+from common import TOST_BASE, LocalS3, device_name, heading, publish, upload
 from PIL import Image
-from report import TOST_BASE, device_name, write_section
 from sklearn.datasets import load_sample_images
 
 from pretrain.config import DataConfig, load_config
-from pretrain.data import build_image_loader, build_text_loader
-from pretrain.data.images import IMAGE_SIZE, JPEG_QUALITY, write_image_shards
+from pretrain.data.build import build_image_loader, build_text_loader
+from pretrain.data.images import IMAGE_SIZE
 from pretrain.data.loader import ShardLoader
-from pretrain.data.text import prepare_stdlib_corpus
-from pretrain.distributed import free_port
 from pretrain.models import build_model
+from pretrain.prepare.embedded import prepare_stdlib_corpus
+from pretrain.prepare.images import JPEG_QUALITY, Encoded, ImageSource, prepare_image_shards
 from pretrain.tracking.metrics import PEAK_BF16_FLOPS
 
 TEXT_CORPUS_MB = 16
@@ -56,8 +52,6 @@ SHUFFLE_BUFFER = 1000
 WARMUP_BATCHES = 3
 TARGET_FACTOR = 10
 TARGET_GPU = "H100"
-S3_BUCKET = "bench"
-S3_START_TIMEOUT_S = 30
 SEED = 0
 
 
@@ -99,45 +93,6 @@ def photo_samples(n: int) -> list[tuple[bytes, str, int]]:
         image.save(buf, format="JPEG", quality=JPEG_QUALITY)
         samples.append((buf.getvalue(), "jpg", i % len(photos)))
     return samples
-
-
-class LocalS3:
-    """moto's S3 server on 127.0.0.1 in a process of its own (a server thread in this process
-    would take the training process's interpreter lock), with one bucket."""
-
-    def __init__(self) -> None:
-        port = free_port()
-        self.options = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "bench", "secret": "bench"}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + S3_START_TIMEOUT_S
-        while True:
-            try:
-                fsspec.filesystem("s3", skip_instance_cache=True, **self.options).mkdir(S3_BUCKET)
-                return
-            except OSError:
-                if time.monotonic() > deadline or self.process.poll() is not None:
-                    self.close()
-                    raise
-                time.sleep(0.2)
-
-    def cpu_seconds(self) -> float:
-        """CPU time the server has used so far (user + system, from /proc)."""
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def close(self) -> None:
-        self.process.terminate()
-        self.process.wait()
-
-
-def upload(directory: str, name: str, storage_options: dict) -> str:
-    fs = fsspec.filesystem("s3", **storage_options)
-    fs.put(f"{directory}/", f"{S3_BUCKET}/{name}/", recursive=True)
-    return f"s3://{S3_BUCKET}/{name}"
 
 
 def shard_urls(root: str, storage_options: dict) -> list[str]:
@@ -235,7 +190,7 @@ def markdown(report: dict, command: str) -> tuple[str, str]:
         rows.append(f"| {r['kind']} | {r['source']} | {r['workers']} | {r['batch']} | {rate} | {server} | {verdict} |")
     text = "\n".join(
         [
-            f"## Data loader: {report['device']}, {datetime.date.today().isoformat()}",
+            heading("Data loader", report["device"]),
             "",
             f"`{command}`",
             "",
@@ -287,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     server = LocalS3()
     with tempfile.TemporaryDirectory() as tmp, closing(server):
         image_dir = f"{tmp}/images"
-        write_image_shards(photo_samples(PHOTOS), image_dir, PHOTOS_PER_SHARD, ["china", "flower"])
+        photos = ImageSource(["china", "flower"], photo_samples(PHOTOS), Encoded, "bench photos", "bench photos")
+        prepare_image_shards(photos, image_dir, PHOTOS_PER_SHARD)
         roots = {
             ("text", "file"): text_dir,
             ("images", "file"): image_dir,
@@ -319,9 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                     else f"{result['samples_per_s']:,.0f} images/s"
                 )
                 print(f"{kind} from {where}, {workers} worker(s): {rate}", file=sys.stderr)
-    print(json.dumps(report, indent=2))
-    if args.write_doc:
-        write_section(args.write_doc, *markdown(report, shlex.join(["python", *sys.argv])))
+    publish(report, args.write_doc, lambda command: markdown(report, command))
     return 0
 
 
