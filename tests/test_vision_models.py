@@ -252,3 +252,21 @@ def test_every_smoke_sibling_runs_the_same_smoke_as_the_one_trained_end_to_end(f
     reference = smoke(tested)
     for size in sizes:
         assert smoke(size) == reference, size
+
+
+def test_crate_flop_count_matches_torch():
+    """torch counts the matmuls CRATE really runs in forward + backward: the dictionary's two per
+    token, MSSA's attention and every Linear's. The model's count differs in one known way: it
+    charges the patch projection for every token, the class token too, which has no patch."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = ModelConfig(name="crate", n_layer=2, n_head=2, n_embd=32, image_size=16, patch_size=4, num_classes=10)
+    model = build_model(cfg)
+    images, labels = torch.randn(3, 3, 16, 16), torch.randint(0, 10, (3,))
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        model(images, labels).backward()
+    class_token_projection = 6 * model.patch_embed.proj.weight.numel() / model.n_tokens
+    counted_per_token = counter.get_total_flops() / (3 * model.n_tokens)
+    assert counted_per_token == pytest.approx(model.flops_per_token() - class_token_projection, rel=1e-12)
+    assert model.blocks[0].ista.flops_per_token() == 12 * 32 * 32

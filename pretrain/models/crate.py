@@ -52,8 +52,9 @@ class ISTA(nn.Module):
         return F.relu(x + self.step * gradient_step - self.step * self.lam)
 
     def flops_per_token(self) -> float:
-        """D is used twice per token (D x, then D^T r); weight counting sees it once."""
-        return 6 * self.D.numel()
+        """D is a bare parameter, which the model's count of Linear weights does not see, and it
+        is used twice per token (D x, then D^T r): 6 FLOPs per weight per use."""
+        return 2 * 6 * self.D.numel()
 
 
 class CRATEBlock(nn.Module):
