@@ -5,12 +5,12 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 from pretrain.config import OptimConfig
+from pretrain.models.contract import PretrainModel
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: PretrainModel, weight_decay: float) -> list[dict]:
     """Decay matrices only: norms, biases, LayerScale gains (all 1-D) and whatever the model
     names in `no_weight_decay()` (position table, TSSA's `temp` and `denom_bias`) are exempt."""
     exempt = {id(model.get_parameter(name)) for name in model.no_weight_decay()}
@@ -45,7 +45,7 @@ class Lion(torch.optim.Optimizer):
                 momentum.lerp_(p.grad, 1 - beta2)
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: PretrainModel, cfg: OptimConfig) -> torch.optim.Optimizer:
     """`optim.name`'s optimizer over the weight-decay groups."""
     groups = param_groups(model, cfg.weight_decay)
     if cfg.name == "lion":

@@ -15,10 +15,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from pretrain.batch import Batch
 from pretrain.callbacks import Callback, LoopState
 from pretrain.config import Config
 from pretrain.data.build import build_image_loader, build_text_loader
-from pretrain.data.loader import Batch, ShardLoader
+from pretrain.data.loader import ShardLoader
 from pretrain.data.mixing import BatchMixer
 from pretrain.distributed import DistInfo, any_rank, mean_over_reporting_ranks
 from pretrain.engines.base import Engine, StepResult

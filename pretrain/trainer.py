@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from pretrain.batch import Batch
 from pretrain.callbacks import Callbacks, LoopState
 from pretrain.checkpoint.manager import Checkpointable, CheckpointManager, Restored, SavePolicy
 from pretrain.checkpoint.store import CheckpointStore, Node
 from pretrain.config import Config, config_changes, grad_accum_steps, redacted
-from pretrain.data.loader import Batch
 from pretrain.data.shards import merge_states
 from pretrain.distributed import DistInfo
 from pretrain.ema import WeightAverage

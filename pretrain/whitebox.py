@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from pretrain.callbacks import Callback, LoopState
+from pretrain.models.contract import PretrainModel, SparseCodingBlock, TokenStatisticsAttention, is_whitebox
 from pretrain.models.layers import split_heads
 from pretrain.models.tost import CausalTSSA, token_statistics
 
@@ -47,11 +48,12 @@ def membership_entropy(pi: Tensor) -> Tensor:
 
 
 class Probe:
-    """Hooks on every block of `model` that has a subspace projection (`attn.U`): within the
-    `with` block, each forward pass records the measures per layer (`values`)."""
+    """Hooks on every white-box block of `model` (its mixer projects onto subspaces; see
+    pretrain/models/contract.py): within the `with` block, each forward pass records the
+    measures per layer (`values`)."""
 
-    def __init__(self, model: nn.Module) -> None:
-        self.blocks = [(i, b) for i, b in enumerate(getattr(model, "blocks", [])) if hasattr(b.attn, "U")]
+    def __init__(self, model: PretrainModel) -> None:
+        self.blocks = [(i, b) for i, b in enumerate(model.blocks) if is_whitebox(b)]
         self.values: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
         self._handles: list = []
 
@@ -59,7 +61,7 @@ class Probe:
         for i, block in self.blocks:
             self._handles.append(block.attn.register_forward_pre_hook(self._attention_input(i, block)))
             self._handles.append(block.ln_2.register_forward_pre_hook(self._attention_output(i, block)))
-            if hasattr(block, "ista"):
+            if isinstance(block, SparseCodingBlock):
                 self._handles.append(block.ista.register_forward_hook(self._sparsity(i)))
         return self
 
@@ -74,7 +76,7 @@ class Probe:
         def hook(attn: nn.Module, args: tuple) -> None:
             w = self._heads(block, args[0])
             self.values["rc_in"][i].append(coding_rate(w).mean().item())
-            if hasattr(attn, "temp"):  # TSSA: the memberships it computes from the same w
+            if isinstance(attn, TokenStatisticsAttention):  # the memberships it computes from the same w
                 _, pi = token_statistics(
                     w, attn.temp, causal=isinstance(attn, CausalTSSA), denom_bias=getattr(attn, "denom_bias", None)
                 )

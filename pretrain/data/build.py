@@ -13,11 +13,12 @@ from pathlib import Path
 
 from omegaconf import MISSING
 
+from pretrain.batch import Batch
 from pretrain.config import DataConfig, ImageConfig
 from pretrain.data import images, tokens
 from pretrain.data.augment import RandAugment, RandomErasing
 from pretrain.data.images import EvalTransform, ImageDecoder, TrainTransform, check_image_index
-from pretrain.data.loader import Batch, ShardLoader
+from pretrain.data.loader import ShardLoader
 from pretrain.data.shards import Decoder, ShardStream, StreamOptions, expand_urls, read_index
 from pretrain.data.storage import INDEX_NAME
 from pretrain.data.tokens import TokenBlockDecoder, check_token_index, split_tokens, stack_blocks

@@ -13,9 +13,8 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
+from pretrain.batch import Batch
 from pretrain.data.shards import ShardStream
-
-Batch = dict[str, Any]
 
 
 def _as_is(item: Any) -> Any:
@@ -27,7 +26,7 @@ class ShardLoader(DataLoader):
         self,
         stream: ShardStream,
         num_workers: int,
-        finish: Callable[[Batch], Batch] | None = None,
+        finish: Callable[[dict], Batch] | None = None,
         worker_init: Callable[[int], None] | None = None,
     ) -> None:
         """num_workers: 0 reads in this process; N >= 1 starts N worker processes. `finish` turns

@@ -10,9 +10,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pretrain.batch import Batch
 from pretrain.errors import UserError
-
-Batch = dict[str, torch.Tensor]
 
 
 class BatchMixer:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from pretrain.config import Config, grad_accum_steps
 from pretrain.distributed import DistInfo
 from pretrain.engines.base import Engine, StepResult
 from pretrain.engines.blocks import AC_MODES, prepare_blocks
 from pretrain.errors import UserError
+from pretrain.models.contract import PretrainModel
 from pretrain.optim import OPTIMIZERS
 
 ENGINES = ("deepspeed", "fsdp", "ddp")
@@ -76,7 +76,7 @@ def check_engine_config(cfg: Config, world_size: int) -> None:
         )
 
 
-def build_engine(model: nn.Module, cfg: Config, dist: DistInfo) -> Engine:
+def build_engine(model: PretrainModel, cfg: Config, dist: DistInfo) -> Engine:
     check_engine_config(cfg, dist.world_size)
     model = prepare_blocks(model, cfg.engine)
     if cfg.engine.name == "deepspeed":

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
-Batch = dict[str, torch.Tensor]
+from pretrain.batch import Batch
+from pretrain.models.contract import PretrainModel
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class Engine(ABC):
 
     @property
     @abstractmethod
-    def model(self) -> nn.Module:
+    def model(self) -> PretrainModel:
         """The unwrapped model (possibly holding only this rank's shards)."""
 
     @abstractmethod

@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pretrain.config import EngineConfig
+from pretrain.models.contract import PretrainModel
 
 AC_MODES = ("none", "full", "every_k")
 
@@ -33,7 +34,7 @@ def _recompute_in_backward(block: nn.Module) -> None:
     block.forward = checkpointed_forward
 
 
-def prepare_blocks(model: nn.Module, cfg: EngineConfig) -> nn.Module:
+def prepare_blocks(model: PretrainModel, cfg: EngineConfig) -> PretrainModel:
     """Apply activation checkpointing, then compilation, to each of `model.blocks`."""
     for i in checkpointed_blocks(len(model.blocks), cfg):
         _recompute_in_backward(model.blocks[i])

@@ -23,9 +23,10 @@ from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from torch import nn
 
+from pretrain.batch import Batch
 from pretrain.config import Config, grad_accum_steps
 from pretrain.distributed import DistInfo
-from pretrain.engines.base import Batch, Engine, StepResult
+from pretrain.engines.base import Engine, StepResult
 from pretrain.errors import UserError
 from pretrain.optim import build_optimizer, build_scheduler, param_groups
 

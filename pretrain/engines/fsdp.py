@@ -14,8 +14,8 @@ from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate
 
+from pretrain.batch import Batch
 from pretrain.config import Config
-from pretrain.engines.base import Batch
 from pretrain.engines.torch_native import TorchEngine
 
 

@@ -24,9 +24,10 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
+from pretrain.batch import Batch
 from pretrain.config import Config
 from pretrain.distributed import DistInfo
-from pretrain.engines.base import Batch, Engine, StepResult
+from pretrain.engines.base import Engine, StepResult
 from pretrain.errors import UserError
 from pretrain.optim import build_optimizer, build_scheduler
 

@@ -1,4 +1,4 @@
-"""Model registry: `cfg.model.name` -> model class."""
+"""Model registry: `cfg.model.name` -> a model that keeps the contract of `contract.py`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from pretrain.config import ModelConfig
 from pretrain.errors import UserError
+from pretrain.models.contract import PretrainModel, check_model
 from pretrain.models.crate import CRATE
 from pretrain.models.gpt import GPT2LM
 from pretrain.models.lm import CausalLM
@@ -23,10 +24,12 @@ VISION_MODELS: dict[str, Callable[[ModelConfig], ImageClassifier]] = {
 MODELS = {**LANGUAGE_MODELS, **VISION_MODELS}
 
 
-def build_model(cfg: ModelConfig) -> CausalLM | ImageClassifier:
+def build_model(cfg: ModelConfig) -> PretrainModel:
     """Build the model `cfg.name` names, after checking what the config alone can tell."""
     if cfg.name not in MODELS:
         raise UserError(f"model.name={cfg.name!r} is unknown; valid names: {', '.join(MODELS)}")
     if cfg.n_embd % cfg.n_head != 0:
         raise UserError(f"model.n_embd={cfg.n_embd} must be divisible by model.n_head={cfg.n_head}")
-    return MODELS[cfg.name](cfg)
+    model = MODELS[cfg.name](cfg)
+    check_model(model)
+    return model
