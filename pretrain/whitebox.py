@@ -1,6 +1,6 @@
 """White-box measurements: what each layer of a CRATE or ToST model does to its tokens.
 
-- Compression (../shared/MODELS.md): Rc = 1/2 sum_k logdet(I_p + p / (N eps2) W_k^T W_k), with
+- Compression (docs/models.md): Rc = 1/2 sum_k logdet(I_p + p / (N eps2) W_k^T W_k), with
   W_k (N, p) the head-k projection, by the layer's U, of LN1-normed tokens whose rows are then
   unit-normed. `rc_in` is taken on the tokens entering the attention step, `rc_out` on those
   leaving it (Z + attention, normed by the same LN1, projected by the same U): the drop is the
@@ -25,7 +25,7 @@ from pretrain.models.contract import PretrainModel, SparseCodingBlock, TokenStat
 from pretrain.models.layers import split_heads
 from pretrain.models.tost import CausalTSSA, token_statistics
 
-EPS2 = 0.01  # the coding precision eps^2 of MODELS.md
+EPS2 = 0.01  # the coding precision eps^2 of docs/models.md
 MEASURES = ("rc_in", "rc_out", "sparsity", "pi_entropy")
 
 

@@ -290,7 +290,7 @@ def test_nan_steps_are_skipped_a_streak_reloads_and_a_relapse_gives_up(tmp_path,
     "recipe, model, launcher, engine",
     [
         ("crate_base_smoke", "crate", "deepspeed", []),
-        ("tost_small_smoke", "tost_vision", "torchrun", ["engine=fsdp"]),
+        ("tost_vision_small_smoke", "tost_vision", "torchrun", ["engine=fsdp"]),
         ("vit_base_smoke", "vit", "python", []),
     ],
 )

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from helpers import launch
 
 from pretrain.config import TrainConfig, grad_accum_steps, load_config
 from pretrain.distributed import strip_launcher_args
 from pretrain.errors import UserError
+
+EXPERIMENTS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs" / "exp").glob("*.yaml"))
+SHARDS = ['data.urls="file:///data/shard-{000000..000009}.tar"', 'data.val_urls="file:///data/val-{0..1}.tar"']
 
 
 def test_deepspeed_local_rank_argument_is_stripped():
@@ -30,6 +35,15 @@ def test_bad_config_is_one_line_naming_the_key(overrides, key):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and f"'{key}'" in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_file_in_configs_exp_is_an_experiment_with_its_own_run_dir(name):
+    """Mixins live in configs/smoke/: what configs/exp/ lists, a user can run as it is (given
+    the shards a full recipe needs), and its runs do not land in another experiment's directory."""
+    cfg = load_config([f"+exp={name}", *SHARDS])
+    assert cfg.run_dir == f"runs/{name}"
+    assert cfg.data.source in (("stdlib", "digits") if name.endswith("_smoke") else ("shards",))
 
 
 def test_every_experiment_composes():

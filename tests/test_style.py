@@ -58,3 +58,15 @@ def test_every_package_the_code_imports_is_declared(folders: list[str], extra: s
         if not names & declared:
             missing[module] = sorted(names)
     assert not missing, f"imported but not declared in pyproject.toml: {missing}"
+
+
+def test_nothing_cites_a_file_outside_the_repository() -> None:
+    """Users have this repository and nothing beside it: the model math is docs/models.md."""
+    outside = re.compile(r"\.\./" + "shared|" + "MODELS" + r"\.md|" + "DESIGN" + r"\.md")
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    citing = []
+    for name in tracked.split():
+        path = REPO / name
+        if path.suffix in {".py", ".md", ".yaml", ".yml", ".toml", ".sh", ".sbatch", ".txt"} or name == ".ci/run":
+            citing += [f"{name}:{n}" for n, line in enumerate(path.read_text().splitlines(), 1) if outside.search(line)]
+    assert not citing, citing

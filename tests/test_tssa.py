@@ -1,4 +1,4 @@
-"""TSSA against MODELS.md: the worked example, the recurrent form, causality, and bf16."""
+"""TSSA against docs/models.md: the worked example, the recurrent form, causality, and bf16."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from pretrain.config import ModelConfig
 from pretrain.models.tost import CausalTSSA, causal_tssa, token_statistics, tssa
 
-# MODELS.md worked example: K = 2 heads, N = 3 tokens, p = 2, temp = 1, denom_bias = 0.
+# The worked example of docs/models.md: K = 2 heads, N = 3 tokens, p = 2, temp = 1, denom_bias = 0.
 W = torch.tensor(
     [[[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]], [[2.0, 1.0], [1.0, 0.0], [0.0, 1.0]]],
     dtype=torch.float64,
@@ -43,7 +43,7 @@ def test_worked_example(causal: bool, expected: tuple[list, list]) -> None:
 
 
 def recurrent_tssa(w: torch.Tensor, temp: torch.Tensor, denom_bias: torch.Tensor) -> torch.Tensor:
-    """MODELS.md's generation form: per head keep S, M (p floats), P (1 float), token by token."""
+    """The generation form of docs/models.md: per head keep S, M (p floats), P (1 float), token by token."""
     B, K, T, p = w.shape
     S = torch.zeros(B, K, p, dtype=w.dtype)
     M = torch.zeros(B, K, p, dtype=w.dtype)

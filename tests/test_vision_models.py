@@ -1,4 +1,4 @@
-"""CRATE, ToST and ViT for images: the formulas of ../shared/MODELS.md on hand-checkable inputs, the papers'
+"""CRATE, ToST and ViT for images: the formulas of docs/models.md on hand-checkable inputs, the papers'
 parameter counts, and one training step of each under DeepSpeed ZeRO-2 and FSDP2 on 2 ranks."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pretrain.models.crate import ISTA, MSSA, CRATEBlock, patchify
 from pretrain.models.tost_vision import ClassAttentionBlock, FourierPositions
 from pretrain.trainer import seed_everything
 
-# MODELS.md's tables, in millions, to the digits they give.
+# The papers' tables (docs/models.md), in millions, to the digits they give.
 PAPER_PARAMS = {
     "crate_tiny": 6.09,
     "crate_small": 13.12,
@@ -31,7 +31,7 @@ PAPER_PARAMS = {
     "vit_large": 304,
     "tost_vision_tiny": 5.8,
     "tost_vision_small": 22.6,
-}  # ToST-M has no count in MODELS.md
+}  # ToST-M has no count in the paper
 
 
 @pytest.mark.parametrize("name", list(PAPER_PARAMS))
@@ -223,7 +223,7 @@ def average_two_steps(dist_info):
 @pytest.mark.slow
 def test_the_weight_average_averages_batch_norm_statistics_with_the_weights():
     """The statistics belong to the weights that made them: an average of the weights paired with
-    the live statistics evaluated 0.22 top-1 where the weights gave 0.61 (tost_small_smoke)."""
+    the live statistics evaluated 0.22 top-1 where the weights gave 0.61 (tost_vision_small_smoke)."""
     ((history, average),) = run_local_world(average_two_steps, 1)
     assert any("running_mean" in k for k in history[0]) and set(history[0]) <= set(average)
     for name in history[0]:
@@ -237,7 +237,7 @@ def test_the_weight_average_averages_batch_norm_statistics_with_the_weights():
     [
         ("crate", ("tiny", "small", "large"), "base"),
         ("vit", ("tiny", "small", "large"), "base"),
-        ("tost", ("tiny", "medium"), "small"),
+        ("tost_vision", ("tiny", "medium"), "small"),
     ],
 )
 def test_every_smoke_sibling_runs_the_same_smoke_as_the_one_trained_end_to_end(family, sizes, tested):

@@ -1,4 +1,4 @@
-"""White-box measurements: the coding rate against a direct log-det and MODELS.md's bounds, and
+"""White-box measurements: the coding rate against a direct log-det and the bounds in docs/models.md, and
 the per-layer probes on CRATE, ToST and ViT."""
 
 from __future__ import annotations

@@ -195,7 +195,7 @@ class DeepSpeedEngine(Engine):
         """Undo two faults of DeepSpeed 0.19's ZeRO-3 universal loader (stage3.py): it copies
         param group 0's settings (weight decay) onto every group, and puts one `step` tensor into
         every sub-group's Adam state, which torch then increments once per sub-group, running the
-        bias correction ahead. Found by a 2 -> 1 -> 2 rank run diverging after one step."""
+        bias correction ahead (a run resharded 2 -> 1 -> 2 ranks would diverge after one step)."""
         saved = torch.load(os.path.join(universal, "zero", "optimizer_state.pt"), weights_only=False)[
             "optimizer_state_dict"
         ]["param_groups"]

@@ -37,9 +37,6 @@ class FSDPEngine(TorchEngine):
         self.wrapped.set_requires_gradient_sync(enabled)
         yield
 
-    # Each weight is a DTensor sharded on dim 0 (torch.chunk's split); its local tensor is this
-    # rank's piece.
-
     def predict(self, batch: Batch) -> torch.Tensor:
         """A forward without backward leaves the root's weights gathered (FSDP2 frees them in
         backward): shard them again, so that evaluation holds no extra memory after it and the
@@ -52,6 +49,8 @@ class FSDPEngine(TorchEngine):
                     module.reshard()
 
     def _sharded(self) -> dict[str, DTensor]:
+        """Each trained weight: a DTensor sharded on dim 0 (torch.chunk's split), whose local
+        tensor is this rank's piece."""
         return {name: p for name, p in self._model.named_parameters() if p.requires_grad}
 
     @torch.no_grad()
