@@ -54,17 +54,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def single_process_env() -> dict[str, str]:
+    """The launcher's variables for a world of one, as a plain `python` run needs them."""
+    return {
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }
+
+
 def init_distributed() -> DistInfo:
     """Initialise the default process group (NCCL on GPU, gloo on CPU) and pick the device."""
     if "WORLD_SIZE" not in os.environ:
-        os.environ.update(
-            RANK="0",
-            WORLD_SIZE="1",
-            LOCAL_RANK="0",
-            LOCAL_WORLD_SIZE="1",
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(free_port()),
-        )
+        os.environ.update(single_process_env())
     rank = int(os.environ["RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -10,7 +10,7 @@ import torch
 from helpers import config, global_batches, metric_history, mlflow_run, step, train
 
 from pretrain.config import load_config
-from pretrain.distributed import DistInfo, free_port, init_distributed, shutdown
+from pretrain.distributed import DistInfo, init_distributed, shutdown, single_process_env
 from pretrain.engines import VARIANTS
 from pretrain.prepare.text import write_token_shards
 from pretrain.trainer import Trainer
@@ -31,14 +31,7 @@ def one_rank():
     """A process group of this process alone, as a plain `python` run makes; the environment it
     needs is put back afterwards, so that launchers started by other tests do not inherit it."""
     saved = {k: os.environ.get(k) for k in LAUNCHER_ENV}
-    os.environ.update(
-        RANK="0",
-        WORLD_SIZE="1",
-        LOCAL_RANK="0",
-        LOCAL_WORLD_SIZE="1",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(free_port()),
-    )
+    os.environ.update(single_process_env())
     try:
         yield init_distributed()
     finally:

@@ -21,7 +21,6 @@ from pretrain.data.storage import add_storage_option_flag, parse_storage_options
 from pretrain.errors import UserError
 from pretrain.prepare.embedded import digits_samples
 from pretrain.prepare.images import JPEG_QUALITY, ImageSource, csv_samples, image_folder_samples, prepare_image_shards
-from pretrain.prepare.writer import PrepareResult
 
 BAD_INPUT_EXIT = 2
 SAMPLES_PER_SHARD = 1000
@@ -91,16 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"prepare_images: error: {exc}", file=sys.stderr)
         return BAD_INPUT_EXIT
-    print(summary(result, args.output))
+    print(result.summary(args.output, f"{result.index['total_samples']} images, {result.index['num_classes']} classes"))
     return 0
-
-
-def summary(result: PrepareResult, output: str) -> str:
-    index = result.index
-    totals = f"{index['total_samples']} images, {index['num_classes']} classes"
-    if result.already_done:
-        return f"{output} was already complete: {len(index['shards'])} shards, {totals}; nothing to do"
-    return f"wrote {result.written} shards ({result.skipped} finished earlier, skipped), {totals} to {output}"
 
 
 if __name__ == "__main__":

@@ -113,10 +113,9 @@ def prepare(args: argparse.Namespace) -> PrepareResult:
 
 def summary(result: PrepareResult, output: str) -> str:
     index = result.index
-    totals = f"{index['total_blocks']} blocks, {index['total_tokens']} tokens ({index['dropped_tokens']} dropped)"
-    if result.already_done:
-        return f"{output} was already complete: {len(index['shards'])} shards, {totals}; nothing to do"
-    return f"wrote {result.written} shards ({result.skipped} finished earlier, skipped), {totals} to {output}"
+    return result.summary(
+        output, f"{index['total_blocks']} blocks, {index['total_tokens']} tokens ({index['dropped_tokens']} dropped)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

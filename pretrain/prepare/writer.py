@@ -48,6 +48,12 @@ class PrepareResult:
     skipped: int
     already_done: bool = False
 
+    def summary(self, output: str, totals: str) -> str:
+        """The line a preparation tool ends with; `totals` says what the shards hold."""
+        if self.already_done:
+            return f"{output} was already complete: {len(self.index['shards'])} shards, {totals}; nothing to do"
+        return f"wrote {self.written} shards ({self.skipped} finished earlier, skipped), {totals} to {output}"
+
 
 @contextlib.contextmanager
 def writing_to(output: str) -> Iterator[None]:
