@@ -43,7 +43,7 @@ class SubspaceAttention(Protocol):
 
 @runtime_checkable
 class TokenStatisticsAttention(SubspaceAttention, Protocol):
-    """TSSA: `temp` (K,) scales the memberships; a causal one may add a learned `denom_bias`."""
+    """TSSA: `temp` (K, 1) scales the memberships; a causal one may add a learned `denom_bias`."""
 
     temp: nn.Parameter
 
