@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import device_name, heading, publish
+from common import add_write_doc_flag, device_name, heading, publish
 
 from pretrain.config import ModelConfig
 from pretrain.models.attention import SelfAttention
@@ -178,12 +178,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=Path("docs/attention_scaling.png"),
         help="log-log plot to write (default: docs/attention_scaling.png)",
     )
-    p.add_argument(
-        "--write-doc",
-        type=Path,
-        metavar="MARKDOWN",
-        help="also write the results as a section of this Markdown file, e.g. docs/benchmarks.md",
-    )
+    add_write_doc_flag(p)
     args = p.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -23,7 +23,7 @@ from contextlib import closing
 from pathlib import Path
 
 import torch
-from common import TOST_BASE, LocalS3, device_name, heading, publish
+from common import TOST_BASE, LocalS3, add_write_doc_flag, device_name, heading, publish
 
 from pretrain.checkpoint.manager import CheckpointManager, SavePolicy
 from pretrain.checkpoint.store import CheckpointStore, Node
@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=40, help="stand-in training steps per blocked-fraction run")
     p.add_argument("--interval", type=int, default=10, help="save every N stand-in steps")
     p.add_argument("--matmuls", type=int, default=40, help="matmuls per stand-in step (sets its length)")
-    p.add_argument("--write-doc", type=Path, metavar="MARKDOWN", help="also write a section of this Markdown file")
+    add_write_doc_flag(p)
     return p.parse_args(argv)
 
 

@@ -4,6 +4,7 @@ report's ending (JSON on stdout; with --write-doc, one section of docs/benchmark
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -55,6 +56,16 @@ def write_section(path: Path, key: str, text: str) -> None:
     sections[key] = f"<!-- bench: {key} -->\n{text.rstrip()}\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join([HEADER, *sections.values()]))
+
+
+def add_write_doc_flag(parser: argparse.ArgumentParser) -> None:
+    """--write-doc MARKDOWN, which `publish` reads."""
+    parser.add_argument(
+        "--write-doc",
+        type=Path,
+        metavar="MARKDOWN",
+        help="also write the results as a section of this Markdown file, e.g. docs/benchmarks.md",
+    )
 
 
 def heading(title: str, device: str) -> str:

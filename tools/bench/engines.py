@@ -17,11 +17,10 @@ import importlib.metadata
 import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from common import UNUSED_DATA, device_name, heading, publish
+from common import UNUSED_DATA, add_write_doc_flag, device_name, heading, publish
 
 from pretrain.config import Config, load_config
 from pretrain.distributed import DistInfo
@@ -75,12 +74,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--world-size", type=int, help="ranks of the local world (default: 2; --gpu runs 1 process and allows only 1)"
     )
     p.add_argument("--precision", choices=("fp32", "bf16"), help="engine.precision (default: fp32; bf16 with --gpu)")
-    p.add_argument(
-        "--write-doc",
-        type=Path,
-        metavar="MARKDOWN",
-        help="also write the results as a section of this Markdown file, e.g. docs/benchmarks.md",
-    )
+    add_write_doc_flag(p)
     args = p.parse_args(argv)
     steps, micro, global_batch, world, precision = MODE_DEFAULTS["gpu" if args.gpu else "cpu"]
     args.steps = args.steps or steps

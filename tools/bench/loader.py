@@ -24,12 +24,11 @@ import sys
 import tempfile
 import time
 from contextlib import closing
-from pathlib import Path
 
 import fsspec
 import numpy as np
 import torch
-from common import TOST_BASE, LocalS3, device_name, heading, publish, upload
+from common import TOST_BASE, LocalS3, add_write_doc_flag, device_name, heading, publish, upload
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
@@ -64,12 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="~/.cache/whitebox-pretrain",
         help="where the stdlib corpus shards are built once and kept (default: data.cache_dir's)",
     )
-    p.add_argument(
-        "--write-doc",
-        type=Path,
-        metavar="MARKDOWN",
-        help="also write the results as a section of this Markdown file, e.g. docs/benchmarks.md",
-    )
+    add_write_doc_flag(p)
     return p.parse_args(argv)
 
 
