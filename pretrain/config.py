@@ -7,6 +7,7 @@ each knob are documented in the YAML files; the schemas only fix names and types
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional  # Optional, not X | None: OmegaConf 2.3.0 reads only the former
@@ -14,7 +15,7 @@ from typing import Any, Optional  # Optional, not X | None: OmegaConf 2.3.0 read
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException, OverrideParseException
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from pretrain.errors import UserError
@@ -238,12 +239,44 @@ def _describe(error: Exception) -> str:
     return " ".join(str(error).split("Config search path")[0].split())
 
 
+# The numeric keys with a range, checked once the config is composed: key -> (bound, strict).
+# A value must be finite and above the bound (strict) or at least the bound.
+LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
+    "optim.lr": (0, True),
+    "optim.min_lr": (0, False),
+    "optim.eps": (0, True),
+    "optim.weight_decay": (0, False),
+    "optim.grad_clip": (0, False),
+    "optim.warmup_steps": (0, False),
+    "optim.decay_steps": (0, False),
+    "data.num_workers": (0, False),
+    "data.readers": (0, False),
+    "data.shuffle_buffer": (1, False),
+    "data.retries": (0, False),
+    "data.retry_backoff_s": (0, False),
+    "data.samples_per_shard": (1, False),
+    "data.stdlib_max_mb": (0, True),
+    "train.max_steps": (0, False),
+    "train.global_batch_size": (1, False),
+    "train.micro_batch_size": (1, False),
+    "train.log_interval": (1, False),
+    "train.eval_interval": (1, False),
+    "train.eval_max_batches": (0, False),
+    "checkpoint.interval": (1, False),
+    "checkpoint.keep_last": (1, False),
+    "checkpoint.keep_every": (0, False),
+    "checkpoint.commit_wait_s": (0, False),
+}
+MAX_KEY_CHARS = 200  # far beyond any real key: longer ones are pasted text, not keys
+
+
 def load_config(overrides: list[str]) -> Config:
     """Compose configs/config.yaml with `overrides` (e.g. `+exp=tost_gpt2 optim.lr=1e-3`).
 
     The compose API rather than `@hydra.main`: every rank must see the same run directory, and
     Hydra's per-launch output directories (timestamped, created by each process) would differ.
     """
+    _check_overrides(overrides)
     register_schemas()
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
@@ -256,4 +289,52 @@ def load_config(overrides: list[str]) -> Config:
             f"config key '{missing[0]}' is required but has no value; "
             f"set it, e.g. {missing[0]}=..., or see the comment in configs/ for that key"
         )
+    _check_bounds(cfg)
+    _check_embedded_source(cfg)
     return OmegaConf.to_object(cfg)
+
+
+def _check_overrides(overrides: list[str]) -> None:
+    """Each key once: Hydra would let the last of two win, and an unquoted brace URL, which the
+    shell expands into one override per shard, would train on the last shard alone."""
+    values: dict[str, list[str]] = {}
+    for override in overrides:
+        key, _, value = override.partition("=")
+        key = key.lstrip("+~")
+        if len(key) > MAX_KEY_CHARS:
+            raise UserError(
+                f"override key '{key[:40]}...' is {len(key)} characters long, which no config key is: "
+                "check the command line"
+            )
+        values.setdefault(key, []).append(value)
+    for key, given in values.items():
+        if len(given) > 1:
+            hint = (
+                f"""; an unquoted brace URL expands in the shell into one override per shard: quote it, '{key}="s3://b/shard-{{000..099}}.tar"'"""
+                if all("/" in v for v in given)
+                else ""
+            )
+            raise UserError(f"config key '{key}' is given {len(given)} times on the command line: give it once{hint}")
+
+
+def _check_embedded_source(cfg: DictConfig) -> None:
+    """Shard URLs given to a run that reads an embedded default would be ignored while the run's
+    config.yaml records them: refused, not silently dropped and not silently switched to."""
+    if cfg.data.source == "shards":
+        return
+    for key in ("urls", "val_urls"):
+        if cfg.data[key] is not None:
+            raise UserError(
+                f"data.{key} is set, but data.source={cfg.data.source} reads the embedded default and would ignore "
+                f"it: add data=shards (data=image_shards for images) to train on your shards, "
+                f"or leave data.{key} out"
+            )
+
+
+def _check_bounds(cfg: DictConfig) -> None:
+    for key, (bound, strict) in LOWER_BOUNDS.items():
+        value = OmegaConf.select(cfg, key)
+        if not (math.isfinite(value) and (value > bound if strict else value >= bound)):
+            raise UserError(
+                f"config key '{key}' is {value}: it must be a finite number {'>' if strict else '>='} {bound}"
+            )

@@ -35,9 +35,17 @@ TINY = [
 ]
 
 
-def launch_command(launcher: str, overrides: list[str]) -> tuple[list[str], dict[str, str]]:
+def last_wins(overrides: list[str]) -> list[str]:
+    """A test's base overrides with its variations: the last value of a key replaces earlier ones
+    in place (the entry point refuses a key given twice)."""
+    latest = {o.partition("=")[0].lstrip("+~"): o for o in overrides}
+    return [o for o in overrides if latest[o.partition("=")[0].lstrip("+~")] is o]
+
+
+def launch_command(launcher: str, overrides: list[str], keep_repeats: bool = False) -> tuple[list[str], dict[str, str]]:
     """The command line and environment that run pretrain/main.py under `deepspeed`, `torchrun`
-    (2 processes each), the cluster templates' per-node launcher (`node`) or plain `python`."""
+    (2 processes each), the cluster templates' per-node launcher (`node`) or plain `python`.
+    A key given twice keeps its last value unless `keep_repeats`."""
     extra_env: dict[str, str] = {}
     if launcher == "deepspeed":
         cmd = [shutil.which("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), MAIN]
@@ -74,13 +82,17 @@ def launch_command(launcher: str, overrides: list[str]) -> tuple[list[str], dict
         "PYTHONUNBUFFERED": "1",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     }
-    return cmd + overrides, env
+    return cmd + (overrides if keep_repeats else last_wins(overrides)), env
 
 
 def launch(
-    launcher: str, overrides: list[str], timeout: float = 300, env: dict[str, str] | None = None
+    launcher: str,
+    overrides: list[str],
+    timeout: float = 300,
+    env: dict[str, str] | None = None,
+    keep_repeats: bool = False,
 ) -> subprocess.CompletedProcess:
-    cmd, launch_env = launch_command(launcher, overrides)
+    cmd, launch_env = launch_command(launcher, overrides, keep_repeats)
     env = {**launch_env, **(env or {})}
     # A session of its own: a fault-injected crash kills the run's whole process group, not pytest.
     return subprocess.run(

@@ -28,20 +28,47 @@ def test_deepspeed_local_rank_argument_is_stripped():
         (["+exp=tost_gpt2"], "data.urls"),
         (["+exp=tost_gpt2_smoke", "train.max_steps=many"], "train.max_steps"),
         (["+exp=tost_gpt2", "data.urls=s3://b/shard-{0..9}.tar"], "data.urls=s3://b/shard-{0..9}.tar"),
+        (["+exp=tost_gpt2", *(f"data.urls=s3://b/shard-{i}.tar" for i in range(3))], "data.urls"),  # shell-expanded
     ],
 )
 def test_bad_config_is_one_line_naming_the_key(overrides, key):
-    proc = launch("python", overrides, timeout=120)
+    proc = launch("python", overrides, timeout=120, keep_repeats=True)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and f"'{key}'" in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optim.lr=-1"], r"'optim.lr' is -1.0: it must be a finite number > 0"),
+        (["optim.lr=nan"], r"'optim.lr' is nan: it must be a finite number > 0"),
+        (["data.num_workers=-1"], r"'data.num_workers' is -1: it must be a finite number >= 0"),
+        (["train.max_steps=-5"], r"'train.max_steps' is -5: it must be a finite number >= 0"),
+        (["checkpoint.interval=0"], r"'checkpoint.interval' is 0: it must be a finite number >= 1"),
+        (["optim.lr=1e-3", "optim.lr=2e-3"], r"'optim.lr' is given 2 times on the command line: give it once$"),
+        (
+            [*(f"data.urls=/d/shard-{i}.tar" for i in range(3)), "data=shards"],
+            r"'data.urls' is given 3 times .* an unquoted brace URL expands in the shell",
+        ),
+        (["x" * 100_000 + "=1"], r"'x{40}\.\.\.' is 100000 characters long"),
+        (["data.urls=/d/shard-0.tar"], r"data.urls is set, but data.source=stdlib reads the embedded default"),
+        (["data.val_urls=/d/val-0.tar"], r"data.val_urls is set, but data.source=stdlib"),
+    ],
+)
+def test_values_that_cannot_work_are_refused_naming_the_key(overrides, message):
+    with pytest.raises(UserError, match=message):
+        load_config(["+exp=tost_gpt2_smoke", *overrides])
+    assert (
+        load_config(["+exp=tost_gpt2_smoke", "data=shards", "data.urls=/d/shard-0.tar"]).data.urls == "/d/shard-0.tar"
+    )
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_file_in_configs_exp_is_an_experiment_with_its_own_run_dir(name):
     """Mixins live in configs/smoke/: what configs/exp/ lists, a user can run as it is (given
     the shards a full recipe needs), and its runs do not land in another experiment's directory."""
-    cfg = load_config([f"+exp={name}", *SHARDS])
+    cfg = load_config([f"+exp={name}", *([] if name.endswith("_smoke") else SHARDS)])
     assert cfg.run_dir == f"runs/{name}"
     assert cfg.data.source in (("stdlib", "digits") if name.endswith("_smoke") else ("shards",))
 
