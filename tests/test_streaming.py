@@ -256,12 +256,30 @@ def truncate(d) -> None:
     (d / "shard-000002.tar").write_bytes((d / "shard-000002.tar").read_bytes()[:3000])
 
 
+def cut_shard(where: str):
+    """Damage: shard-000002 cut where its third sample's first member starts ("boundary"), 100
+    bytes into that member's header ("header"), or 10 bytes into its data ("data")."""
+
+    def damage(d) -> None:
+        path = d / "shard-000002.tar"
+        with tarfile.open(path) as tar:
+            members = tar.getmembers()
+        first_of_third = members[2 * len(members) // BLOCKS_PER_SHARD]
+        offset = {"boundary": 0, "header": 100, "data": first_of_third.offset_data - first_of_third.offset + 10}
+        path.write_bytes(path.read_bytes()[: first_of_third.offset + offset[where]])
+
+    return damage
+
+
 # kind: (damage, what the error names, samples lost (None: depends on where the tar breaks))
 BAD_DATA = {
     "not a tar": ("text", not_a_tar, "shard-000005.tar", None),
     "not a .npy member": ("text", not_npy, "shard-000006.tar member 000000024", 1),
     "missing shard": ("text", lambda d: (d / "shard-000003.tar").unlink(), "shard-000003.tar", 4),
-    "truncated tar": ("text", truncate, "shard-000002.tar", None),
+    "truncated tar": ("text", truncate, r"shard-000002.tar \(truncated", None),
+    "cut at a member boundary": ("text", cut_shard("boundary"), r"000002.tar \(truncated: it ends after 2 of the 4", 2),
+    "cut in a member header": ("text", cut_shard("header"), r"000002.tar \(truncated: it ends after 2 of the 4", 2),
+    "cut in a member": ("text", cut_shard("data"), r"000002.tar \(truncated: it ends inside member 000000010.npy", 2),
     "wrong dtype": (
         "text",
         lambda d: replace_member(d / "shard-000001.tar", ".npy", wrong_dtype_block()),
@@ -280,7 +298,13 @@ BAD_DATA = {
         r"shard-000001.tar member 000000004 \(label 000000004.cls .* is '12'",
         1,
     ),
-    "truncated image tar": ("images", truncate, "shard-000002.tar", None),
+    "truncated image tar": ("images", truncate, r"shard-000002.tar \(truncated", None),
+    "image shard cut at a member boundary": (
+        "images",
+        cut_shard("boundary"),
+        r"truncated: it ends after 2 of the 4",
+        2,
+    ),
 }
 
 
@@ -300,6 +324,15 @@ def test_bad_data_raises_naming_the_shard_or_is_skipped_and_counted(case, reques
     skipped = skipping.skipped_samples()
     assert skipped == lost if lost else skipped >= 1
     assert skipping.state_dict()["positions"]["0"]["epoch"] == 0
+
+
+def test_a_shard_with_more_samples_than_its_index_lists_is_refused(local_shards, tmp_path):
+    root = copy_shards(local_shards, tmp_path / "shards")
+    index = json.loads((tmp_path / "shards" / "index.json").read_text())
+    index["shards"][2]["samples"] = 3
+    (tmp_path / "shards" / "index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError, match=r"shard-000002.tar \(it holds 4 samples, its index.json lists 3"):
+        take(iter(loader(config(root, shuffle_buffer=1), batch=1)), 32)
 
 
 # --------------------------------------------------------------------------- retries

@@ -12,8 +12,10 @@ next `batch_size` samples of logical reader g mod L, and rank r takes micro-batc
 of W ranks. So rank r owns readers r, r+W, ... and cycles through them; its loader workers split
 that cycle. L is set when a run starts (`data.readers`, by default ranks x workers) and kept
 in its checkpoints; any later layout whose ranks x workers divides L continues the same
-sequence. webdataset contributes its tar iterator; it has neither an s3 scheme nor resumable
-state, so opening streams (through fsspec, with retries) and positions are kept here.
+sequence. webdataset contributes the grouping of tar members into samples; it has neither an s3
+scheme nor resumable state, nor a check that a shard is whole, so opening streams (through
+fsspec, with retries), positions and the tar members (each as long as its header says, as many
+samples as the index lists) are kept here.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from typing import Any
 import braceexpand
 import fsspec
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import group_by_keys
 
 from pretrain.errors import UserError
 
@@ -107,6 +109,42 @@ class ReaderState:
     shard_pos: int = 0
     sample: int = 0
     skipped: int = 0
+
+
+def _members(fileobj: Any, cut: list[str]) -> Iterator[dict[str, Any]]:
+    """The regular files of a tar stream, as webdataset's {"fname", "data"} records, a whole
+    sample's members at a time. A stream that ends inside a member (a truncated shard) ends here
+    without the sample it cuts, the reason in `cut`: the samples before it stay whole, and the
+    caller reports it."""
+    sample: list[dict[str, Any]] = []  # the members of the current key, held until it is complete
+    with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+        name = None
+        try:
+            for info in tar:
+                name = info.name
+                if not info.isreg():
+                    continue
+                if sample and _key(sample[0]["fname"]) != _key(name):
+                    yield from sample
+                    sample = []
+                data = tar.extractfile(info).read()
+                if len(data) != info.size:
+                    break
+                sample.append({"fname": name, "data": data})
+                tar.members = []  # a stream: keep no record of the members already read
+            else:
+                yield from sample
+                return
+        except tarfile.ReadError:
+            if name is None:  # not a tar at all: reported as what tarfile says
+                raise
+        cut.append(f"truncated: it ends inside member {name}")
+
+
+def _key(fname: str) -> str:
+    """webdataset's sample key of a member: its path up to the first dot of its file name."""
+    directory, _, base = fname.rpartition("/")
+    return f"{directory}/{base.split('.', 1)[0]}"
 
 
 class _ShardError(Exception):
@@ -250,11 +288,17 @@ class ShardStream(IterableDataset):
         while True:
             try:
                 with fsspec.open(url, "rb", **self.storage_options) as stream:
-                    files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
-                    for i, sample in enumerate(group_by_keys(files)):
-                        if i >= delivered:
+                    cut: list[str] = []
+                    files = ({**f, "__url__": url} for f in _members(stream, cut))
+                    total = 0
+                    for total, sample in enumerate(group_by_keys(files), start=1):
+                        self._check_count(url, total, ended=False)
+                        if total > delivered:
                             delivered += 1
                             yield sample
+                if cut:
+                    raise _ShardError(cut[0])
+                self._check_count(url, total, ended=True)
                 return
             except (FileNotFoundError, PermissionError) as exc:
                 raise _ShardError(f"{type(exc).__name__}: {exc}") from None
@@ -266,6 +310,16 @@ class ShardStream(IterableDataset):
                 time.sleep(self.options.retry_backoff_s * 2 ** (attempt - 1))
             except (tarfile.TarError, EOFError, ValueError, KeyError) as exc:
                 raise _ShardError(f"{type(exc).__name__}: {exc}") from None
+
+    def _check_count(self, url: str, total: int, ended: bool) -> None:
+        """A tar stream that ends early looks like a short, valid one: only the index can tell."""
+        expected = self.samples_per_shard[url]
+        if total > expected:
+            raise _ShardError(
+                f"it holds {total} samples, its index.json lists {expected}: shard and index are from different runs"
+            )
+        if ended and total < expected:
+            raise _ShardError(f"truncated: it ends after {total} of the {expected} samples its index.json lists")
 
     def _decode(self, sample: dict, url: str, salt: str, state: ReaderState) -> dict[str, Any] | None:
         sample_seed = int.from_bytes(hashlib.blake2b(salt.encode(), digest_size=8).digest()) >> 1  # 63 bits
