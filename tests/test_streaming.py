@@ -308,18 +308,21 @@ BAD_DATA = {
 }
 
 
+@pytest.mark.parametrize("workers", [0, 1])
 @pytest.mark.parametrize("case", list(BAD_DATA))
-def test_bad_data_raises_naming_the_shard_or_is_skipped_and_counted(case, request, tmp_path):
+def test_bad_data_raises_naming_the_shard_or_is_skipped_and_counted(case, workers, request, tmp_path):
+    """In the training process or in a loader worker alike: one line, no torch worker report."""
     kind, damage, named, lost = BAD_DATA[case]
     loader = LOADERS[kind]
     root = copy_shards(
         request.getfixturevalue("local_shards" if kind == "text" else "local_images"), tmp_path / "shards"
     )
     damage(tmp_path / "shards")
-    with pytest.raises(UserError, match=named):
-        take(iter(loader(config(root, shuffle_buffer=1), batch=1)), 32)
+    with pytest.raises(UserError, match=named) as raised:
+        take(iter(loader(config(root, shuffle_buffer=1, num_workers=workers), batch=1)), 32)
+    assert "\n" not in str(raised.value) and "DataLoader worker" not in str(raised.value)
 
-    skipping = loader(config(root, shuffle_buffer=1, on_error="skip"), batch=1)
+    skipping = loader(config(root, shuffle_buffer=1, on_error="skip", num_workers=workers), batch=1)
     take(iter(skipping), 32 - (lost or 4))  # what one epoch holds besides the bad samples
     skipped = skipping.skipped_samples()
     assert skipped == lost if lost else skipped >= 1

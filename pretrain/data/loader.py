@@ -14,7 +14,8 @@ from typing import Any
 from torch.utils.data import DataLoader
 
 from pretrain.batch import Batch
-from pretrain.data.shards import ShardStream
+from pretrain.data.shards import ShardStream, WorkerFailure
+from pretrain.errors import UserError
 
 
 def _as_is(item: Any) -> Any:
@@ -45,6 +46,8 @@ class ShardLoader(DataLoader):
         batches = super().__iter__()
         try:
             for batch, (reader, position) in batches:
+                if isinstance(batch, WorkerFailure):
+                    raise UserError(batch.message)
                 if self.stream.epochs is None:
                     self.stream.consumed(reader, position)
                 yield batch if self._finish is None else self._finish(batch)

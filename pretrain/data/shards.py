@@ -147,6 +147,13 @@ def _key(fname: str) -> str:
     return f"{directory}/{base.split('.', 1)[0]}"
 
 
+@dataclass(frozen=True)
+class WorkerFailure:
+    """A loader worker's UserError, carried to the training process as data."""
+
+    message: str
+
+
 class _ShardError(Exception):
     """A shard that cannot be read (after retries): missing, truncated, not a tar."""
 
@@ -233,19 +240,27 @@ class ShardStream(IterableDataset):
         return order[reader :: self.readers]
 
     def __iter__(self) -> Iterator[tuple[Any, tuple[int, dict[str, int]]]]:
+        """(micro-batch, (reader, its position after it)). In a loader worker, a UserError is
+        sent as a `WorkerFailure` item and ends the worker: raised there, it would reach the user
+        as torch's multi-line "Caught UserError in DataLoader worker process N" report."""
         info = get_worker_info()
         cycle = reader_cycle(
             self.readers, self.rank, self.world_size, info.id if info else 0, self.workers, self.batches
         )
         states = {reader: ReaderState(**asdict(self.positions[reader])) for reader in cycle}
         samples = {reader: self._samples(reader, states[reader]) for reader in cycle}
-        while cycle:
-            for reader in list(cycle):
-                batch = list(islice(samples[reader], self.batch_size))
-                if batch:
-                    yield self.collate(batch), (reader, asdict(states[reader]))
-                else:  # only a reader of a finite stream runs out
-                    cycle.remove(reader)
+        try:
+            while cycle:
+                for reader in list(cycle):
+                    batch = list(islice(samples[reader], self.batch_size))
+                    if batch:
+                        yield self.collate(batch), (reader, asdict(states[reader]))
+                    else:  # only a reader of a finite stream runs out
+                        cycle.remove(reader)
+        except UserError as exc:
+            if info is None:
+                raise
+            yield WorkerFailure(str(exc)), (-1, {})
 
     def consumed(self, reader: int, position: dict[str, int]) -> None:
         """Training took a micro-batch that left `reader` at `position`."""
