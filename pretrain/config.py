@@ -311,7 +311,7 @@ def _check_overrides(overrides: list[str]) -> None:
         if len(given) > 1:
             hint = (
                 f"""; an unquoted brace URL expands in the shell into one override per shard: quote it, '{key}="s3://b/shard-{{000..099}}.tar"'"""
-                if all("/" in v for v in given)
+                if key.endswith("urls")
                 else ""
             )
             raise UserError(f"config key '{key}' is given {len(given)} times on the command line: give it once{hint}")

@@ -12,6 +12,8 @@ Points: "step" (after the optimizer update of `step`), and within the save of `s
 uploaded), "upload.recorded" (a node's upload record written), "commit.before_manifest" (all
 uploads recorded, manifest not yet written), "commit.after_manifest" (committed).
 
+With WHITEBOX_FAIL_AT="<point>:<step>" (step `*`: any step) the process that reaches a save's
+`point` raises OSError there instead, as a full disk or a read-only store would.
 With WHITEBOX_NAN_AT="5,6" rank 0's loss is NaN in steps 5 and 6, as a bad batch on one rank
 would make it; each listed step is poisoned once (list it twice to poison its replay too).
 """
@@ -28,6 +30,7 @@ from pretrain.callbacks import Callback, LoopState
 from pretrain.engines.base import StepResult
 
 ENV = "WHITEBOX_CRASH_AT"
+FAIL_ENV = "WHITEBOX_FAIL_AT"
 NAN_ENV = "WHITEBOX_NAN_AT"
 POINTS = (
     "step",
@@ -42,6 +45,8 @@ POINTS = (
 def crash_point(point: str, step: int) -> None:
     if os.environ.get(ENV) == f"{point}:{step}":
         os.killpg(os.getpgrp(), signal.SIGKILL)
+    if os.environ.get(FAIL_ENV) in (f"{point}:{step}", f"{point}:*"):
+        raise OSError(f"injected failure at {point} of step {step} ({FAIL_ENV})")
 
 
 class FaultInjection(Callback):

@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 
+from pretrain.checkpoint.manager import NOT_COMMITTED_EXIT_CODE, NotCommitted
 from pretrain.config import load_config
 from pretrain.distributed import init_distributed, shutdown, strip_launcher_args
 from pretrain.engines import check_engine_config
@@ -39,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Preempted:
         return PREEMPTED_EXIT_CODE
+    except NotCommitted as e:
+        print(f"error: {e}", file=sys.stderr)
+        return NOT_COMMITTED_EXIT_CODE
     return 0
 
 

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from pretrain.batch import Batch
 from pretrain.callbacks import Callbacks, LoopState
-from pretrain.checkpoint.manager import Checkpointable, CheckpointManager, Restored, SavePolicy
+from pretrain.checkpoint.manager import Checkpointable, CheckpointManager, NotCommitted, Restored, SavePolicy
 from pretrain.checkpoint.store import CheckpointStore, Node
 from pretrain.config import Config, config_changes, grad_accum_steps, redacted
 from pretrain.data.shards import merge_states
@@ -129,6 +129,7 @@ class Trainer:
         task = build_task(cfg, model, world, watch.worker_init)
         data = task.loader(train=True)
         ckpt = self.checkpoints()
+        ckpt.check_writable()
         callbacks = self._callbacks(engine, watch, flops_per_token)
 
         step, run_id, tokens_seen = 0, None, 0
@@ -191,7 +192,9 @@ class Trainer:
                 raise
         tracker.finish()
         if world.is_main:
-            log.info("done: checkpoints in %s, MLflow run %s in %s", ckpt.store.url, run_id, tracker.uri)
+            failed = f" ({len(ckpt.failed)} of {len(ckpt.saved)} saves failed; the last committed)"
+            failed = failed if ckpt.failed else ""
+            log.info("done: checkpoints in %s%s, MLflow run %s in %s", ckpt.store.url, failed, run_id, tracker.uri)
         return loop.last_loss
 
     def _callbacks(self, engine: Engine, watch: PreemptionWatch, flops_per_token: float) -> Callbacks:
@@ -230,8 +233,29 @@ class Trainer:
                 extras = callbacks.checkpointables()
                 blocked = loop.checkpoints.save(loop.step, loop.engine, loop.data.state_dict(), record, extras)
                 callbacks.on_save(loop, blocked)
-        loop.checkpoints.wait()  # the last checkpoint is committed before the run reports done (or stops)
+        self._check_last_save(loop)  # committed before the run reports done, or stops to be requeued
         callbacks.on_fit_end(loop)
+
+    def _check_last_save(self, loop: LoopState) -> None:
+        ckpt = loop.checkpoints
+        if not ckpt.saved or ckpt.committed(ckpt.saved[-1]):
+            return
+        failed = ckpt.failed_saves()
+        try:
+            newest = ckpt.newest_committed()
+            restart = "step 0: no step is committed" if newest is None else f"step {newest}"
+        except Exception as exc:  # the store may be what failed
+            restart = f"unknown: the store cannot be listed ({type(exc).__name__})"
+        preempted = (
+            "; preempted, but not exiting with 75, so that the scheduler does not requeue a run that cannot save"
+            if loop.stop_requested
+            else ""
+        )
+        raise NotCommitted(
+            f"no checkpoint was saved for step {ckpt.saved[-1]}: {failed} of {len(ckpt.saved)} saves of "
+            f"this run failed (see the errors above); a restart would begin at {restart} of {ckpt.store.url}"
+            f"{preempted}"
+        )
 
     def _reload(self, loop: LoopState) -> None:
         """Load the newest committed checkpoint's model, optimizer, schedule, RNG and extras; the

@@ -14,7 +14,8 @@ import pytest
 import torch
 from helpers import REPO, TINY, check, launch, launch_and_signal, metric_history, mlflow_run
 
-from pretrain.faults import NAN_ENV
+from pretrain.checkpoint.manager import NOT_COMMITTED_EXIT_CODE
+from pretrain.faults import FAIL_ENV, NAN_ENV
 from pretrain.preemption import PREEMPTED_EXIT_CODE
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -131,6 +132,22 @@ def test_kubernetes_style_notice_to_the_node_launcher_only_is_forwarded(tmp_path
     args = smoke(run_dir, corpus_cache, "engine=fsdp", "train.max_steps=50")
     at = preempt_node(args, to="launcher", forward_signals="1")
     assert (run_dir / "checkpoints" / f"step_{at:08d}" / "MANIFEST.json").is_file()
+
+
+@pytest.mark.faults
+def test_a_preemption_whose_checkpoint_cannot_commit_does_not_ask_for_a_requeue(tmp_path, corpus_cache):
+    """A store that fails every upload (as a read-only mount or a full disk would): the notice still
+    stops the run after its step, but it exits NOT_COMMITTED_EXIT_CODE, saying that no checkpoint
+    was saved, instead of 75, on which a scheduler would requeue it to start over forever."""
+    run_dir = tmp_path / "cannot-save"
+    args = smoke(run_dir, corpus_cache, "engine=ddp", "train.max_steps=50", "checkpoint.interval=1000")
+    env = {"FORWARD_SIGNALS": "0", FAIL_ENV: "upload.first_file:*"}
+    code, out = launch_and_signal("node", args, when="tost: ", sig=signal.SIGTERM, to="every", env=env)
+    assert code == NOT_COMMITTED_EXIT_CODE, out[-3000:]
+    assert "so that the scheduler requeues the run" not in out  # the preemption line of a committed save
+    (at,) = set(re.findall(r"error: no checkpoint was saved for step (\d+): 1 of 1 saves of this run failed", out))
+    assert f"a restart would begin at step 0: no step is committed of {run_dir / 'checkpoints'}; preempted" in out
+    assert not any((run_dir / "checkpoints").glob("step_*")), f"step {at}'s partial files were left"
 
 
 def test_torchrun_rendezvous_fsdp_gpt2_tracked_on_an_mlflow_server_and_resumed(tmp_path, corpus_cache, mlflow_server):

@@ -3,15 +3,20 @@ part's cover of what the slow tests run on two ranks and under launchers."""
 
 from __future__ import annotations
 
+import logging
 import os
+from pathlib import Path
 
 import pytest
 import torch
 from helpers import config, global_batches, metric_history, mlflow_run, step, train
 
+from pretrain.checkpoint.manager import NotCommitted
 from pretrain.config import load_config
 from pretrain.distributed import DistInfo, init_distributed, shutdown, single_process_env
 from pretrain.engines import VARIANTS
+from pretrain.errors import UserError
+from pretrain.faults import FAIL_ENV
 from pretrain.prepare.text import write_token_shards
 from pretrain.trainer import Trainer
 
@@ -101,3 +106,48 @@ def test_a_run_logs_evaluates_checkpoints_and_resumes_exactly(one_rank: DistInfo
     assert history[2].value == history[3].value == first == again  # model, optimizer, schedule, data, RNG
     ema = torch.load(tmp_path / "checkpoints" / "step_00000003" / "ema.pt", weights_only=True)
     assert ema.keys() >= {"wte.weight", "blocks.0.attn.U.weight"}
+
+
+@pytest.mark.parametrize("async_upload", [True, False])
+def test_a_run_whose_last_save_fails_does_not_report_done(
+    one_rank: DistInfo, text_shards, tmp_path, monkeypatch, caplog, async_upload
+) -> None:
+    """The store fails (as a full disk would) in the upload of step 3, the final save: fit raises
+    NotCommitted, which names the step and where a restart would begin, and the failed attempt's
+    files are gone from the store and from staging. A failed save before a committed last one
+    only counts in the closing line."""
+
+    def run(run_dir: Path) -> list[str]:
+        return [*TINY_RUN, *text_shards, f"run_dir={run_dir}", "train.max_steps=3"] + [
+            f"checkpoint.async_upload={async_upload}",
+            f"checkpoint.staging_dir={run_dir / 'staging'}",
+        ]
+
+    store = tmp_path / "checkpoints"
+    monkeypatch.setenv(FAIL_ENV, "upload.first_file:3")
+    with pytest.raises(NotCommitted) as failed:
+        Trainer(load_config(run(tmp_path)), one_rank).fit()
+    assert str(failed.value) == (
+        f"no checkpoint was saved for step 3: 1 of 2 saves of this run failed (see the errors above); "
+        f"a restart would begin at step 2 of {store}"
+    )
+    assert sorted(p.name for p in store.iterdir()) == ["step_00000002"]
+    staging = tmp_path / "staging"
+    assert staging.is_dir() and not any(staging.iterdir())  # staged, then removed
+
+    monkeypatch.setenv(FAIL_ENV, "upload.first_file:2")
+    with caplog.at_level(logging.INFO, logger="pretrain"):
+        again = tmp_path / "again"
+        Trainer(load_config(run(again)), one_rank).fit()
+    assert f"done: checkpoints in {again / 'checkpoints'} (1 of 2 saves failed; the last committed)" in caplog.text
+    assert sorted(p.name for p in (again / "checkpoints").iterdir()) == ["step_00000003"]
+
+
+def test_an_unwritable_checkpoint_store_is_refused_before_training(one_rank: DistInfo, text_shards, tmp_path) -> None:
+    (tmp_path / "a-file").write_text("not a directory")
+    run = [*TINY_RUN, *text_shards, f"run_dir={tmp_path}", f"checkpoint.url={tmp_path / 'a-file' / 'checkpoints'}"]
+    with pytest.raises(
+        UserError, match=r"checkpoint.url .*a-file/checkpoints is not writable \((FileExistsError|NotADirectoryError)"
+    ):
+        Trainer(load_config(run), one_rank).fit()
+    assert not (tmp_path / "mlflow.db").exists()  # refused before the run began

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from pretrain.checkpoint.store import CheckpointStore, DamagedCheckpoint
-from pretrain.distributed import DistInfo
+from pretrain.distributed import DistInfo, any_rank, sum_over_ranks
 from pretrain.engines.base import Engine
 from pretrain.errors import UserError
 from pretrain.faults import crash_point
@@ -79,6 +79,16 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+# The run stopped, at its end or on a preemption notice, without committing its last step: not
+# 0 (success) and not 75 (requeue), which would restart a run that cannot save, from older state.
+NOT_COMMITTED_EXIT_CODE = 3
+
+
+class NotCommitted(Exception):
+    """The checkpoint of the run's last step was not committed; the message says why and where a
+    restart would begin."""
+
+
 class CheckpointManager:
     """Saves and restores through a CheckpointStore. A save blocks training only while the files
     are staged; the upload and commit run in a background thread (with `async_upload`), at most
@@ -93,6 +103,8 @@ class CheckpointManager:
         self._upload: threading.Thread | None = None
         self._failure: str | None = None
         self._save_seconds: dict[int, float] = {}  # committed step -> seconds from staging to commit
+        self.saved: list[int] = []  # steps this run began to save
+        self.failed: list[int] = []  # steps whose upload or commit failed on this rank
 
     def save(
         self,
@@ -107,6 +119,7 @@ class CheckpointManager:
         (waiting for the previous upload, then staging)."""
         started = time.perf_counter()
         self.wait()
+        self.saved.append(step)
         staged = self.store.staging_dir(step)
         attempt = [uuid.uuid4().hex]
         dist.broadcast_object_list(attempt, src=0)  # names this save's upload records on every node
@@ -172,7 +185,49 @@ class CheckpointManager:
             self._failure = (
                 f"checkpoint step {step} was not committed: {type(exc).__name__}: {' '.join(str(exc).split())}"
             )
+            self.failed.append(step)
             log.error("%s", self._failure)
+            self._discard(step)
+
+    def _discard(self, step: int) -> None:
+        """A failed attempt's files, so that they do not pile up on a full disk: the staged copy
+        (node leader) and what reached the store (rank 0; retention would remove it later)."""
+        if self.store.node.is_leader:
+            shutil.rmtree(self.store.staging_dir(step), ignore_errors=True)
+        if self.dist.is_main:
+            try:
+                self.store.discard(step)
+            except Exception as exc:  # the store may be what failed: leave the rest to retention
+                log.warning("could not remove the files of uncommitted step %d: %s", step, exc)
+
+    def check_writable(self) -> None:
+        """Collective, before training: a store that cannot take a file is found now, not at the
+        first save (rank 0 and every node leader, the ranks that write to it, try one)."""
+        problem = None
+        if self.dist.is_main or self.store.node.is_leader:
+            try:
+                self.store.probe()
+            except Exception as exc:  # whatever the store raises, botocore's errors included
+                problem = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+        if any_rank(problem is not None):
+            raise UserError(
+                f"checkpoint.url {self.store.url} is not writable ({problem or 'from another node'}): fix its "
+                "permissions, space or checkpoint.storage_options, or set checkpoint.url to a writable place"
+            )
+
+    def committed(self, step: int) -> bool:
+        """Collective, after the upload in flight: whether `step` is committed in the store."""
+        self.wait()
+        missing = self.dist.is_main and step not in self.store.committed_steps()
+        return not any_rank(missing)
+
+    def failed_saves(self) -> int:
+        """Collective: saves of this run that did not commit, as rank 0 (which commits) saw them."""
+        return round(sum_over_ranks(len(self.failed) if self.dist.is_main else 0))
+
+    def newest_committed(self) -> int | None:
+        committed = self.store.committed_steps()
+        return committed[-1] if committed else None
 
     def restore(
         self,

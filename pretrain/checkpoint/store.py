@@ -18,6 +18,7 @@ import posixpath
 import re
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +74,19 @@ class CheckpointStore:
         first, the old manifest's hashes would no longer match and resume would pass it over.)"""
         if self.fs.exists(self._path(step, MANIFEST_NAME)):
             self.fs.rm(self._path(step, MANIFEST_NAME))
+
+    def probe(self) -> None:
+        """Write and remove a small file at the store's root: raises what the store raises."""
+        path = f"{self.root}/.write-probe-{uuid.uuid4().hex}"
+        if self.is_local:
+            os.makedirs(self.root, exist_ok=True)
+        self.fs.pipe_file(path, b"probe")
+        self.fs.rm(path)
+
+    def discard(self, step: int) -> None:
+        """Rank 0: remove an uncommitted step's files (a committed one is left alone)."""
+        if self.fs.exists(self._path(step, "")) and not self.fs.exists(self._path(step, MANIFEST_NAME)):
+            self.fs.rm(self._path(step, ""), recursive=True)
 
     def upload(self, step: int, attempt: str) -> None:
         """Node leader: upload the node's staged files, then record them in this node's part of
