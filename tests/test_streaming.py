@@ -17,7 +17,8 @@ from fsspec.implementations.local import LocalFileSystem
 from pretrain.config import DataConfig, load_config
 from pretrain.data.build import build_image_loader, build_text_loader
 from pretrain.data.loader import ShardLoader
-from pretrain.data.shards import merge_states
+from pretrain.data.shards import merge_states, read_index
+from pretrain.distributed import free_port
 from pretrain.errors import UserError
 from pretrain.prepare.embedded import digits_samples
 from pretrain.prepare.images import prepare_image_shards
@@ -336,6 +337,25 @@ def test_a_shard_with_more_samples_than_its_index_lists_is_refused(local_shards,
     (tmp_path / "shards" / "index.json").write_text(json.dumps(index))
     with pytest.raises(UserError, match=r"shard-000002.tar \(it holds 4 samples, its index.json lists 3"):
         take(iter(loader(config(root, shuffle_buffer=1), batch=1)), 32)
+
+
+@pytest.mark.parametrize("credentials", [True, False])
+def test_an_unreachable_store_or_no_credentials_is_one_line(credentials, monkeypatch):
+    """botocore's EndpointConnectionError and NoCredentialsError are not OSErrors: they too are
+    one line naming the index and what to check, not a traceback."""
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    options = {
+        "endpoint_url": f"http://127.0.0.1:{free_port()}",  # nothing listens there
+        "config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 1}},
+        **({"key": "k", "secret": "s"} if credentials else {}),
+    }
+    error = "EndpointConnectionError" if credentials else "NoCredentialsError"
+    with pytest.raises(UserError, match=rf"cannot read s3://nowhere/set/index.json \({error}: .*\): check the URL"):
+        read_index(["s3://nowhere/set/shard-000000.tar"], options, ("token-blocks",), "hint")
 
 
 # --------------------------------------------------------------------------- retries

@@ -68,8 +68,13 @@ def read_index(urls: list[str], storage_options: dict, formats: tuple[str, ...],
             index = json.load(f)
     except FileNotFoundError:
         raise UserError(f"{path} not found: the shard set is missing or unfinished; {hint}") from None
-    except (OSError, ValueError, ImportError) as exc:
+    except ValueError as exc:
         raise UserError(f"cannot read {path} ({type(exc).__name__}: {exc}); {hint}") from None
+    except Exception as exc:  # OSError, and what storage libraries raise beside it (botocore's connection errors)
+        raise UserError(
+            f"cannot read {path} ({type(exc).__name__}: {' '.join(str(exc).split())}): check the URL, "
+            "data.storage_options (endpoint_url, credentials) and that the store is reachable"
+        ) from None
     if not (
         isinstance(index, dict)
         and index.get("format") in formats
@@ -315,16 +320,18 @@ class ShardStream(IterableDataset):
                     raise _ShardError(cut[0])
                 self._check_count(url, total, ended=True)
                 return
+            except _ShardError:
+                raise
             except (FileNotFoundError, PermissionError) as exc:
                 raise _ShardError(f"{type(exc).__name__}: {exc}") from None
-            except OSError as exc:
+            except (tarfile.TarError, EOFError, ValueError, KeyError) as exc:
+                raise _ShardError(f"{type(exc).__name__}: {exc}") from None
+            except Exception as exc:  # OSError, and what storage libraries raise beside it (botocore's)
                 attempt += 1
                 if attempt > self.options.retries:
                     raise _ShardError(f"{type(exc).__name__} after {self.options.retries} retries: {exc}") from None
                 log.warning("reading shard %s failed (%s); retry %d/%d", url, exc, attempt, self.options.retries)
                 time.sleep(self.options.retry_backoff_s * 2 ** (attempt - 1))
-            except (tarfile.TarError, EOFError, ValueError, KeyError) as exc:
-                raise _ShardError(f"{type(exc).__name__}: {exc}") from None
 
     def _check_count(self, url: str, total: int, ended: bool) -> None:
         """A tar stream that ends early looks like a short, valid one: only the index can tell."""
