@@ -8,6 +8,7 @@ each knob are documented in the YAML files; the schemas only fix names and types
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional  # Optional, not X | None: OmegaConf 2.3.0 reads only the former
@@ -294,27 +295,29 @@ def load_config(overrides: list[str]) -> Config:
     return OmegaConf.to_object(cfg)
 
 
+def override_key(override: str) -> str:
+    """The config key an override sets: `+a.b=1`, `++a.b=1`, `~a.b` and `a.b=1` all set a.b."""
+    return override.partition("=")[0].lstrip("+~")
+
+
 def _check_overrides(overrides: list[str]) -> None:
     """Each key once: Hydra would let the last of two win, and an unquoted brace URL, which the
     shell expands into one override per shard, would train on the last shard alone."""
-    values: dict[str, list[str]] = {}
-    for override in overrides:
-        key, _, value = override.partition("=")
-        key = key.lstrip("+~")
+    counts = Counter(override_key(o) for o in overrides)
+    for key in counts:
         if len(key) > MAX_KEY_CHARS:
             raise UserError(
                 f"override key '{key[:40]}...' is {len(key)} characters long, which no config key is: "
                 "check the command line"
             )
-        values.setdefault(key, []).append(value)
-    for key, given in values.items():
-        if len(given) > 1:
+    for key, n in counts.items():
+        if n > 1:
             hint = (
                 f"""; an unquoted brace URL expands in the shell into one override per shard: quote it, '{key}="s3://b/shard-{{000..099}}.tar"'"""
                 if key.endswith("urls")
                 else ""
             )
-            raise UserError(f"config key '{key}' is given {len(given)} times on the command line: give it once{hint}")
+            raise UserError(f"config key '{key}' is given {n} times on the command line: give it once{hint}")
 
 
 def _check_embedded_source(cfg: DictConfig) -> None:

@@ -192,8 +192,9 @@ class Trainer:
                 raise
         tracker.finish()
         if world.is_main:
-            failed = f" ({len(ckpt.failed)} of {len(ckpt.saved)} saves failed; the last committed)"
-            failed = failed if ckpt.failed else ""
+            failed = (
+                f" ({len(ckpt.failed)} of {len(ckpt.saved)} saves failed; the last committed)" if ckpt.failed else ""
+            )
             log.info("done: checkpoints in %s%s, MLflow run %s in %s", ckpt.store.url, failed, run_id, tracker.uri)
         return loop.last_loss
 

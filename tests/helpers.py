@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.config import Config, load_config
+from pretrain.config import Config, load_config, override_key
 from pretrain.distributed import DistInfo, free_port, mean_over_ranks
 from pretrain.engines import Engine, build_engine
 from pretrain.models import build_model
@@ -38,8 +38,8 @@ TINY = [
 def last_wins(overrides: list[str]) -> list[str]:
     """A test's base overrides with its variations: the last value of a key replaces earlier ones
     in place (the entry point refuses a key given twice)."""
-    latest = {o.partition("=")[0].lstrip("+~"): o for o in overrides}
-    return [o for o in overrides if latest[o.partition("=")[0].lstrip("+~")] is o]
+    latest = {override_key(o): o for o in overrides}
+    return [o for o in overrides if latest[override_key(o)] is o]
 
 
 def launch_command(launcher: str, overrides: list[str], keep_repeats: bool = False) -> tuple[list[str], dict[str, str]]:
