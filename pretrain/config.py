@@ -144,6 +144,11 @@ class TrackingConfig:
     uri: Optional[str] = None
     experiment: str = "whitebox-pretrain"
     run_name: Optional[str] = None
+    request_timeout_s: float = 10.0
+    retry_backoff_s: float = 1.0
+    max_backoff_s: float = 30.0
+    buffer_max_mb: float = 64.0
+    flush_timeout_s: float = 30.0
 
 
 @dataclass
@@ -267,6 +272,11 @@ LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
     "checkpoint.keep_last": (1, False),
     "checkpoint.keep_every": (0, False),
     "checkpoint.commit_wait_s": (0, False),
+    "tracking.request_timeout_s": (0, True),
+    "tracking.retry_backoff_s": (0, True),
+    "tracking.max_backoff_s": (0, True),
+    "tracking.buffer_max_mb": (0, True),
+    "tracking.flush_timeout_s": (0, False),
 }
 MAX_KEY_CHARS = 200  # far beyond any real key: longer ones are pasted text, not keys
 

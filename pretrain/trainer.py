@@ -155,7 +155,7 @@ class Trainer:
         tracker = Tracker(cfg.tracking, self.run_dir, enabled=world.is_main)
         if run_id is None and str(cfg.checkpoint.resume) == "auto":
             run_id = tracker.previous_run_id()  # restarted before its first checkpoint committed
-        run_id = tracker.start(redacted(cfg), resume_run_id=run_id)
+        run_id = tracker.start(redacted(cfg), resume_run_id=run_id, step=step)
         loop = LoopState(
             cfg=cfg,
             dist=world,

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import glob
 import os
-import shutil
-import subprocess
 import time
 
 import pytest
 import torch
-from helpers import S3
+from helpers import S3, MlflowServer
 
 from pretrain.distributed import SHM_BUFFERS, free_port
 
@@ -46,43 +44,10 @@ def no_leaked_shm_buffers():
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory) -> str:
     """A real `mlflow server` on 127.0.0.1 with its own sqlite store; yields its URI."""
-    import urllib.request
-
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            shutil.which("mlflow"),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{root}/mlflow.db",
-            "--default-artifact-root",
-            f"file://{root}/artifacts",
-        ],
-        cwd=root,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=1)
-            break
-        except OSError:
-            if time.monotonic() > deadline or server.poll() is not None:
-                server.kill()
-                pytest.fail("mlflow server did not start within 60 s")
-            time.sleep(0.25)
-    yield uri
-    server.terminate()
-    server.wait(timeout=30)
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    server.start()
+    yield server.uri
+    server.stop()
 
 
 @pytest.fixture(scope="session")

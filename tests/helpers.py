@@ -3,10 +3,14 @@ what a run recorded, and the handle of the local S3 server (conftest.py starts i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,6 +161,41 @@ def metric_history(
     """step -> logged value of metric `key`, read back from MLflow."""
     client, run = mlflow_run(run_dir, uri, experiment)
     return {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 with its own sqlite store, which a test can stop and
+    start again (same port, same store) to play an outage."""
+
+    def __init__(self, root: Path):
+        self.root, self.port = root, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, within_s: float = 60) -> None:
+        command = [shutil.which("mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port)]
+        command += ["--workers", "1", "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db"]
+        command += ["--default-artifact-root", f"file://{self.root}/artifacts"]
+        self.process = subprocess.Popen(
+            command, cwd=self.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        deadline = time.monotonic() + within_s
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.uri}/health", timeout=1)
+                return
+            except OSError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    self.stop()
+                    raise RuntimeError(f"mlflow server did not start within {within_s} s") from None
+                time.sleep(0.25)
+
+    def stop(self) -> None:
+        """As an outage would: the server and the workers it started (its process group) are gone at once."""
+        if self.process:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
 
 
 @dataclass(frozen=True)

@@ -88,8 +88,9 @@ def test_deepspeed_zero2_trains_checkpoints_tracks_and_resumes_exactly(tmp_path,
     resumed = check(launch("deepspeed", smoke(ref, corpus_cache, "engine.zero_stage=2", "train.max_steps=8")))
     assert "skipping damaged checkpoint: " + str(model_file) + " does not match its sha256" in resumed.stdout
     assert "step_00000004 (step 4)" in resumed.stdout
-    continued = metric_history(ref)  # the same MLflow run, steps 5-8 logged again
+    continued = metric_history(ref, "replay/loss")  # the same MLflow run, steps 5-8 taken again
     assert [continued[s] for s in range(5, 9)] == [losses[s] for s in range(5, 9)]
+    assert metric_history(ref) == losses  # each step once under "loss"
     recommitted = json.loads((last / "MANIFEST.json").read_text())
     assert recommitted["committed_unix"] > manifest["committed_unix"] and recommitted["tokens_seen"] == 8 * 8 * 32
 
@@ -292,7 +293,11 @@ def test_nan_steps_are_skipped_a_streak_reloads_and_a_relapse_gives_up(tmp_path,
     assert "(step 4) after 2 skipped steps; the data go on from step 6's position" in out
     losses = metric_history(recovered)
     assert sorted(losses) == list(range(1, 9))
-    assert math.isnan(losses.pop(3)) and all(map(math.isfinite, losses.values()))  # 5, 6 logged again after the reload
+    # Skipped steps log a NaN loss; step 6's streak reloaded step 4 before it was logged, so after
+    # the reload step 5 is taken again (under replay/) and step 6 for the first time.
+    assert [s for s, loss in losses.items() if math.isnan(loss)] == [3, 5]
+    replayed = metric_history(recovered, "replay/loss")
+    assert list(replayed) == [5] and math.isfinite(replayed[5])
     assert metric_history(recovered, "steps_skipped")[8] == 3 and metric_history(recovered, "reloads")[8] == 1
 
     relapsed = launch("torchrun", args(tmp_path / "relapsed"), env={NAN_ENV: "5,6,5,6"})

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import config, global_batches, metric_history, mlflow_run, step, train
+from helpers import REPO, MlflowServer, config, global_batches, last_wins, metric_history, mlflow_run, step, train
 
+from pretrain.callbacks import Callback, Callbacks, LoopState
 from pretrain.checkpoint.manager import NotCommitted
 from pretrain.config import load_config
 from pretrain.distributed import DistInfo, init_distributed, shutdown, single_process_env
@@ -102,8 +106,10 @@ def test_a_run_logs_evaluates_checkpoints_and_resumes_exactly(one_rank: DistInfo
     again = Trainer(load_config([*run, "checkpoint.resume=2"]), one_rank).fit()
     assert mlflow_run(tmp_path)[1].info.run_id == mlflow.info.run_id
     history = client.get_metric_history(mlflow.info.run_id, "loss")
-    assert [m.step for m in history] == [1, 2, 3, 3]
-    assert history[2].value == history[3].value == first == again  # model, optimizer, schedule, data, RNG
+    replayed = client.get_metric_history(mlflow.info.run_id, "replay/loss")
+    assert [m.step for m in history] == [1, 2, 3] and [m.step for m in replayed] == [3]  # step 3 once under loss
+    assert history[2].value == replayed[0].value == first == again  # model, optimizer, schedule, data, RNG
+    assert not (tmp_path / "mlflow_journal.jsonl").stat().st_size  # every row sent
     ema = torch.load(tmp_path / "checkpoints" / "step_00000003" / "ema.pt", weights_only=True)
     assert ema.keys() >= {"wte.weight", "blocks.0.attn.U.weight"}
 
@@ -151,3 +157,80 @@ def test_an_unwritable_checkpoint_store_is_refused_before_training(one_rank: Dis
     ):
         Trainer(load_config(run), one_rank).fit()
     assert not (tmp_path / "mlflow.db").exists()  # refused before the run began
+
+
+class Outage(Callback):
+    """Stops the tracking server after step `stop_at` and starts it again after step `start_at`
+    (never, if None), as an outage in the middle of a run would."""
+
+    def __init__(self, server: MlflowServer, stop_at: int, start_at: int | None) -> None:
+        self.server, self.stop_at, self.start_at = server, stop_at, start_at
+
+    def on_step_end(self, loop: LoopState, result) -> None:
+        if loop.step == self.stop_at:
+            self.server.stop()
+        if loop.step == self.start_at:
+            self.server.start()
+
+
+class TrainerWith(Trainer):
+    """A Trainer whose run has one more callback, last."""
+
+    def __init__(self, cfg, dist_info: DistInfo, extra: Callback) -> None:
+        super().__init__(cfg, dist_info)
+        self.extra = extra
+
+    def _callbacks(self, *args) -> Callbacks:
+        callbacks = super()._callbacks(*args)
+        callbacks.items.append(self.extra)
+        return callbacks
+
+
+@pytest.mark.slow
+def test_a_tracking_outage_loses_and_repeats_no_metric(one_rank: DistInfo, text_shards, tmp_path, caplog) -> None:
+    """A real `mlflow server`, stopped after step 3 and started again after step 8 of a 12-step run:
+    training goes on, one warning says so, and the run's history holds every step once. Stopped
+    after step 2 of another run for good, the rows wait on disk, and tools/mlflow_sync.py sends
+    them once the server is back."""
+    server = MlflowServer(tmp_path / "server")
+    server.root.mkdir()
+    server.start()
+    fast_retries = ["tracking.retry_backoff_s=0.2", "tracking.max_backoff_s=1", "tracking.request_timeout_s=2"]
+    run = last_wins([*TINY_RUN, *text_shards, f"tracking.uri={server.uri}", *fast_retries, "train.eval_interval=4"])
+    try:
+        with caplog.at_level(logging.INFO, logger="pretrain"):
+            TrainerWith(
+                load_config([*run, f"run_dir={tmp_path / 'a'}", "train.max_steps=12", "tracking.experiment=a"]),
+                one_rank,
+                Outage(server, 3, 8),
+            ).fit()
+        assert caplog.text.count("unreachable (") == 1 and caplog.text.count("is back after") == 1
+        client, mlflow = mlflow_run(tmp_path / "a", uri=server.uri, experiment="a")
+        for key in ("loss", "lr", "tokens_seen", "grad_norm"):
+            assert [m.step for m in client.get_metric_history(mlflow.info.run_id, key)] == list(range(1, 13)), key
+        assert [m.step for m in client.get_metric_history(mlflow.info.run_id, "eval_loss")] == [4, 8, 12]
+        assert mlflow.info.status == "FINISHED"
+        assert (tmp_path / "a" / "mlflow_journal.jsonl").stat().st_size == 0
+
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="pretrain"):
+            b = tmp_path / "b"
+            TrainerWith(
+                load_config(
+                    [*run, f"run_dir={b}", "train.max_steps=6", "tracking.flush_timeout_s=1", "tracking.experiment=b"]
+                ),
+                one_rank,
+                Outage(server, 2, None),
+            ).fit()
+        assert re.search(r"still unreachable; \d+ rows wait in .*mlflow_journal.jsonl: send them with", caplog.text)
+        server.start()
+        synced = subprocess.run(
+            [sys.executable, str(REPO / "tools" / "mlflow_sync.py"), str(b)], capture_output=True, text=True, check=True
+        )
+        assert re.fullmatch(r"sent (\d+) of \1 rows from mlflow_journal.jsonl to http://127.0.0.1:\d+\n", synced.stdout)
+        client, mlflow = mlflow_run(b, uri=server.uri, experiment="b")
+        assert [m.step for m in client.get_metric_history(mlflow.info.run_id, "loss")] == list(range(1, 7))
+        assert mlflow.info.status == "FINISHED"
+        assert (b / "mlflow_journal.jsonl").stat().st_size == 0
+    finally:
+        server.stop()
