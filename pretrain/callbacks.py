@@ -2,7 +2,7 @@
 
 The loop (pretrain/trainer.py) steps the engine and writes checkpoints. What else happens at a
 step boundary is a Callback, assembled by the trainer from the config: the weight average
-(ema.py), the non-finite guard (guard.py), the log and metrics (tracking/progress.py),
+(ema.py), the non-finite guard (guard.py), the spike detector (spikes.py), the log and metrics (tracking/progress.py),
 evaluation (tasks.py), the white-box plot (whitebox.py), preemption (preemption.py) and, in
 tests only, fault injection (faults.py). Callbacks run in the order the trainer lists them, and
 talk to the loop only through the LoopState they are handed.
@@ -44,7 +44,7 @@ class LoopState:
     tokens_per_step: int
     last_loss: float = math.nan  # the last logged loss, mean over ranks
     # Requests to the loop, set by callbacks:
-    reload_requested: bool = False  # the step does not stand: reload the newest committed checkpoint
+    reload_requested: str | None = None  # why the step does not stand: reload the newest committed checkpoint
     saves_held: bool = False  # no scheduled save now (a streak of skipped steps: a reload wants the one before)
     stop_requested: bool = False  # save after this step and leave the loop (a preemption notice)
 
@@ -63,9 +63,14 @@ class Callback:
     def on_step_start(self, loop: LoopState) -> None:
         """Before the engine takes step `loop.step + 1`."""
 
+    def accept_update(self, loop: LoopState, loss: float) -> bool:
+        """Collective, on every rank alike: before step `loop.step + 1` updates the weights, with
+        this rank's loss of it; False withholds the update (see Engine.train_step)."""
+        return True
+
     def on_step_end(self, loop: LoopState, result: StepResult) -> None:
-        """After step `loop.step` (counted already). Setting `loop.reload_requested` withdraws the
-        step: the callbacks after this one do not see it."""
+        """After step `loop.step` (counted already). Setting `loop.reload_requested` (to why)
+        withdraws the step: the callbacks after this one do not see it."""
 
     def on_eval(self, loop: LoopState, metrics: dict[str, float]) -> None:
         """After an evaluation; callbacks earlier in the list may have added to `metrics`."""
@@ -99,6 +104,9 @@ class Callbacks:
     def on_step_start(self, loop: LoopState) -> None:
         for callback in self.items:
             callback.on_step_start(loop)
+
+    def accept_update(self, loop: LoopState, loss: float) -> bool:
+        return all([callback.accept_update(loop, loss) for callback in self.items])  # every one: collectives
 
     def on_step_end(self, loop: LoopState, result: StepResult) -> None:
         for callback in self.items:

@@ -111,6 +111,16 @@ class EngineConfig:
 
 
 @dataclass
+class SpikeConfig:
+    action: str = "none"
+    window: int = 100
+    min_history: int = 20
+    threshold: float = 6.0
+    min_rise: float = 0.05
+    patience: int = 1
+
+
+@dataclass
 class TrainConfig:
     max_steps: int = 600000
     global_batch_size: int = 480
@@ -122,6 +132,10 @@ class TrainConfig:
     ema_decay: float = 0.0
     bad_steps_to_reload: int = 3
     max_reloads: int = 2
+    heartbeat_s: float = 2.0
+    lost_rank_timeout_s: float = 60.0
+    collective_timeout_s: float = 1800.0
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
 
 
 @dataclass
@@ -268,6 +282,14 @@ LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
     "train.log_interval": (1, False),
     "train.eval_interval": (1, False),
     "train.eval_max_batches": (0, False),
+    "train.heartbeat_s": (0, False),
+    "train.lost_rank_timeout_s": (0, True),
+    "train.collective_timeout_s": (0, True),
+    "train.spike.window": (1, False),
+    "train.spike.min_history": (1, False),
+    "train.spike.threshold": (0, True),
+    "train.spike.min_rise": (0, False),
+    "train.spike.patience": (1, False),
     "checkpoint.interval": (1, False),
     "checkpoint.keep_last": (1, False),
     "checkpoint.keep_every": (0, False),

@@ -8,6 +8,7 @@ initialised process group.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import glob
 import os
 import socket
@@ -66,8 +67,9 @@ def single_process_env() -> dict[str, str]:
     }
 
 
-def init_distributed() -> DistInfo:
-    """Initialise the default process group (NCCL on GPU, gloo on CPU) and pick the device."""
+def init_distributed(timeout_s: float | None = None) -> DistInfo:
+    """Initialise the default process group (NCCL on GPU, gloo on CPU) and pick the device; a
+    collective that waits longer than `timeout_s` (default: torch's) fails."""
     if "WORLD_SIZE" not in os.environ:
         os.environ.update(single_process_env())
     rank = int(os.environ["RANK"])
@@ -84,7 +86,8 @@ def init_distributed() -> DistInfo:
         if "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout)
     return DistInfo(rank, world_size, local_rank, local_world_size, device)
 
 

@@ -30,7 +30,8 @@ class NonFiniteGuard(Callback):
         self.in_a_row = 0
 
     def on_step_end(self, loop: LoopState, result: StepResult) -> None:
-        loop.reload_requested = self.reload_due(loop.step, result)
+        if self.reload_due(loop.step, result):
+            loop.reload_requested = f"{self.reload_after} steps in a row with a non-finite loss or gradient norm"
         loop.saves_held = self.in_a_row > 0
 
     def interval_metrics(self) -> dict[str, float]:

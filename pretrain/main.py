@@ -15,6 +15,7 @@ from pretrain.config import load_config
 from pretrain.distributed import init_distributed, shutdown, strip_launcher_args
 from pretrain.engines import check_engine_config
 from pretrain.errors import UserError
+from pretrain.heartbeat import LOST_RANK_EXIT_CODE, LostRank
 from pretrain.preemption import PREEMPTED_EXIT_CODE, Preempted
 from pretrain.trainer import Trainer
 
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(overrides)
         check_engine_config(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
-        dist_info = init_distributed()
+        dist_info = init_distributed(cfg.train.collective_timeout_s)
         try:
             Trainer(cfg, dist_info).fit()
         finally:
@@ -43,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     except NotCommitted as e:
         print(f"error: {e}", file=sys.stderr)
         return NOT_COMMITTED_EXIT_CODE
+    except LostRank as e:
+        print(f"error: {e}", file=sys.stderr)
+        return LOST_RANK_EXIT_CODE
     return 0
 
 

@@ -29,8 +29,10 @@ from pretrain.engines.base import Engine
 from pretrain.errors import UserError
 from pretrain.faults import FaultInjection
 from pretrain.guard import NonFiniteGuard
+from pretrain.heartbeat import Heartbeat, LostRank
 from pretrain.models import build_model
 from pretrain.preemption import Preempted, Preemption, PreemptionWatch
+from pretrain.spikes import SpikeDetector
 from pretrain.tasks import Evaluation, build_task
 from pretrain.tracking.mlflow import Tracker
 from pretrain.tracking.progress import MetricsLog
@@ -130,7 +132,12 @@ class Trainer:
         data = task.loader(train=True)
         ckpt = self.checkpoints()
         ckpt.check_writable()
-        callbacks = self._callbacks(engine, watch, flops_per_token)
+        heartbeat = (
+            Heartbeat(world, cfg.train.heartbeat_s, cfg.train.lost_rank_timeout_s)
+            if world.world_size > 1 and cfg.train.heartbeat_s > 0
+            else None
+        )
+        callbacks = self._callbacks(engine, watch, flops_per_token, heartbeat)
 
         step, run_id, tokens_seen = 0, None, 0
         seed_everything(cfg.train.seed + world.rank)  # dropout etc. differ across ranks
@@ -187,9 +194,16 @@ class Trainer:
             except Preempted:
                 tracker.finish("KILLED")
                 raise
-            except BaseException:
+            except BaseException as exc:
+                # A collective that failed because a peer is gone: say so, rather than how it failed.
+                verdict = heartbeat.lost_peer() if heartbeat and not isinstance(exc, UserError) else None
                 tracker.finish("FAILED")
+                if verdict:
+                    raise LostRank(verdict) from exc
                 raise
+            finally:
+                if heartbeat:
+                    heartbeat.stop()
         tracker.finish()
         if world.is_main:
             failed = (
@@ -198,16 +212,21 @@ class Trainer:
             log.info("done: checkpoints in %s%s, MLflow run %s in %s", ckpt.store.url, failed, run_id, tracker.uri)
         return loop.last_loss
 
-    def _callbacks(self, engine: Engine, watch: PreemptionWatch, flops_per_token: float) -> Callbacks:
+    def _callbacks(
+        self, engine: Engine, watch: PreemptionWatch, flops_per_token: float, heartbeat: Heartbeat | None
+    ) -> Callbacks:
         """What the run does around its steps, in the order it is done (see pretrain/callbacks.py):
         the weight average comes before the log, whose on_eval records the average's metrics too,
         and the log before evaluation, so that an interval ending at an evaluation is logged first."""
         cfg, world = self.cfg, self.dist
+        spikes_on = cfg.train.spike.action != "none"
         return Callbacks(
             [
                 *filter(None, [FaultInjection.from_env(world.rank)]),  # tests only: None unless asked for
+                *filter(None, [heartbeat]),  # with more than one rank
                 *([WeightAverage(engine, cfg.train.ema_decay)] if cfg.train.ema_decay else []),
                 NonFiniteGuard(cfg.train.bad_steps_to_reload, cfg.train.max_reloads, world.is_main),
+                *([SpikeDetector(cfg.train.spike, cfg.train.max_reloads, world.is_main)] if spikes_on else []),
                 MetricsLog(flops_per_token),
                 Evaluation(),
                 WhiteboxPlot(),
@@ -221,7 +240,7 @@ class Trainer:
         while loop.step < cfg.train.max_steps and not loop.stop_requested:
             micro_batches = [next(batches) for _ in range(self.grad_accum_steps)]
             callbacks.on_step_start(loop)
-            result = loop.engine.train_step(micro_batches)
+            result = loop.engine.train_step(micro_batches, lambda loss: callbacks.accept_update(loop, loss))
             loop.step += 1
             loop.tokens_seen += loop.tokens_per_step
             callbacks.on_step_end(loop, result)
@@ -265,19 +284,19 @@ class Trainer:
         restored = loop.checkpoints.restore(loop.engine, extras=loop.callbacks.checkpointables())
         if restored is None:
             raise UserError(
-                f"steps up to {loop.step} had a non-finite loss or gradient norm and there is no committed "
-                f"checkpoint to reload; lower optim.lr, raise optim.warmup_steps or check the data"
+                f"{loop.reload_requested} (up to step {loop.step}) and there is no committed checkpoint to "
+                f"reload; lower optim.lr, raise optim.warmup_steps or check the data"
             )
         if self.dist.is_main:
             log.warning(
-                "reloaded %s (step %d) after %d skipped steps; the data go on from step %d's position",
+                "reloaded %s (step %d) after %s; the data go on from step %d's position",
                 loop.checkpoints.store.step_url(restored.step),
                 restored.step,
-                self.cfg.train.bad_steps_to_reload,
+                loop.reload_requested,
                 loop.step,
             )
         loop.step, loop.tokens_seen = restored.step, restored.manifest["tokens_seen"]
-        loop.reload_requested = False
+        loop.reload_requested = None
 
     def _checkpoint_record(self, run_id: str | None, tokens_seen: int) -> dict:
         """What the manifest says of the run besides its files: enough to tell, on resume, what

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import signal
 import subprocess
 import sys
+import time
 
 import fsspec
 import pytest
 import torch
-from helpers import REPO, TINY, check, launch, launch_and_signal, metric_history, mlflow_run
+from helpers import REPO, TINY, check, launch, launch_and_signal, launch_command, metric_history, mlflow_run
 
 from pretrain.checkpoint.manager import NOT_COMMITTED_EXIT_CODE
-from pretrain.faults import FAIL_ENV, NAN_ENV
+from pretrain.faults import FAIL_ENV, KILL_ENV, NAN_ENV, SPIKE_ENV
+from pretrain.heartbeat import LOST_RANK_EXIT_CODE
 from pretrain.preemption import PREEMPTED_EXIT_CODE
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -290,7 +293,9 @@ def test_nan_steps_are_skipped_a_streak_reloads_and_a_relapse_gives_up(tmp_path,
     recovered = tmp_path / "recovered"
     out = check(launch("torchrun", args(recovered), env={NAN_ENV: "3,5,6"})).stdout
     assert "step 3 skipped" in out and "step 6 skipped: gradient norm nan (2 in a row" in out
-    assert "(step 4) after 2 skipped steps; the data go on from step 6's position" in out
+    assert (
+        "(step 4) after 2 steps in a row with a non-finite loss or gradient norm; the data go on from step 6's" in out
+    )
     losses = metric_history(recovered)
     assert sorted(losses) == list(range(1, 9))
     # Skipped steps log a NaN loss; step 6's streak reloaded step 4 before it was logged, so after
@@ -343,3 +348,92 @@ def test_vision_smoke_recipes_learn_digits_and_beat_chance(recipe, model, launch
         ]
     )
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == (["whitebox.png"] if measured else [])
+
+
+def lost_rank_run(launcher: str, run_dir, corpus_cache, fault: str, *extra: str) -> tuple[int, str, float]:
+    """Launch with rank 1 signalling itself (`fault`, see faults.KILL_ENV) in step 5; returns the
+    launcher's exit code, its output, and the seconds from the fault to the launcher's exit."""
+    args = smoke(run_dir, corpus_cache, "checkpoint.interval=2", "train.heartbeat_s=0.5", *extra)
+    cmd, env = launch_command(launcher, args)
+    env = {**env, KILL_ENV: f"1:5:{fault}", "STOP_GRACE_S": "5"}
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    lines, faulted = [], None
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "fault injection: this rank sends itself" in line:
+                faulted = time.monotonic()
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert faulted is not None, "".join(lines)[-3000:]
+    return code, "".join(lines), time.monotonic() - faulted
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
+def test_a_rank_killed_in_a_step_stops_every_rank_with_its_name_and_the_next_launch_resumes(
+    launcher, tmp_path, corpus_cache
+):
+    """Rank 1 is SIGKILLed in step 5's forward pass while rank 0 goes on into the step's
+    collectives: rank 0 stops (exit 4) naming rank 1 and step 5, the launcher ends within a
+    bounded time, and the next launch resumes from step 4, the last committed."""
+    engine = "engine.zero_stage=2" if launcher == "deepspeed" else "engine=fsdp"
+    code, out, after_s = lost_rank_run(launcher, tmp_path, corpus_cache, "SIGKILL", engine, "train.max_steps=6")
+    assert code != 0
+    assert "error: rank 1 was lost during step 5 (no heartbeat for" in out, out[-3000:]
+    assert after_s < 40, after_s  # the gloo error and a 3-beat confirmation; the launchers' grace is 30 s
+    resumed = check(
+        launch(launcher, smoke(tmp_path, corpus_cache, "checkpoint.interval=2", engine, "train.max_steps=6"))
+    )
+    assert "(step 4)" in resumed.stdout and "step 6/6" in resumed.stdout
+
+
+@pytest.mark.faults
+def test_a_hung_rank_is_noticed_by_its_heartbeat_through_the_node_launcher(tmp_path, corpus_cache):
+    """Rank 1 freezes (SIGSTOP) in step 5 with its connections open, so no collective fails: rank
+    0's heartbeat watch gives it train.lost_rank_timeout_s, then every rank stops, and the node
+    launcher exits 4 after killing the frozen rank."""
+    code, out, after_s = lost_rank_run(
+        "node", tmp_path, corpus_cache, "SIGSTOP", "engine=ddp", "train.max_steps=6", "train.lost_rank_timeout_s=3"
+    )
+    assert code == LOST_RANK_EXIT_CODE, out[-3000:]
+    assert "error: rank 1 was lost during step 5 (no heartbeat for 3." in out
+    assert after_s < 20, after_s  # 3 s of silence, then the node launcher's 5 s grace for the frozen rank
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize(
+    ("launcher", "engine", "action", "spiked"),
+    [("deepspeed", "engine.zero_stage=2", "skip", "12,13"), ("torchrun", "engine=fsdp", "rollback", "12")],
+)
+def test_injected_loss_spikes_are_detected_and_skipped_or_rolled_back(
+    launcher, engine, action, spiked, tmp_path, corpus_cache
+):
+    """Rank 0's loss is 30 times itself in the spiked steps (the other rank's is not), on 2 ranks:
+    the detector finds exactly those steps; skip withholds their updates, rollback reloads step 8
+    and goes on with the data; `spikes` counts them."""
+    args = smoke(
+        tmp_path,
+        corpus_cache,
+        engine,
+        "train.max_steps=16",
+        f"train.spike.action={action}",
+        "train.spike.window=8",
+        "train.spike.min_history=5",
+    )
+    out = check(launch(launcher, args, env={SPIKE_ENV: f"30:{spiked}"})).stdout
+    detected = re.findall(r"step (\d+): loss [\d.]+ above the spike limit", out)
+    assert detected == spiked.split(","), out[-3000:]
+    assert metric_history(tmp_path, "spikes")[16] == len(detected)
+    losses = metric_history(tmp_path)
+    if action == "skip":
+        assert "update skipped" in out
+        assert [s for s, loss in losses.items() if math.isnan(loss)] == [12, 13]  # no applied step to average
+    else:
+        assert "(step 8) after a loss spike at step 12; the data go on from step 12's position" in out
+        assert sorted(metric_history(tmp_path, "replay/loss")) == [9, 10, 11]  # taken again after the rollback
+    assert math.isfinite(losses[16]) and losses[16] < losses[1] - 1.0

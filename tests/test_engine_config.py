@@ -34,6 +34,11 @@ def cfg(*overrides: str):
             "engine.offload_optimizer needs engine.zero_stage >= 1",
         ),
         (
+            ["engine.zero_stage=0", "train.spike.action=skip"],
+            1,
+            "train.spike.action=skip cannot withhold an update under DeepSpeed without ZeRO",
+        ),
+        (
             ["engine.zero_stage=3", "engine.compile=true"],
             1,
             "engine.compile=true is not supported with engine.zero_stage=3",

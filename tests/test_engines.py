@@ -12,6 +12,7 @@ import pytest
 import torch
 from helpers import config, global_batches, rank_micro_batches, step, train, weight_errors
 
+from pretrain.distributed import mean_over_ranks
 from pretrain.engines import VARIANTS
 from pretrain.launch import run_local_world
 from pretrain.models import build_model
@@ -101,6 +102,51 @@ def skip_nan_step(dist_info, variants):
         after = engine.full_state_dict()
         out[label] = (verdicts, before, after, losses + [step(engine, blocks[3], dist_info, cfg)])
     return out if dist_info.rank == 0 else None
+
+
+def withhold_one_step(dist_info, variants):
+    """Per engine: steps on batches 0, 1, then batch 2 with an `accept` that refuses it (after
+    seeing every rank's loss), then batch 3; returns what every rank saw, the weights around the
+    refused step, and the losses."""
+    blocks = global_batches(4, 8)
+    out = {}
+    for label, overrides in variants.items():
+        cfg = config("tost_gpt2", overrides)
+        engine, losses = train(dist_info, cfg, blocks[:2])
+        before = engine.full_state_dict()
+        seen = []
+
+        def refuse(loss: float, seen: list = seen) -> bool:
+            seen.append(mean_over_ranks(loss))  # a collective, as the spike detector's
+            return False
+
+        micro = rank_micro_batches(blocks[2], dist_info.rank, dist_info.world_size, cfg.train.micro_batch_size)
+        result = engine.train_step(micro, accept=refuse)
+        verdicts = [None] * dist_info.world_size
+        torch.distributed.all_gather_object(verdicts, (result.withheld, result.skipped, result.bad, len(seen)))
+        after = engine.full_state_dict()
+        out[label] = (verdicts, before, after, losses + [step(engine, blocks[3], dist_info, cfg)])
+    return out if dist_info.rank == 0 else None
+
+
+@pytest.mark.slow
+def test_a_withheld_update_changes_nothing_on_any_engine_as_if_the_step_never_ran():
+    """What the spike detector's skip relies on: an update `accept` refuses (after the second of
+    two micro-batches) is made by no engine, the schedule does not advance, and the next step is
+    the step an unbroken run takes next."""
+    variants = {
+        "ddp": ["engine=ddp"],
+        "fsdp": ["engine=fsdp"],
+        "zero2": ["engine=deepspeed", "engine.zero_stage=2"],
+        "zero3": ["engine=deepspeed", "engine.zero_stage=3"],
+    }
+    results = run_local_world(withhold_one_step, 2, variants)[0]
+    blocks = global_batches(4, 8)
+    (clean,) = run_local_world(train_losses, 1, ["engine=ddp"], [blocks[0], blocks[1], blocks[3]])
+    for label, (verdicts, before, after, losses) in results.items():
+        assert verdicts == [(True, False, False, 1)] * 2, label
+        assert all(torch.equal(before[k], after[k]) for k in before), label
+        assert losses == pytest.approx(clean, rel=1e-5), label
 
 
 def train_losses(dist_info, overrides, blocks):

@@ -16,12 +16,13 @@ from helpers import REPO, MlflowServer, config, global_batches, last_wins, metri
 
 from pretrain.callbacks import Callback, Callbacks, LoopState
 from pretrain.checkpoint.manager import NotCommitted
-from pretrain.config import load_config
+from pretrain.config import SpikeConfig, load_config
 from pretrain.distributed import DistInfo, init_distributed, shutdown, single_process_env
 from pretrain.engines import VARIANTS
 from pretrain.errors import UserError
 from pretrain.faults import FAIL_ENV
 from pretrain.prepare.text import write_token_shards
+from pretrain.spikes import SpikeDetector
 from pretrain.trainer import Trainer
 
 LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -234,3 +235,18 @@ def test_a_tracking_outage_loses_and_repeats_no_metric(one_rank: DistInfo, text_
         assert (b / "mlflow_journal.jsonl").stat().st_size == 0
     finally:
         server.stop()
+
+
+def test_the_spike_detector_judges_against_the_median_and_mad_of_recent_steps(one_rank: DistInfo) -> None:
+    """Outliers are measured against steps that were not outliers; a flat loss's tiny MAD raises no
+    alarm below min_rise; `patience` outliers in a row make a spike, whose update skip withholds."""
+    cfg = SpikeConfig(action="skip", window=8, min_history=4, threshold=6.0, min_rise=0.05, patience=2)
+    detector = SpikeDetector(cfg, max_reloads=2, is_main=True)
+    accepted = [detector.accept_update(None, loss) for loss in [3.0, 3.01, 2.99, 3.0, 3.0, 3.1, 4.0, 4.0, 4.5, 3.0]]
+    # warm-up (4), in range (3.0), within min_rise of a near-zero MAD (3.1), 1st outlier (applied),
+    # 2nd and 3rd in a row (withheld), then back in range.
+    assert accepted == [True] * 7 + [False, False, True]
+    assert detector.interval_metrics() == {"spikes": 2}
+    assert 4.0 not in detector.losses and 3.1 in detector.losses
+    with pytest.raises(UserError, match="train.spike.action='sometimes' is not one of none, skip, rollback"):
+        SpikeDetector(SpikeConfig(action="sometimes"), max_reloads=2, is_main=False)

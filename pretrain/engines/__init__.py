@@ -57,6 +57,11 @@ def check_engine_config(cfg: Config, world_size: int) -> None:
             fail(f"engine.offload_params needs engine.zero_stage=3 (ZeRO-Infinity), not {e.zero_stage}")
         if e.offload_optimizer and e.zero_stage == 0:
             fail("engine.offload_optimizer needs engine.zero_stage >= 1 (ZeRO-Offload)")
+        if cfg.train.spike.action == "skip" and e.zero_stage == 0:
+            fail(
+                "train.spike.action=skip cannot withhold an update under DeepSpeed without ZeRO "
+                "(engine.zero_stage=0 has no skipped steps): use train.spike.action=rollback, or engine.zero_stage >= 1"
+            )
         if e.compile and e.zero_stage == 3:
             fail(
                 "engine.compile=true is not supported with engine.zero_stage=3 (ZeRO-3 hooks every "

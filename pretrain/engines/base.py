@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +13,8 @@ import torch.distributed as dist
 from pretrain.batch import Batch
 from pretrain.models.contract import PretrainModel
 
+Accept = Callable[[float], bool]  # collective: whether a step with this loss (this rank's) may update
+
 
 @dataclass(frozen=True)
 class StepResult:
@@ -19,12 +22,13 @@ class StepResult:
     grad_norm: float  # global norm before clipping
     lr: float  # the learning rate this step used
     skipped: bool = False  # the gradient norm was not finite: no update, the schedule did not advance
+    withheld: bool = False  # `accept` refused the update: none was made, the schedule did not advance
 
     @property
     def bad(self) -> bool:
         """A non-finite global gradient norm (a NaN or inf loss on any rank makes it so): the
         same verdict on every rank, whether or not the engine could skip the update."""
-        return self.skipped or not math.isfinite(self.grad_norm)
+        return not self.withheld and (self.skipped or not math.isfinite(self.grad_norm))
 
 
 class Engine(ABC):
@@ -47,7 +51,10 @@ class Engine(ABC):
         """The unwrapped model (possibly holding only this rank's shards)."""
 
     @abstractmethod
-    def train_step(self, micro_batches: list[Batch]) -> StepResult: ...
+    def train_step(self, micro_batches: list[Batch], accept: Accept | None = None) -> StepResult:
+        """One optimizer step over `micro_batches`. `accept`, if given, is called on every rank
+        with this rank's mean loss of the step once it is known and before the update; when it
+        returns False no update is made, as for a skipped step (`withheld`)."""
 
     @abstractmethod
     def save(self, step_dir: str) -> None: ...

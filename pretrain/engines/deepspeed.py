@@ -12,6 +12,7 @@ import contextlib
 import glob
 import hashlib
 import io
+import math
 import os
 import shutil
 import tempfile
@@ -26,7 +27,7 @@ from torch import nn
 from pretrain.batch import Batch
 from pretrain.config import Config, grad_accum_steps
 from pretrain.distributed import DistInfo
-from pretrain.engines.base import Engine, StepResult
+from pretrain.engines.base import Accept, Engine, StepResult
 from pretrain.errors import UserError
 from pretrain.optim import build_optimizer, build_scheduler, param_groups
 
@@ -105,20 +106,26 @@ class DeepSpeedEngine(Engine):
     def model(self) -> nn.Module:
         return self._model
 
-    def train_step(self, micro_batches: list[Batch]) -> StepResult:
+    def train_step(self, micro_batches: list[Batch], accept: Accept | None = None) -> StepResult:
+        """A withheld step goes through ZeRO's own skip of a non-finite step: the last micro-batch's
+        loss is made NaN before its backward pass. DeepSpeed without ZeRO has no such skip, so
+        `accept` is refused there (see check_engine_config)."""
         lr = self.engine.get_lr()[0]
-        total, grad_norm = 0.0, None
-        for batch in micro_batches:
+        total, grad_norm, withheld = 0.0, None, False
+        for i, batch in enumerate(micro_batches):
             loss = self.engine(**self.to_device(batch))
-            self.engine.backward(loss)
+            total += loss.item()
+            if accept is not None and i == len(micro_batches) - 1 and math.isfinite(total):
+                withheld = not accept(total / len(micro_batches))
+            self.engine.backward(loss * float("nan") if withheld else loss)
             if self._measure_grad_norm and self.engine.is_gradient_accumulation_boundary():
                 grad_norm = self._grad_norm()
             self.engine.step()  # DeepSpeed only steps the optimizer at the accumulation boundary
-            total += loss.item()
         if grad_norm is None:
             grad_norm = float(self.engine.get_global_grad_norm())
         # ZeRO skips a step whose norm is not finite; without ZeRO DeepSpeed applies it.
-        return StepResult(total / len(micro_batches), grad_norm, lr, skipped=not self.engine.was_step_applied())
+        skipped = not self.engine.was_step_applied() and not withheld
+        return StepResult(total / len(micro_batches), grad_norm, lr, skipped, withheld)
 
     def predict(self, batch: Batch) -> torch.Tensor:
         inputs = {k: v for k, v in self.to_device(batch).items() if k != "labels"}

@@ -27,7 +27,7 @@ from torch.distributed.tensor import DTensor
 from pretrain.batch import Batch
 from pretrain.config import Config
 from pretrain.distributed import DistInfo
-from pretrain.engines.base import Engine, StepResult
+from pretrain.engines.base import Accept, Engine, StepResult
 from pretrain.errors import UserError
 from pretrain.optim import build_optimizer, build_scheduler
 
@@ -60,7 +60,7 @@ class TorchEngine(Engine):
     def model(self) -> nn.Module:
         return self._model
 
-    def train_step(self, micro_batches: list[Batch]) -> StepResult:
+    def train_step(self, micro_batches: list[Batch], accept: Accept | None = None) -> StepResult:
         lr = self.scheduler.get_last_lr()[0]
         total = 0.0
         for i, batch in enumerate(micro_batches):
@@ -70,11 +70,12 @@ class TorchEngine(Engine):
             total += loss.item()
         grad_norm = self._clip_grad_norm()
         skipped = not math.isfinite(grad_norm)  # global, so every rank decides alike
-        if not skipped:
+        withheld = not skipped and accept is not None and not accept(total / len(micro_batches))
+        if not (skipped or withheld):
             self.optimizer.step()
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(total / len(micro_batches), grad_norm, lr, skipped)
+        return StepResult(total / len(micro_batches), grad_norm, lr, skipped, withheld)
 
     def predict(self, batch: Batch) -> torch.Tensor:
         inputs = {k: v for k, v in self.to_device(batch).items() if k != "labels"}

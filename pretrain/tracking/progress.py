@@ -17,7 +17,7 @@ log = logging.getLogger("pretrain")
 
 class MetricsLog(Callback):
     """Every `train.log_interval` steps and after the last. The interval's loss is the mean over its
-    applied steps and over ranks; its time excludes what checkpoint saves blocked."""
+    applied steps (neither skipped nor withheld) and over ranks; its time excludes what checkpoint saves blocked."""
 
     def __init__(self, flops_per_token: float) -> None:
         self.flops_per_token = flops_per_token
@@ -32,7 +32,7 @@ class MetricsLog(Callback):
         self.steps += 1
 
     def on_step_end(self, loop: LoopState, result: StepResult) -> None:
-        if not result.bad:
+        if not (result.bad or result.withheld):
             self.losses.append(result.loss)
         if loop.step % loop.cfg.train.log_interval == 0 or loop.at_end:
             self._log_interval(loop, result)
