@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import fsspec
@@ -17,6 +18,7 @@ import torch
 from helpers import REPO, TINY, check, launch, launch_and_signal, launch_command, metric_history, mlflow_run
 
 from pretrain.checkpoint.manager import NOT_COMMITTED_EXIT_CODE
+from pretrain.distributed import free_port
 from pretrain.faults import FAIL_ENV, KILL_ENV, NAN_ENV, SPIKE_ENV
 from pretrain.heartbeat import LOST_RANK_EXIT_CODE
 from pretrain.preemption import PREEMPTED_EXIT_CODE
@@ -437,3 +439,101 @@ def test_injected_loss_spikes_are_detected_and_skipped_or_rolled_back(
         assert "(step 8) after a loss spike at step 12; the data go on from step 12's position" in out
         assert sorted(metric_history(tmp_path, "replay/loss")) == [9, 10, 11]  # taken again after the rollback
     assert math.isfinite(losses[16]) and losses[16] < losses[1] - 1.0
+
+
+def run_with_store_outage(args: list[str], server, at: str, down_s: float | None) -> tuple[int, str]:
+    """Launch with plain python; once a stdout line contains `at`, stop the object store, and start
+    it again `down_s` later (None: once the run has ended). Returns (exit code, output)."""
+    cmd, env = launch_command("python", args)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    lines, restart = [], None
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if at in line and restart is None:
+                server.stop()
+                restart = threading.Timer(down_s, server.start) if down_s is not None else None
+                if restart:
+                    restart.start()
+                at = "\0"
+        code = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    if restart:
+        restart.join()
+    else:
+        server.start()
+    return code, "".join(lines)
+
+
+@pytest.mark.faults
+def test_an_object_store_outage_while_streaming_waits_or_stops_resumably_and_skips_no_sample(tmp_path):
+    """The shards stream from an S3 server (moto's, restarted on the same port with its buckets)
+    that goes down after step 3. Shorter than the retries, the run waits and goes on; longer, it
+    stops with one line, and the next start resumes from its checkpoint. Either way every step's
+    loss equals the uninterrupted run's: no sample was skipped or repeated."""
+    from moto.server import ThreadedMotoServer
+
+    from pretrain.prepare.embedded import stdlib_documents
+    from pretrain.prepare.text import write_token_shards
+
+    port = free_port()
+
+    class Store:  # stop and start again on one port; moto's buckets live in this process
+        def start(self):
+            self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+            self.server.start()
+
+        def stop(self):
+            self.server.stop()
+
+    store = Store()
+    store.start()
+    try:
+        options = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "k", "secret": "s"}
+        fsspec.filesystem("s3", **options).mkdir("outage")
+        index = write_token_shards(stdlib_documents(40_000), "s3://outage/tokens", 33, 16, storage_options=options)
+        urls = f"s3://outage/tokens/shard-{{000000..{len(index['shards']) - 1:06d}}}.tar"
+
+        def args(run_dir, *extra):
+            return smoke(
+                run_dir,
+                "/unused",
+                "data=shards",
+                f'data.urls="{urls}"',
+                *(f"+data.storage_options.{k}={v}" for k, v in options.items()),
+                "+data.storage_options.config_kwargs.retries.max_attempts=1",  # botocore's retries off: ours count
+                "data.num_workers=1",
+                "data.retry_backoff_s=0.5",
+                "checkpoint.interval=2",
+                "train.max_steps=10",
+                *extra,
+            )
+
+        check(launch("python", args(tmp_path / "unbroken")))
+        expected = metric_history(tmp_path / "unbroken")
+
+        code, out = run_with_store_outage(args(tmp_path / "waited", "data.retries=5"), store, "step 3/", down_s=3)
+        assert code == 0, out[-3000:]
+        assert re.search(r"reading shard s3://outage/tokens/shard-\d+\.tar failed .*; retry 1/5", out)
+        assert metric_history(tmp_path / "waited") == expected
+
+        stopped = tmp_path / "stopped"
+        code, out = run_with_store_outage(args(stopped, "data.retries=1"), store, "step 3/", down_s=None)
+        assert code == 2, out[-3000:]
+        (error,) = [line for line in out.splitlines() if line.startswith("error:")]
+        assert re.match(
+            r"error: cannot read shard s3://outage/tokens/shard-\d+\.tar: the store did not answer "
+            r"\(EndpointConnectionError after 1 retries: .*\); check that it is reachable",
+            error,
+        )
+        assert "Traceback" not in out
+        resumed = check(launch("python", args(stopped, "data.retries=1")))
+        assert "resumed from" in resumed.stdout
+        kept, replayed = metric_history(stopped), metric_history(stopped, "replay/loss")
+        assert kept == expected and all(replayed[s] == expected[s] for s in replayed)
+    finally:
+        store.stop()

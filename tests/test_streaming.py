@@ -383,9 +383,10 @@ def test_transient_read_errors_are_retried_with_backoff(local_shards):
     expected = take(iter(loader(config(local_shards, shuffle_buffer=1), batch=1)), 32)
     got = take(iter(loader(config(flaky_root, shuffle_buffer=1, retries=2), batch=1)), 32)
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
-    FlakyFileSystem.opened.clear()
-    with pytest.raises(UserError, match="after 1 retries"):
-        take(iter(loader(config(flaky_root, shuffle_buffer=1, retries=1), batch=1)), 4)
+    for on_error in ("raise", "skip"):  # a store that does not answer is never skipped: that would lose data
+        FlakyFileSystem.opened.clear()
+        with pytest.raises(UserError, match=r"the store did not answer \(ConnectionResetError after 1 retries"):
+            take(iter(loader(config(flaky_root, shuffle_buffer=1, retries=1, on_error=on_error), batch=1)), 4)
 
 
 # --------------------------------------------------------------------------- configuration

@@ -160,7 +160,11 @@ class WorkerFailure:
 
 
 class _ShardError(Exception):
-    """A shard that cannot be read (after retries): missing, truncated, not a tar."""
+    """A shard that cannot be read: missing, truncated, not a tar."""
+
+
+class _Unreachable(Exception):
+    """The store did not answer, retries included: not the shard's fault, so never skipped."""
 
 
 def reader_cycle(readers: int, rank: int, world_size: int, worker: int, workers: int, batches: int) -> list[int]:
@@ -281,6 +285,12 @@ class ShardStream(IterableDataset):
                     yield from self._shard(url, state)
                 except _ShardError as exc:
                     self._fail(url, None, str(exc), state, lost=self.samples_per_shard[url] - state.sample)
+                except _Unreachable as exc:
+                    raise UserError(
+                        f"cannot read shard {url}: the store did not answer ({' '.join(str(exc).split())}); check "
+                        f"that it is reachable, or raise data.retries (now {self.options.retries}) or "
+                        f"data.retry_backoff_s to wait longer; a restart resumes from the last checkpoint"
+                    ) from None
                 state.shard_pos, state.sample = state.shard_pos + 1, 0
             state.epoch, state.shard_pos = state.epoch + 1, 0
 
@@ -329,7 +339,7 @@ class ShardStream(IterableDataset):
             except Exception as exc:  # OSError, and what storage libraries raise beside it (botocore's)
                 attempt += 1
                 if attempt > self.options.retries:
-                    raise _ShardError(f"{type(exc).__name__} after {self.options.retries} retries: {exc}") from None
+                    raise _Unreachable(f"{type(exc).__name__} after {self.options.retries} retries: {exc}") from None
                 log.warning("reading shard %s failed (%s); retry %d/%d", url, exc, attempt, self.options.retries)
                 time.sleep(self.options.retry_backoff_s * 2 ** (attempt - 1))
 
