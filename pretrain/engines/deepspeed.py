@@ -28,6 +28,7 @@ from pretrain.batch import Batch
 from pretrain.config import Config, grad_accum_steps
 from pretrain.distributed import DistInfo
 from pretrain.engines.base import Accept, Engine, StepResult
+from pretrain.engines.extensions import build_deepspeed_ops
 from pretrain.errors import UserError
 from pretrain.optim import build_optimizer, build_scheduler, param_groups
 
@@ -89,6 +90,8 @@ class DeepSpeedEngine(Engine):
     def __init__(self, model: nn.Module, cfg: Config, dist: DistInfo):
         self.device, self.local_rank = dist.device, dist.local_rank
         self._model = model
+        # Built before DeepSpeed asks for them, so that a build a kill left unfinished cannot hang us.
+        build_deepspeed_ops(["ShareMemCommBuilder", *(["CPUAdamBuilder"] if cfg.engine.offload_optimizer else [])])
         self.engine, _, _, _ = deepspeed.initialize(
             model=model,
             optimizer=_optimizer(model, cfg),
