@@ -10,7 +10,8 @@ each point within a save costs one environment lookup.
 Points: "step" (after the optimizer update of `step`), and within the save of `step`:
 "save.staged" (every rank's files staged, nothing uploaded), "upload.first_file" (one file
 uploaded), "upload.recorded" (a node's upload record written), "commit.before_manifest" (all
-uploads recorded, manifest not yet written), "commit.after_manifest" (committed).
+uploads recorded, manifest not yet written), "commit.after_manifest" (committed), "retention"
+(committed, old steps not yet deleted).
 
 With WHITEBOX_FAIL_AT="<point>:<step>" (step `*`: any step) the process that reaches a save's
 `point` raises OSError there instead, as a full disk or a read-only store would.
@@ -49,6 +50,7 @@ POINTS = (
     "upload.recorded",
     "commit.before_manifest",
     "commit.after_manifest",
+    "retention",
 )
 
 

@@ -250,3 +250,17 @@ def test_the_spike_detector_judges_against_the_median_and_mad_of_recent_steps(on
     assert 4.0 not in detector.losses and 3.1 in detector.losses
     with pytest.raises(UserError, match="train.spike.action='sometimes' is not one of none, skip, rollback"):
         SpikeDetector(SpikeConfig(action="sometimes"), max_reloads=2, is_main=False)
+
+
+def test_a_retention_failure_after_a_commit_leaves_the_step_committed(
+    one_rank: DistInfo, text_shards, tmp_path, monkeypatch, caplog
+) -> None:
+    """Deleting old steps fails (the store, after the commit): a warning, the old steps stay, and
+    the committed step is neither discarded nor counted as a failed save."""
+    monkeypatch.setenv(FAIL_ENV, "retention:*")
+    run = [*TINY_RUN, *text_shards, f"run_dir={tmp_path}", "train.max_steps=4", "checkpoint.keep_last=1"]
+    with caplog.at_level(logging.INFO, logger="pretrain"):
+        Trainer(load_config(last_wins(run)), one_rank).fit()
+    assert "checkpoint retention failed (old steps are kept): OSError: injected failure at retention" in caplog.text
+    assert f"done: checkpoints in {tmp_path / 'checkpoints'}, MLflow run" in caplog.text  # no failed saves
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]

@@ -177,9 +177,6 @@ class CheckpointManager:
                 self.store.commit(step, attempt, record, self.policy.commit_wait_s)
                 self._save_seconds[step] = time.perf_counter() - started
                 log.info("checkpoint committed: %s (%.1f s)", self.store.step_url(step), self._save_seconds[step])
-                deleted = self.store.retain(self.policy.keep_last, self.policy.keep_every)
-                if deleted:
-                    log.info("checkpoint retention: deleted steps %s", ", ".join(map(str, deleted)))
         except Exception as exc:  # the thread's boundary: whatever the store raised (botocore's connection
             # errors are not OSErrors) must be reported, not end the thread unseen
             self._failure = (
@@ -188,6 +185,21 @@ class CheckpointManager:
             self.failed.append(step)
             log.error("%s", self._failure)
             self._discard(step)
+            return
+        if self.dist.is_main:
+            self._retain(step)
+
+    def _retain(self, step: int) -> None:
+        """After a commit: a failure here leaves old steps behind, which the next commit retries;
+        the step just committed stands."""
+        try:
+            crash_point("retention", step)
+            deleted = self.store.retain(self.policy.keep_last, self.policy.keep_every)
+        except Exception as exc:
+            log.warning("checkpoint retention failed (old steps are kept): %s: %s", type(exc).__name__, exc)
+            return
+        if deleted:
+            log.info("checkpoint retention: deleted steps %s", ", ".join(map(str, deleted)))
 
     def _discard(self, step: int) -> None:
         """A failed attempt's files, so that they do not pile up on a full disk: the staged copy
