@@ -80,6 +80,8 @@ class Heartbeat(Callback):
                     self._exit(self.store.get(LOST_KEY).decode())
                 count = self.store.add(BEAT_KEY.format(rank=watched), 0)
             except Exception as exc:
+                if self.stopped.is_set():  # this rank is leaving, and rank 0 (the store's host) has left
+                    return
                 self._exit(self._store_lost(exc))
             if count == DONE:
                 return

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +105,36 @@ def launch(
     )
 
 
+def launch_watching(
+    launcher: str,
+    overrides: list[str],
+    on_line: Callable[[str, subprocess.Popen], None],
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+) -> tuple[int, str]:
+    """Run like `launch`, calling `on_line` with each line of output (stdout and stderr) as it
+    comes and the launcher's process, to act on the run while it goes; returns (exit code, output)."""
+    cmd, launch_env = launch_command(launcher, overrides)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env={**launch_env, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            on_line(line, proc)
+        return proc.wait(timeout=timeout), "".join(lines)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def launch_and_signal(
     launcher: str,
     overrides: list[str],
@@ -118,24 +149,16 @@ def launch_and_signal(
     Kubernetes signals PID 1); returns (exit code, stdout)."""
     import psutil
 
-    cmd, launch_env = launch_command(launcher, overrides)
-    env = {**launch_env, **(env or {})}
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    lines = []
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            if when in line:
-                started = psutil.Process(proc.pid)
-                for process in [started, *(started.children(recursive=True) if to == "every" else [])]:
-                    process.send_signal(sig)
-                when = "\0"  # signal once
-        return proc.wait(timeout=timeout), "".join(lines)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    signalled = []
+
+    def on_line(line: str, proc: subprocess.Popen) -> None:
+        if when in line and not signalled:
+            launched = psutil.Process(proc.pid)
+            for process in [launched, *(launched.children(recursive=True) if to == "every" else [])]:
+                process.send_signal(sig)
+            signalled.append(sig)
+
+    return launch_watching(launcher, overrides, on_line, env, timeout)
 
 
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

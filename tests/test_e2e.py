@@ -9,16 +9,16 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import fsspec
 import pytest
 import torch
-from helpers import REPO, TINY, check, launch, launch_and_signal, launch_command, metric_history, mlflow_run
+from helpers import REPO, TINY, check, launch, launch_and_signal, launch_watching, metric_history, mlflow_run
 
 from pretrain.checkpoint.manager import NOT_COMMITTED_EXIT_CODE
 from pretrain.distributed import free_port
+from pretrain.engines.extensions import TORCH_LOCK
 from pretrain.faults import FAIL_ENV, KILL_ENV, NAN_ENV, SPIKE_ENV
 from pretrain.heartbeat import LOST_RANK_EXIT_CODE
 from pretrain.preemption import PREEMPTED_EXIT_CODE
@@ -174,16 +174,20 @@ def test_torchrun_rendezvous_fsdp_gpt2_tracked_on_an_mlflow_server_and_resumed(t
 
 def test_plain_python_single_and_deepspeed_engines_agree(tmp_path, corpus_cache):
     """`python pretrain/main.py` is a world of one; fp32 without sharding, DeepSpeed must take
-    the same steps as plain PyTorch."""
-    runs = {}
+    the same steps as plain PyTorch. The DeepSpeed run starts over the lock a killed build of
+    its CPU all-reduce op left in torch's extension cache: without the cleanup it would wait for
+    ever."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    stale = os.path.join(_get_build_directory("deepspeed_shm_comm", verbose=False), TORCH_LOCK)
+    open(stale, "w").close()
+    runs, outputs = {}, {}
     for engine in ("ddp", "deepspeed"):
         runs[engine] = tmp_path / engine
-        check(
-            launch(
-                "python",
-                smoke(runs[engine], corpus_cache, f"engine={engine}", "engine.zero_stage=0", "train.max_steps=3"),
-            )
-        )
+        args = smoke(runs[engine], corpus_cache, f"engine={engine}", "engine.zero_stage=0", "train.max_steps=3")
+        outputs[engine] = check(launch("python", args, timeout=180)).stdout
+    assert f"removing {stale}, left by a build of this op that was killed" in outputs["deepspeed"]
+    assert not os.path.exists(stale)
     for key in ("loss", "grad_norm", "lr"):
         single, deepspeed = (metric_history(runs[e], key) for e in ("ddp", "deepspeed"))
         assert sorted(single) == [1, 2, 3]
@@ -356,42 +360,35 @@ def lost_rank_run(launcher: str, run_dir, corpus_cache, fault: str, *extra: str)
     """Launch with rank 1 signalling itself (`fault`, see faults.KILL_ENV) in step 5; returns the
     launcher's exit code, its output, and the seconds from the fault to the launcher's exit."""
     args = smoke(run_dir, corpus_cache, "checkpoint.interval=2", "train.heartbeat_s=0.5", *extra)
-    cmd, env = launch_command(launcher, args)
-    env = {**env, KILL_ENV: f"1:5:{fault}", "STOP_GRACE_S": "5"}
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    lines, faulted = [], None
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            if "fault injection: this rank sends itself" in line:
-                faulted = time.monotonic()
-        code = proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert faulted is not None, "".join(lines)[-3000:]
-    return code, "".join(lines), time.monotonic() - faulted
+    faulted = []
+
+    def on_line(line: str, proc: subprocess.Popen) -> None:
+        if "fault injection: this rank sends itself" in line:
+            faulted.append(time.monotonic())
+
+    code, out = launch_watching(launcher, args, on_line, env={KILL_ENV: f"1:5:{fault}", "STOP_GRACE_S": "5"})
+    assert faulted, out[-3000:]
+    return code, out, time.monotonic() - faulted[0]
 
 
 @pytest.mark.faults
-@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
+@pytest.mark.parametrize(("launcher", "resume"), [("deepspeed", False), ("torchrun", True)])
 def test_a_rank_killed_in_a_step_stops_every_rank_with_its_name_and_the_next_launch_resumes(
-    launcher, tmp_path, corpus_cache
+    launcher, resume, tmp_path, corpus_cache
 ):
     """Rank 1 is SIGKILLed in step 5's forward pass while rank 0 goes on into the step's
     collectives: rank 0 stops (exit 4) naming rank 1 and step 5, the launcher ends within a
-    bounded time, and the next launch resumes from step 4, the last committed."""
+    bounded time, and the next launch resumes from step 4, the last committed (once: resuming
+    does not depend on the launcher)."""
     engine = "engine.zero_stage=2" if launcher == "deepspeed" else "engine=fsdp"
     code, out, after_s = lost_rank_run(launcher, tmp_path, corpus_cache, "SIGKILL", engine, "train.max_steps=6")
     assert code != 0
     assert "error: rank 1 was lost during step 5 (no heartbeat for" in out, out[-3000:]
-    assert after_s < 40, after_s  # the gloo error and a 3-beat confirmation; the launchers' grace is 30 s
-    resumed = check(
-        launch(launcher, smoke(tmp_path, corpus_cache, "checkpoint.interval=2", engine, "train.max_steps=6"))
-    )
-    assert "(step 4)" in resumed.stdout and "step 6/6" in resumed.stdout
+    assert after_s < 40, after_s  # the gloo error and a 2.5-beat confirmation; the launchers' grace is 30 s
+    if resume:
+        args = smoke(tmp_path, corpus_cache, "checkpoint.interval=2", engine, "train.max_steps=6")
+        resumed = check(launch(launcher, args))
+        assert "(step 4)" in resumed.stdout and "step 6/6" in resumed.stdout
 
 
 @pytest.mark.faults
@@ -441,40 +438,28 @@ def test_injected_loss_spikes_are_detected_and_skipped_or_rolled_back(
     assert math.isfinite(losses[16]) and losses[16] < losses[1] - 1.0
 
 
-def run_with_store_outage(args: list[str], server, at: str, down_s: float | None) -> tuple[int, str]:
-    """Launch with plain python; once a stdout line contains `at`, stop the object store, and start
-    it again `down_s` later (None: once the run has ended). Returns (exit code, output)."""
-    cmd, env = launch_command("python", args)
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    lines, restart = [], None
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            if at in line and restart is None:
-                server.stop()
-                restart = threading.Timer(down_s, server.start) if down_s is not None else None
-                if restart:
-                    restart.start()
-                at = "\0"
-        code = proc.wait(timeout=300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    if restart:
-        restart.join()
-    else:
+def run_with_store_outage(args: list[str], server, at: str) -> tuple[int, str]:
+    """Launch with plain python; once a stdout line contains `at`, stop the object store until the
+    run has ended. Returns (exit code, output)."""
+    stopped = []
+
+    def on_line(line: str, proc: subprocess.Popen) -> None:
+        if at in line and not stopped:
+            server.stop()
+            stopped.append(line)
+
+    code, out = launch_watching("python", args, on_line)
+    if stopped:
         server.start()
-    return code, "".join(lines)
+    return code, out
 
 
 @pytest.mark.faults
 def test_an_object_store_outage_while_streaming_waits_or_stops_resumably_and_skips_no_sample(tmp_path):
     """The shards stream from an S3 server (moto's, restarted on the same port with its buckets)
-    that goes down after step 3. Shorter than the retries, the run waits and goes on; longer, it
-    stops with one line, and the next start resumes from its checkpoint. Either way every step's
-    loss equals the uninterrupted run's: no sample was skipped or repeated."""
+    that goes down after step 3 for longer than the retries: the run stops with one line, the next
+    start resumes from its checkpoint, and every step's loss equals the uninterrupted run's: no
+    sample was skipped or repeated. (An outage the retries outlast: test_streaming.py.)"""
     from moto.server import ThreadedMotoServer
 
     from pretrain.prepare.embedded import stdlib_documents
@@ -507,7 +492,7 @@ def test_an_object_store_outage_while_streaming_waits_or_stops_resumably_and_ski
                 *(f"+data.storage_options.{k}={v}" for k, v in options.items()),
                 "+data.storage_options.config_kwargs.retries.max_attempts=1",  # botocore's retries off: ours count
                 "data.num_workers=1",
-                "data.retry_backoff_s=0.5",
+                "data.retry_backoff_s=0.2",
                 "checkpoint.interval=2",
                 "train.max_steps=10",
                 *extra,
@@ -516,13 +501,8 @@ def test_an_object_store_outage_while_streaming_waits_or_stops_resumably_and_ski
         check(launch("python", args(tmp_path / "unbroken")))
         expected = metric_history(tmp_path / "unbroken")
 
-        code, out = run_with_store_outage(args(tmp_path / "waited", "data.retries=5"), store, "step 3/", down_s=3)
-        assert code == 0, out[-3000:]
-        assert re.search(r"reading shard s3://outage/tokens/shard-\d+\.tar failed .*; retry 1/5", out)
-        assert metric_history(tmp_path / "waited") == expected
-
         stopped = tmp_path / "stopped"
-        code, out = run_with_store_outage(args(stopped, "data.retries=1"), store, "step 3/", down_s=None)
+        code, out = run_with_store_outage(args(stopped, "data.retries=1"), store, "step 3/")
         assert code == 2, out[-3000:]
         (error,) = [line for line in out.splitlines() if line.startswith("error:")]
         assert re.match(

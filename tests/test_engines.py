@@ -82,9 +82,16 @@ def test_bf16_runs_of_every_engine_train_save_and_load(tmp_path):
         assert restored_loss == next_loss, label  # optimizer state and schedule came back too
 
 
-def skip_nan_step(dist_info, variants):
-    """Per engine: steps on batches 0, 1, then batch 2 with rank 0's loss NaN, then batch 3;
-    returns what every rank saw of the NaN step, the weights around it, and the losses."""
+def refuse(loss: float) -> bool:
+    """An `accept` that refuses every update, after a collective as the spike detector's."""
+    mean_over_ranks(loss)
+    return False
+
+
+def faulty_third_step(dist_info, variants, fault):
+    """Per engine: steps on batches 0, 1, then batch 2 with the `fault` ("nan": rank 0's loss is
+    NaN; "withhold": `accept` refuses the update), then batch 3; returns what every rank saw of
+    the faulty step (withheld, skipped, bad), the weights around it, and the losses."""
     blocks = global_batches(4, 8)
     out = {}
     for label, overrides in variants.items():
@@ -92,61 +99,16 @@ def skip_nan_step(dist_info, variants):
         engine, losses = train(dist_info, cfg, blocks[:2])
         before = engine.full_state_dict()
         poisoned = engine.model.register_forward_hook(
-            lambda module, args, loss: loss * float("nan") if dist_info.rank == 0 else loss
+            lambda module, args, loss: loss * float("nan") if fault == "nan" and dist_info.rank == 0 else loss
         )
         micro = rank_micro_batches(blocks[2], dist_info.rank, dist_info.world_size, cfg.train.micro_batch_size)
-        result = engine.train_step(micro)
+        result = engine.train_step(micro, accept=refuse if fault == "withhold" else None)
         poisoned.remove()
         verdicts = [None] * dist_info.world_size
-        torch.distributed.all_gather_object(verdicts, (result.skipped, result.bad))
+        torch.distributed.all_gather_object(verdicts, (result.withheld, result.skipped, result.bad))
         after = engine.full_state_dict()
         out[label] = (verdicts, before, after, losses + [step(engine, blocks[3], dist_info, cfg)])
     return out if dist_info.rank == 0 else None
-
-
-def withhold_one_step(dist_info, variants):
-    """Per engine: steps on batches 0, 1, then batch 2 with an `accept` that refuses it (after
-    seeing every rank's loss), then batch 3; returns what every rank saw, the weights around the
-    refused step, and the losses."""
-    blocks = global_batches(4, 8)
-    out = {}
-    for label, overrides in variants.items():
-        cfg = config("tost_gpt2", overrides)
-        engine, losses = train(dist_info, cfg, blocks[:2])
-        before = engine.full_state_dict()
-        seen = []
-
-        def refuse(loss: float, seen: list = seen) -> bool:
-            seen.append(mean_over_ranks(loss))  # a collective, as the spike detector's
-            return False
-
-        micro = rank_micro_batches(blocks[2], dist_info.rank, dist_info.world_size, cfg.train.micro_batch_size)
-        result = engine.train_step(micro, accept=refuse)
-        verdicts = [None] * dist_info.world_size
-        torch.distributed.all_gather_object(verdicts, (result.withheld, result.skipped, result.bad, len(seen)))
-        after = engine.full_state_dict()
-        out[label] = (verdicts, before, after, losses + [step(engine, blocks[3], dist_info, cfg)])
-    return out if dist_info.rank == 0 else None
-
-
-@pytest.mark.slow
-def test_a_withheld_update_changes_nothing_on_any_engine_as_if_the_step_never_ran():
-    """What the spike detector's skip relies on: an update `accept` refuses (after the second of
-    two micro-batches) is made by no engine, the schedule does not advance, and the next step is
-    the step an unbroken run takes next."""
-    variants = {
-        "ddp": ["engine=ddp"],
-        "fsdp": ["engine=fsdp"],
-        "zero2": ["engine=deepspeed", "engine.zero_stage=2"],
-        "zero3": ["engine=deepspeed", "engine.zero_stage=3"],
-    }
-    results = run_local_world(withhold_one_step, 2, variants)[0]
-    blocks = global_batches(4, 8)
-    (clean,) = run_local_world(train_losses, 1, ["engine=ddp"], [blocks[0], blocks[1], blocks[3]])
-    for label, (verdicts, before, after, losses) in results.items():
-        assert verdicts == [(True, False, False, 1)] * 2, label
-        assert all(torch.equal(before[k], after[k]) for k in before), label
-        assert losses == pytest.approx(clean, rel=1e-5), label
 
 
 def train_losses(dist_info, overrides, blocks):
@@ -154,22 +116,33 @@ def train_losses(dist_info, overrides, blocks):
 
 
 @pytest.mark.slow
-def test_a_nan_loss_on_one_rank_skips_the_step_on_every_rank_as_if_it_never_ran():
+@pytest.mark.parametrize(
+    ("fault", "verdict", "more"),
+    [
+        # DeepSpeed without ZeRO cannot skip: it applies a NaN step (bad, for the guard to reload).
+        ("nan", (False, True, True), {"zero0": ["engine=deepspeed", "engine.zero_stage=0"]}),
+        # What the spike detector's skip relies on, after the second of two micro-batches.
+        ("withhold", (True, False, False), {"zero3": ["engine=deepspeed", "engine.zero_stage=3"]}),
+    ],
+)
+def test_a_nan_or_withheld_step_changes_nothing_on_every_rank_as_if_it_never_ran(fault, verdict, more):
+    """A NaN loss on one rank, or an update `accept` refuses, is made by no rank: the weights and
+    the schedule stay, and the next step is the step an unbroken run takes next."""
     variants = {
         "ddp": ["engine=ddp"],
         "fsdp": ["engine=fsdp"],
-        "zero0": ["engine=deepspeed", "engine.zero_stage=0"],
         "zero2": ["engine=deepspeed", "engine.zero_stage=2"],
+        **more,
     }
-    results = run_local_world(skip_nan_step, 2, variants)[0]
+    results = run_local_world(faulty_third_step, 2, variants, fault)[0]
     blocks = global_batches(4, 8)
     (clean,) = run_local_world(train_losses, 1, ["engine=ddp"], [blocks[0], blocks[1], blocks[3]])
     for label, (verdicts, before, after, losses) in results.items():
-        if label == "zero0":  # DeepSpeed without ZeRO applies the step: bad, for the guard to reload
-            assert verdicts == [(False, True)] * 2
+        if label == "zero0":
+            assert verdicts == [(False, False, True)] * 2
             assert all(torch.isnan(after[k]).any() for k in after if k.endswith("weight"))
             continue
-        assert verdicts == [(True, True)] * 2, label
+        assert verdicts == [verdict] * 2, label
         assert all(torch.equal(before[k], after[k]) for k in before), label
         assert losses == pytest.approx(clean, rel=1e-5), label
 

@@ -11,7 +11,7 @@ from helpers import TINY, check, launch, mlflow_run
 
 from pretrain.faults import ENV, POINTS
 
-STEPS, INTERVAL, KILLS, SEED = 8, 2, 8, 20261123
+STEPS, INTERVAL, KILLS, SEED = 8, 2, 6, 20261123
 SAVE_PHASES = POINTS[1:]
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.faults]
@@ -31,11 +31,13 @@ def kill_points(seed: int) -> list[tuple[str, int]]:
 
 def all_losses(run_dir) -> dict[int, list[float]]:
     """Every value ever logged for each step in the run's one MLflow run (kept across every
-    restart, including one before the first checkpoint); a replayed step is logged again."""
+    restart, including one before the first checkpoint): under "loss" the first time, under
+    "replay/loss" each time a restart took the step again."""
     client, run = mlflow_run(run_dir)
     by_step: dict[int, list[float]] = {}
-    for m in client.get_metric_history(run.info.run_id, "loss"):
-        by_step.setdefault(m.step, []).append(m.value)
+    for key in ("loss", "replay/loss"):
+        for m in client.get_metric_history(run.info.run_id, key):
+            by_step.setdefault(m.step, []).append(m.value)
     return by_step
 
 
