@@ -13,8 +13,8 @@ uploaded), "upload.recorded" (a node's upload record written), "commit.before_ma
 uploads recorded, manifest not yet written), "commit.after_manifest" (committed), "retention"
 (committed, old steps not yet deleted).
 
-With WHITEBOX_FAIL_AT="<point>:<step>" (step `*`: any step) the process that reaches a save's
-`point` raises OSError there instead, as a full disk or a read-only store would.
+With WHITEBOX_FAIL_AT="<point>:<step>[,...]" (step `*`: any step) the process that reaches a
+save's `point` raises OSError there instead, as a full disk or a read-only store would.
 With WHITEBOX_NAN_AT="5,6" rank 0's loss is NaN in steps 5 and 6, as a bad batch on one rank
 would make it; each listed step is poisoned once (list it twice to poison its replay too).
 With WHITEBOX_SPIKE_AT="30:12,13" rank 0's loss is 30 times what it is in steps 12 and 13 (a loss
@@ -57,7 +57,7 @@ POINTS = (
 def crash_point(point: str, step: int) -> None:
     if os.environ.get(ENV) == f"{point}:{step}":
         os.killpg(os.getpgrp(), signal.SIGKILL)
-    if os.environ.get(FAIL_ENV) in (f"{point}:{step}", f"{point}:*"):
+    if {f"{point}:{step}", f"{point}:*"} & set(os.environ.get(FAIL_ENV, "").split(",")):
         raise OSError(f"injected failure at {point} of step {step} ({FAIL_ENV})")
 
 

@@ -3,7 +3,8 @@
 Its peers would otherwise wait in their next collective: for the process-group timeout, or for
 ever, or until a launcher that saw the loss kills them without a word. Every rank beats (adds 1 to
 its counter in the rendezvous store) every `train.heartbeat_s` from a thread, and watches the next
-rank's counter; a counter that stands still for `train.lost_rank_timeout_s` is a lost rank. The
+rank's counter; a counter that stands still for `train.lost_rank_timeout_s` is a lost rank (one
+that has not started yet, its rank still setting up, is not judged). The
 watcher names it in the store, so that every rank stops with the same verdict, and ends its
 process with LOST_RANK_EXIT_CODE, even where the training thread is stuck in a collective. When a
 collective fails first (gloo reports a peer's closed connection at once), the training thread asks
@@ -85,7 +86,7 @@ class Heartbeat(Callback):
                 self._exit(self._store_lost(exc))
             if count == DONE:
                 return
-            if count != last:
+            if count != last or count == 0:  # moving, or not started (still setting up): not silent
                 last, since = count, time.monotonic()
                 self.watched_beat_at = since
             elif time.monotonic() - since > self.timeout_s:
@@ -104,7 +105,7 @@ class Heartbeat(Callback):
         try:
             if started - self.watched_beat_at > BEATS_TO_CONFIRM * self.interval_s:  # silent for long already
                 return self._declare(self.watched, started - self.watched_beat_at)
-            silent = self._counts(peers)
+            silent = {r: n for r, n in self._counts(peers).items() if n not in (0, DONE)}  # beating until now
             while time.monotonic() < started + BEATS_TO_CONFIRM * self.interval_s and silent:
                 time.sleep(self.interval_s / 2)
                 if self.store.check([LOST_KEY]):
