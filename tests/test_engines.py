@@ -88,6 +88,13 @@ def refuse(loss: float) -> bool:
     return False
 
 
+def accept_all(loss: float) -> bool:
+    """An `accept` that takes every update, after a collective, as the trainer's always does: a
+    NaN on one rank must not keep another from joining it."""
+    mean_over_ranks(loss)
+    return True
+
+
 def faulty_third_step(dist_info, variants, fault):
     """Per engine: steps on batches 0, 1, then batch 2 with the `fault` ("nan": rank 0's loss is
     NaN; "withhold": `accept` refuses the update), then batch 3; returns what every rank saw of
@@ -102,7 +109,7 @@ def faulty_third_step(dist_info, variants, fault):
             lambda module, args, loss: loss * float("nan") if fault == "nan" and dist_info.rank == 0 else loss
         )
         micro = rank_micro_batches(blocks[2], dist_info.rank, dist_info.world_size, cfg.train.micro_batch_size)
-        result = engine.train_step(micro, accept=refuse if fault == "withhold" else None)
+        result = engine.train_step(micro, accept=refuse if fault == "withhold" else accept_all)
         poisoned.remove()
         verdicts = [None] * dist_info.world_size
         torch.distributed.all_gather_object(verdicts, (result.withheld, result.skipped, result.bad))

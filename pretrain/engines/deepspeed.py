@@ -12,7 +12,6 @@ import contextlib
 import glob
 import hashlib
 import io
-import math
 import os
 import shutil
 import tempfile
@@ -118,7 +117,7 @@ class DeepSpeedEngine(Engine):
         for i, batch in enumerate(micro_batches):
             loss = self.engine(**self.to_device(batch))
             total += loss.item()
-            if accept is not None and i == len(micro_batches) - 1 and math.isfinite(total):
+            if accept is not None and i == len(micro_batches) - 1:  # on every rank: `accept` is collective
                 withheld = not accept(total / len(micro_batches))
             self.engine.backward(loss * float("nan") if withheld else loss)
             if self._measure_grad_norm and self.engine.is_gradient_accumulation_boundary():
