@@ -1,60 +1,98 @@
 #!/usr/bin/env bash
 # Start one node's training ranks as direct children of this script, one per accelerator, and exit
-# with a code the cluster templates act on: 75 when the ranks stopped for a preemption notice
-# (requeue), 4 when a rank was lost (killed by a signal, as by the OOM killer, or stopped because a
-# peer was), the first failing rank's code when one failed otherwise, else 0. Used by
-# slurm/train.sbatch and k8s/job.yaml; every argument goes to pretrain/main.py.
+# with a code the cluster templates act on (cluster/README.md, "Exit codes"):
+#   0                    every rank finished
+#   75 (PREEMPTED_EXIT)  the ranks stopped for a preemption notice, with a committed checkpoint: requeue
+#   4  (LOST_PEER_EXIT)  the ranks stopped because a rank elsewhere was lost; this node is healthy: restart
+#   128+n                a rank here was killed by signal n (137: SIGKILL, as by the OOM killer)
+#   other                the first failing rank's code (2: a bad config or bad data, 3: a save failed)
+# Every argument goes to pretrain/main.py. Used by slurm/train.sbatch and the k8s/ manifests.
 #
-# Needs bash >= 5.1. Environment: NNODES, NODE_RANK, PROCS_PER_NODE, MASTER_ADDR (required); MASTER_PORT (29500);
-# FORWARD_SIGNALS=1 to pass SIGTERM/SIGUSR1 on to the ranks, where the scheduler signals only this
-# process (Kubernetes signals PID 1); leave it 0 where every process is signalled (Slurm), or the
-# ranks would see each notice twice, and a second notice means "stop at once".
+# Needs bash >= 5.1. Environment: NNODES, NODE_RANK, PROCS_PER_NODE, MASTER_ADDR (required);
+# MASTER_PORT (29500); PYTHON (python); PREEMPTED_EXIT and LOST_PEER_EXIT replace 75 and 4 for
+# schedulers that read exit codes their own way (Kubeflow's ExitCode policy retries only 128-255);
+# STOP_GRACE_S (30): after a rank fails, how long the others have to stop by themselves (naming a
+# lost peer) before they are killed; FORWARD_SIGNALS=1 to pass SIGTERM/SIGUSR1 on to the ranks
+# where the scheduler signals only this process (Kubernetes signals PID 1). Leave it 0 where every
+# process is signalled (Slurm), or the ranks would see each notice twice, and a second notice means
+# "stop at once".
 set -u
 : "${NNODES:?}" "${NODE_RANK:?}" "${PROCS_PER_NODE:?}" "${MASTER_ADDR:?}"
 export MASTER_ADDR MASTER_PORT="${MASTER_PORT:-29500}"
-PREEMPTED=75
-LOST_RANK=4
-STOP_GRACE_S=${STOP_GRACE_S:-30}  # after a rank fails, the others get this long to say why they stop, then SIGKILL
-here=$(cd "$(dirname "$0")/.." && pwd)
+PREEMPTED=75  # what pretrain/main.py exits with after a preemption notice
+LOST_PEER=4   # ... and after a peer was lost
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
-pids=()
+running=() failure="" lost_peer=0 preempted=0 failed=0 grace="" stopping=0
+# After the first failure, `grace` is a `sleep STOP_GRACE_S` this script waits on with the ranks.
+stop_ranks() {  # kill the ranks still running; their deaths are this script's doing, not failures
+  stopping=1
+  kill -KILL "${running[@]}" 2>/dev/null
+}
+# A handler for every notice: as a container's PID 1 this script would otherwise never receive them,
+# and a trapped signal only interrupts the wait below, never this script.
+notice() {  # $1: the signal this script received
+  if [ "$failed" -eq 1 ]; then
+    stop_ranks  # a rank has failed, so no checkpoint can come: stop now
+  elif [ "${FORWARD_SIGNALS:-0}" = 1 ]; then
+    kill -"$1" "${running[@]}" 2>/dev/null
+  fi  # else the ranks got the notice themselves; this script waits for their verdict
+}
+trap 'notice TERM' TERM
+trap 'notice USR1' USR1
+
 for ((i = 0; i < PROCS_PER_NODE; i++)); do
   RANK=$((NODE_RANK * PROCS_PER_NODE + i)) LOCAL_RANK=$i WORLD_SIZE=$((NNODES * PROCS_PER_NODE)) \
-    LOCAL_WORLD_SIZE=$PROCS_PER_NODE python "$here/pretrain/main.py" "$@" &
-  pids+=($!)
+    LOCAL_WORLD_SIZE=$PROCS_PER_NODE "${PYTHON:-python}" "$here/pretrain/main.py" "$@" &
+  running+=($!)
 done
-if [ "${FORWARD_SIGNALS:-0}" = 1 ]; then
-  trap 'kill -TERM "${pids[@]}" 2>/dev/null' TERM
-  trap 'kill -USR1 "${pids[@]}" 2>/dev/null' USR1
-else
-  trap '' TERM USR1  # the ranks got the notice themselves; this script waits for their verdict
-fi
 
-# Reap ranks as they exit (bash >= 5.1 for wait -p). A failed rank leaves the others blocked in a
-# collective: they notice the lost peer themselves (exit 4, naming it and the step), and are
-# killed if they have not within STOP_GRACE_S; preempted ranks all exit by themselves.
-status=0 preempted=0 running=("${pids[@]}") killer=""
-while [ "${#running[@]}" -gt 0 ]; do
-  finished=""
-  wait -n -p finished "${running[@]}"
-  code=$?
-  [ -z "${finished:-}" ] && continue  # a trapped signal interrupted the wait (and unset finished)
-  still=()
-  for pid in "${running[@]}"; do [ "$pid" = "$finished" ] || still+=("$pid"); done
-  running=("${still[@]}")
+record() {  # $1: a rank's pid, $2: its exit code
+  local code=$2
   if [ "$code" -eq "$PREEMPTED" ]; then
     preempted=1
-  elif [ "$code" -ne 0 ] && [ "$status" -eq 0 ]; then
-    status=$code
-    if [ "$code" -gt 128 ]; then
-      echo "launch_node.sh: rank pid $finished was killed by signal $((code - 128)); stopping this node's ranks" >&2
-      status=$LOST_RANK
-    fi
-    (sleep "$STOP_GRACE_S" && kill -KILL "${pids[@]}") >/dev/null 2>&1 &
-    killer=$!
+    return
   fi
+  [ "$code" -eq 0 ] && return
+  [ "$stopping" -eq 1 ] && [ "$code" -gt 128 ] && return
+  if [ "$code" -eq "$LOST_PEER" ]; then lost_peer=1; elif [ -z "$failure" ]; then failure=$code; fi
+  if [ "$failed" -eq 0 ]; then
+    failed=1
+    local why="exited $code"
+    [ "$code" -gt 128 ] && why="was killed by signal $((code - 128))"
+    echo "launch_node.sh: rank pid $1 $why; the others on this node have ${STOP_GRACE_S:-30} s to stop" >&2
+    sleep "${STOP_GRACE_S:-30}" &
+    grace=$!
+  fi
+}
+
+# Reap ranks as they exit. `wait -n` returns when one exits or a trapped signal arrives; when several
+# exit together bash may reap them all at once and then no longer counts them as jobs (wait -n
+# answers 127), so every pass also collects, by pid, each rank that is no longer alive.
+while [ "${#running[@]}" -gt 0 ]; do
+  finished=""
+  wait -n -p finished "${running[@]}" ${grace:+"$grace"} 2>/dev/null
+  code=$?
+  if [ -n "$grace" ] && [ "${finished:-}" = "$grace" ]; then
+    grace=""
+    stop_ranks
+  fi
+  still=()
+  for pid in "${running[@]}"; do
+    if [ "$pid" = "${finished:-}" ]; then
+      record "$pid" "$code"
+    elif kill -0 "$pid" 2>/dev/null; then
+      still+=("$pid")
+    else
+      wait "$pid"
+      record "$pid" $?
+    fi
+  done
+  [ "${#still[@]}" -eq "${#running[@]}" ] && [ "$code" -eq 127 ] && sleep 0.2  # nothing reaped: never spin
+  running=("${still[@]}")
 done
-[ -n "$killer" ] && kill "$killer" 2>/dev/null
-if [ "$status" -ne 0 ]; then exit "$status"; fi
-if [ "$preempted" -eq 1 ]; then exit "$PREEMPTED"; fi
+[ -n "$grace" ] && kill "$grace" 2>/dev/null
+if [ -n "$failure" ]; then exit "$failure"; fi
+if [ "$lost_peer" -eq 1 ]; then exit "${LOST_PEER_EXIT:-$LOST_PEER}"; fi
+if [ "$preempted" -eq 1 ]; then exit "${PREEMPTED_EXIT:-$PREEMPTED}"; fi
 exit 0
