@@ -129,7 +129,9 @@ def test_a_lost_peer_elsewhere_is_exit_4_but_a_rank_killed_here_is_its_signal(tm
     assert code == 4, err
     killed = tmp_path / "killed"
     killed.mkdir()
-    code, err, _ = finish(start(killed, 4, "one_fails", FAKE_RANK="2", FAKE_PEERS="notice", FAKE_CODE="kill"), killed, 10)
+    code, err, _ = finish(
+        start(killed, 4, "one_fails", FAKE_RANK="2", FAKE_PEERS="notice", FAKE_CODE="kill"), killed, 10
+    )
     assert code == 128 + signal.SIGKILL and "was killed by signal 9" in err, err
 
 
@@ -141,7 +143,10 @@ def test_schedulers_can_renumber_the_preempted_and_lost_peer_codes(tmp_path):
     assert finish(proc, tmp_path, 10)[0] == 143
     lost = tmp_path / "lost"
     lost.mkdir()
-    assert finish(start(lost, 2, "one_fails", FAKE_RANK="9", FAKE_PEERS="notice", LOST_PEER_EXIT="129"), lost, 10)[0] == 129
+    assert (
+        finish(start(lost, 2, "one_fails", FAKE_RANK="9", FAKE_PEERS="notice", LOST_PEER_EXIT="129"), lost, 10)[0]
+        == 129
+    )
 
 
 def test_a_notice_after_a_rank_failed_stops_the_node_at_once(tmp_path):
