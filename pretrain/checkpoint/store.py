@@ -60,7 +60,9 @@ class CheckpointStore:
         self.fs, root = url_to_fs(self.url, storage_options, "checkpoint.url")
         self.root = root.rstrip("/")
         self.is_local = isinstance(self.fs, LocalFileSystem)
-        self.staging_root, self.node = staging_root, node
+        # A directory per node, so that "nodes" sharing a host (two slurmd on one machine, a local
+        # multi-node test) or a staging_dir on a shared filesystem never mix their files.
+        self.staging_root, self.node = os.path.join(staging_root, f"node{node.index}"), node
 
     # ------------------------------------------------------------------ writing
 
