@@ -185,10 +185,16 @@ class LocalSlurm:
             return
         daemons = [int(pid) for _, pid in (line.split() for line in pids_file.read_text().splitlines() if line.strip())]
         subprocess.run(["scancel", "--full", "--quiet", "--user", str(os.geteuid())], env=self.env, capture_output=True)
-        self._stop([pid for pid in self._descendants() if pid not in daemons], grace_s=CANCEL_GRACE_S)
+        deadline = time.monotonic() + CANCEL_GRACE_S
+        while self._queue() and time.monotonic() < deadline:
+            time.sleep(0.1)
         self._stop(list(reversed(daemons)), grace_s=CANCEL_GRACE_S)
-        self._stop(self._descendants(), grace_s=0)
+        self._stop(self._descendants(), grace_s=0)  # what a daemon left behind (slurmstepd, job processes)
         pids_file.unlink()
+
+    def _queue(self) -> str:
+        shown = subprocess.run(["squeue", "-h", "-o", "%i"], env=self.env, capture_output=True, text=True)
+        return shown.stdout.strip() if shown.returncode == 0 else ""
 
     def _descendants(self) -> list[int]:
         """Processes with this cluster's SLURM_CONF in their environment: its jobs and their steps."""
