@@ -50,7 +50,7 @@ def test_every_package_the_code_imports_is_declared(folders: list[str], extra: s
     tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     declared = _declared(project["dependencies"] + (project["optional-dependencies"][extra] if extra else []))
-    local = {"pretrain", "helpers", "conftest"} | {p.stem for p in (REPO / "tools").rglob("*.py")}
+    local = {"pretrain", "tools", "helpers", "conftest"} | {p.stem for p in (REPO / "tools").rglob("*.py")}
     distributions = importlib.metadata.packages_distributions()
     missing = {}
     for module in _imported_modules(folders) - set(sys.stdlib_module_names) - local - {"__future__"}:
