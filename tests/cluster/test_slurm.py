@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, TINY, last_wins, launch_command
+from helpers import REPO, TINY, last_wins, launch_command, mlflow_run
 
 from tools.slurm_local import LocalSlurm, SlurmUnavailable
 
@@ -156,6 +156,7 @@ def test_a_notice_to_the_batch_shell_checkpoints_requeues_and_resumes_with_the_s
     job.wait_for(lambda: job.show().get("Restarts") == "1" and job.show()["JobState"] == "PENDING", "requeue")
     stopped_at = int(re.search(r"preempted \(SIGUSR1\) after step (\d+)", job.text()).group(1))
     assert stopped_at < STEPS and "requeueing job" in job.text()
+    assert mlflow_run(tmp_path / "run")[1].info.status == "KILLED"
     # A requeued job waits about two minutes before it may start again. Let it start in a few
     # seconds: a start in the second of its requeue would meet the old run's revoked credential.
     subprocess.run(["scontrol", "update", f"JobId={job.id}", "StartTime=now+3"], env=slurm.env, check=True)
