@@ -130,6 +130,7 @@ class LocalSlurm:
             "ReturnToService=2",
             "MpiDefault=none",
             "SchedulerType=sched/backfill",
+            "SchedulerParameters=sched_interval=1,bf_interval=1",  # a requeued job starts soon after its begin time
             "AccountingStorageType=accounting_storage/none",
             "JobAcctGatherType=jobacct_gather/none",
             "SlurmctldTimeout=30",
