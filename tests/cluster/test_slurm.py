@@ -20,6 +20,7 @@ from tools.slurm_local import LocalSlurm, SlurmUnavailable
 SBATCH = REPO / "cluster" / "slurm" / "train.sbatch"
 STEPS = 8
 JOB_TIMEOUT_S = 180
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
@@ -61,8 +62,11 @@ class Job:
         return dict(field.split("=", 1) for field in out.stdout.split() if "=" in field)
 
     def wait_for(self, predicate, what: str, timeout_s: float = JOB_TIMEOUT_S) -> None:
+        """Until `predicate()`; an ended job fails the wait at once (what did not come never will)."""
         deadline = time.monotonic() + timeout_s
         while not predicate():
+            ended = self.show().get("JobState") in ENDED
+            assert not ended or predicate(), f"job {self.id} ended with no {what}: {self.state()}"
             assert time.monotonic() < deadline, f"job {self.id}: no {what} after {timeout_s} s: {self.state()}"
             time.sleep(0.2)
 
@@ -70,7 +74,7 @@ class Job:
         self.wait_for(lambda: re.search(pattern, self.text()), repr(pattern))
 
     def finish(self) -> dict[str, str]:
-        self.wait_for(lambda: self.show().get("JobState") not in ("PENDING", "RUNNING", "COMPLETING", None), "end")
+        self.wait_for(lambda: self.show().get("JobState") in ENDED, "end")
         return self.show()
 
     def state(self) -> str:
@@ -151,7 +155,8 @@ def test_a_notice_to_the_batch_shell_checkpoints_requeues_and_resumes_with_the_s
     job = Job(slurm, tmp_path, overrides(tmp_path / "run", corpus_cache), "--nodes=2")
     job.wait_for_line(r"step 2/")
     assert job.show()["NumCPUs"] == str(2 * slurm.cpus_per_node)
-    assert job.show("step")["CPUs"] == str(2 * slurm.cpus_per_node)
+    # What task/affinity or a cgroup would bind each node's ranks to (task/none here binds nothing).
+    assert {environ(pid)["SLURM_CPUS_PER_TASK"] for pid in ranks_of(job.id)} == {str(slurm.cpus_per_node)}
     subprocess.run(["scancel", "--batch", "--signal=USR1", job.id], env=slurm.env, check=True)
     job.wait_for(lambda: job.show().get("Restarts") == "1" and job.show()["JobState"] == "PENDING", "requeue")
     stopped_at = int(re.search(r"preempted \(SIGUSR1\) after step (\d+)", job.text()).group(1))
@@ -169,7 +174,7 @@ def test_a_notice_to_the_batch_shell_checkpoints_requeues_and_resumes_with_the_s
 def test_a_rank_killed_with_sigkill_ends_the_job_non_zero_within_bounded_time(slurm, tmp_path, corpus_cache):
     job = Job(slurm, tmp_path, overrides(tmp_path / "run", corpus_cache, "train.max_steps=200"), "--nodes=2")
     job.wait_for_line(r"step 2/")
-    (rank1,) = [pid for pid in ranks_of(job.id) if rank_of(pid) == "1"]
+    (rank1,) = [pid for pid in ranks_of(job.id) if environ(pid)["RANK"] == "1"]
     os.kill(rank1, signal.SIGKILL)
     killed_at = time.monotonic()
     state = job.finish()
@@ -196,6 +201,6 @@ def ranks_of(job_id: str) -> list[int]:
     return found
 
 
-def rank_of(pid: int) -> str:
-    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    return next(v.split(b"=", 1)[1].decode() for v in environ if v.startswith(b"RANK="))
+def environ(pid: int) -> dict[str, str]:
+    pairs = (v.decode().split("=", 1) for v in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in v)
+    return dict(pairs)
