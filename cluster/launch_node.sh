@@ -66,14 +66,15 @@ record() {  # $1: a rank's pid, $2: its exit code
   fi
 }
 
-# Reap ranks as they exit. `wait -n` returns when one exits or a trapped signal arrives; when several
-# exit together bash may reap them all at once and then no longer counts them as jobs (wait -n
-# answers 127), so every pass also collects, by pid, each rank that is no longer alive.
+# Reap ranks as they exit. `wait -n` returns when one exits (naming it) or a trapped signal arrives;
+# when several exit together bash may reap them all at once and then no longer count them as jobs
+# (`wait -n` answers 127), so every pass also collects, by pid, each rank that is no longer alive.
+# Bash can answer -1 for a pid it has reaped but not yet recorded: that rank waits for the next pass.
 while [ "${#running[@]}" -gt 0 ]; do
   finished=""
   wait -n -p finished "${running[@]}" ${grace:+"$grace"} 2>/dev/null
   code=$?
-  if [ -n "$grace" ] && [ "${finished:-}" = "$grace" ]; then
+  if [ -n "$grace" ] && { [ "${finished:-}" = "$grace" ] || ! kill -0 "$grace" 2>/dev/null; }; then
     grace=""
     stop_ranks
   fi
@@ -81,14 +82,16 @@ while [ "${#running[@]}" -gt 0 ]; do
   for pid in "${running[@]}"; do
     if [ "$pid" = "${finished:-}" ]; then
       record "$pid" "$code"
-    elif kill -0 "$pid" 2>/dev/null; then
-      still+=("$pid")
-    else
-      wait "$pid"
-      record "$pid" $?
+      continue
     fi
+    status=-1
+    if ! kill -0 "$pid" 2>/dev/null; then
+      wait "$pid"
+      status=$?
+    fi
+    if [ "$status" -ge 0 ]; then record "$pid" "$status"; else still+=("$pid"); fi
   done
-  [ "${#still[@]}" -eq "${#running[@]}" ] && [ "$code" -eq 127 ] && sleep 0.2  # nothing reaped: never spin
+  [ "${#still[@]}" -eq "${#running[@]}" ] && [ -z "${finished:-}" ] && sleep 0.2  # nothing reaped: never spin
   running=("${still[@]}")
 done
 [ -n "$grace" ] && kill "$grace" 2>/dev/null
