@@ -23,8 +23,7 @@ PREEMPTED=75  # what pretrain/main.py exits with after a preemption notice
 LOST_PEER=4   # ... and after a peer was lost
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
-running=() failure="" lost_peer=0 preempted=0 failed=0 grace="" stopping=0
-# After the first failure, `grace` is a `sleep STOP_GRACE_S` this script waits on with the ranks.
+running=() failure="" lost_peer=0 preempted=0 failed=0 deadline=0 stopping=0
 stop_ranks() {  # kill the ranks still running; their deaths are this script's doing, not failures
   stopping=1
   kill -KILL "${running[@]}" 2>/dev/null
@@ -61,40 +60,29 @@ record() {  # $1: a rank's pid, $2: its exit code
     local why="exited $code"
     [ "$code" -gt 128 ] && why="was killed by signal $((code - 128))"
     echo "launch_node.sh: rank pid $1 $why; the others on this node have ${STOP_GRACE_S:-30} s to stop" >&2
-    sleep "${STOP_GRACE_S:-30}" &
-    grace=$!
+    deadline=$((${EPOCHREALTIME/./} + ${STOP_GRACE_S:-30} * 1000000))  # microseconds
   fi
 }
 
-# Reap ranks as they exit. `wait -n` returns when one exits (naming it) or a trapped signal arrives;
-# when several exit together bash may reap them all at once and then no longer count them as jobs
-# (`wait -n` answers 127), so every pass also collects, by pid, each rank that is no longer alive.
-# Bash can answer -1 for a pid it has reaped but not yet recorded: that rank waits for the next pass.
+# Reap ranks as they exit, by polling: each rank that is no longer alive gives its code to `wait
+# PID`. (`wait -n` loses codes: interrupted by a trapped signal, or when bash reaps several ranks
+# at once, it answers 127 or -1 for ranks that did exit.)
 while [ "${#running[@]}" -gt 0 ]; do
-  finished=""
-  wait -n -p finished "${running[@]}" ${grace:+"$grace"} 2>/dev/null
-  code=$?
-  if [ -n "$grace" ] && { [ "${finished:-}" = "$grace" ] || ! kill -0 "$grace" 2>/dev/null; }; then
-    grace=""
+  sleep 0.2
+  if [ "$failed" -eq 1 ] && [ "$stopping" -eq 0 ] && [ "${EPOCHREALTIME/./}" -ge "$deadline" ]; then
     stop_ranks
   fi
   still=()
   for pid in "${running[@]}"; do
-    if [ "$pid" = "${finished:-}" ]; then
-      record "$pid" "$code"
-      continue
-    fi
-    status=-1
-    if ! kill -0 "$pid" 2>/dev/null; then
+    if kill -0 "$pid" 2>/dev/null; then
+      still+=("$pid")
+    elif [ "$stopping" -eq 0 ]; then
       wait "$pid"
-      status=$?
+      record "$pid" $?
     fi
-    if [ "$status" -ge 0 ]; then record "$pid" "$status"; else still+=("$pid"); fi
   done
-  [ "${#still[@]}" -eq "${#running[@]}" ] && [ -z "${finished:-}" ] && sleep 0.2  # nothing reaped: never spin
   running=("${still[@]}")
 done
-[ -n "$grace" ] && kill "$grace" 2>/dev/null
 if [ -n "$failure" ]; then exit "$failure"; fi
 if [ "$lost_peer" -eq 1 ]; then exit "${LOST_PEER_EXIT:-$LOST_PEER}"; fi
 if [ "$preempted" -eq 1 ]; then exit "${PREEMPTED_EXIT:-$PREEMPTED}"; fi
