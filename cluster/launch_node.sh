@@ -29,7 +29,7 @@ stop_ranks() {  # kill the ranks still running; their deaths are this script's d
   kill -KILL "${running[@]}" 2>/dev/null
 }
 # A handler for every notice: as a container's PID 1 this script would otherwise never receive them,
-# and a trapped signal only interrupts the wait below, never this script.
+# and a trapped signal only interrupts the polling below, never this script.
 notice() {  # $1: the signal this script received
   if [ "$failed" -eq 1 ]; then
     stop_ranks  # a rank has failed, so no checkpoint can come: stop now

@@ -196,7 +196,7 @@ def ranks_of(job_id: str) -> list[int]:
             environ = (proc / "environ").read_bytes().split(b"\0")
         except (OSError, IndexError):
             continue
-        if f"SLURM_JOB_ID={job_id}".encode() in environ:
+        if f"SLURM_JOB_ID={job_id}".encode() in environ and b"pretrain/main.py" in (proc / "cmdline").read_bytes():
             found.append(int(proc.name))
     return found
 
