@@ -23,7 +23,7 @@ PREEMPTED=75  # what pretrain/main.py exits with after a preemption notice
 LOST_PEER=4   # ... and after a peer was lost
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
-running=() failure="" lost_peer=0 preempted=0 failed=0 deadline=0 stopping=0
+running=() failure="" lost_peer=0 preempted=0 deadline=0 stopping=0  # deadline: set when a rank fails
 stop_ranks() {  # kill the ranks still running; their deaths are this script's doing, not failures
   stopping=1
   kill -KILL "${running[@]}" 2>/dev/null
@@ -31,7 +31,7 @@ stop_ranks() {  # kill the ranks still running; their deaths are this script's d
 # A handler for every notice: as a container's PID 1 this script would otherwise never receive them,
 # and a trapped signal only interrupts the polling below, never this script.
 notice() {  # $1: the signal this script received
-  if [ "$failed" -eq 1 ]; then
+  if [ "$deadline" -gt 0 ]; then
     stop_ranks  # a rank has failed, so no checkpoint can come: stop now
   elif [ "${FORWARD_SIGNALS:-0}" = 1 ]; then
     kill -"$1" "${running[@]}" 2>/dev/null
@@ -55,8 +55,7 @@ record() {  # $1: a rank's pid, $2: its exit code
   [ "$code" -eq 0 ] && return
   [ "$stopping" -eq 1 ] && [ "$code" -gt 128 ] && return
   if [ "$code" -eq "$LOST_PEER" ]; then lost_peer=1; elif [ -z "$failure" ]; then failure=$code; fi
-  if [ "$failed" -eq 0 ]; then
-    failed=1
+  if [ "$deadline" -eq 0 ]; then
     local why="exited $code"
     [ "$code" -gt 128 ] && why="was killed by signal $((code - 128))"
     echo "launch_node.sh: rank pid $1 $why; the others on this node have ${STOP_GRACE_S:-30} s to stop" >&2
@@ -69,7 +68,7 @@ record() {  # $1: a rank's pid, $2: its exit code
 # at once, it answers 127 or -1 for ranks that did exit.)
 while [ "${#running[@]}" -gt 0 ]; do
   sleep 0.2
-  if [ "$failed" -eq 1 ] && [ "$stopping" -eq 0 ] && [ "${EPOCHREALTIME/./}" -ge "$deadline" ]; then
+  if [ "$deadline" -gt 0 ] && [ "$stopping" -eq 0 ] && [ "${EPOCHREALTIME/./}" -ge "$deadline" ]; then
     stop_ranks
   fi
   still=()
