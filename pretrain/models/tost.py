@@ -8,7 +8,6 @@ Causal TSSA uses inclusive prefix statistics (s <= t), computed with cumsum.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -17,37 +16,12 @@ from torch import Tensor, nn
 from pretrain.config import ModelConfig
 from pretrain.models.layers import TokenMixer, merge_heads, split_heads
 from pretrain.models.lm import CausalLM
+from pretrain.models.tssa import TSSAState, token_statistics, token_statistics_step
 
 
-def token_statistics(
-    w: Tensor, temp: Tensor, *, causal: bool, denom_bias: Tensor | None = None, eps: float = 1e-12
-) -> tuple[Tensor, Tensor]:
-    """TSSA core on projected tokens w (B, K, N, p); returns (c (B, K, N, p), pi (B, K, N)).
-
-    temp (K, 1) is each head's inverse temperature; denom_bias (K, >= N), if given, is a learned
-    per-position prior on the logits. Statistics are sums over all tokens, or prefix sums when
-    causal. pi is returned too because white-box measurements (membership entropy) need it.
-    Squares, sums and the softmax run in fp32 at least (bf16 prefix sums over T would drift);
-    c comes back in w's dtype.
-    """
-    total = partial(torch.cumsum, dim=2) if causal else partial(torch.sum, dim=2, keepdim=True)
-    N, p = w.shape[2:]
-    dtype = w.dtype
-    w = w.to(torch.promote_types(dtype, torch.float32))
-    w2 = w.square()
-    energy = w2 / total(w2).clamp_min(eps)  # (B, K, N, p): share of each coordinate's energy
-    logits = energy.sum(dim=-1)  # (B, K, N)
-    if denom_bias is not None:
-        logits = logits + p * denom_bias[:, :N].to(w.dtype)
-    pi = (temp.to(w.dtype) * logits).softmax(dim=1)  # (B, K, N): over HEADS, sums to 1 per token
-    m = total(pi.unsqueeze(-1) * w2) / (total(pi).unsqueeze(-1) + 1e-8)  # (B, K, N or 1, p)
-    c = -pi.unsqueeze(-1) * w / (1 + m)
-    return c.to(dtype), pi
-
-
-def tssa(w: Tensor, temp: Tensor, eps: float = 1e-12) -> Tensor:
+def tssa(w: Tensor, temp: Tensor) -> Tensor:
     """Non-causal TSSA core (vision): w (B, K, N, p), temp (K, 1) -> c (B, K, N, p)."""
-    return token_statistics(w, temp, causal=False, eps=eps)[0]
+    return token_statistics(w, temp, causal=False)[0]
 
 
 def causal_tssa(w: Tensor, temp: Tensor, denom_bias: Tensor) -> Tensor:
@@ -81,18 +55,6 @@ class TSSA(TokenMixer):
         return {"temp"}
 
 
-@dataclass
-class TSSAState:
-    """All that causal TSSA needs of the past to process the next token, per head: the prefix
-    sums S = sum w^2 (p floats), M = sum pi w^2 (p floats) and P = sum pi (1 float), and the
-    next position t. O(D) per layer, whatever t is."""
-
-    S: Tensor  # (B, K, p)
-    M: Tensor  # (B, K, p)
-    P: Tensor  # (B, K)
-    t: int = 0
-
-
 class CausalTSSA(TSSA):
     """Causal TSSA layer (language): TSSA over each prefix, with a learned positional prior on
     the head memberships (denom_bias)."""
@@ -114,18 +76,9 @@ class CausalTSSA(TSSA):
     def step(self, x: Tensor, state: TSSAState) -> Tensor:
         """The recurrent form: x (B, 1, D), the next token, -> its output (B, 1, D), updating
         `state` in place; equal to `forward` on the whole prefix at that position, to rounding."""
-        dtype = x.dtype
-        w = split_heads(self.U(x), self.n_head)[:, :, 0].float()  # (B, K, p)
-        w2 = w.square()
-        state.S += w2
-        energy = (w2 / state.S.clamp_min(1e-12)).sum(-1)  # (B, K)
-        logits = energy + w.shape[-1] * self.denom_bias[:, state.t].float()
-        pi = (self.temp.float().squeeze(-1) * logits).softmax(dim=1)  # (B, K): over heads
-        state.M += pi.unsqueeze(-1) * w2
-        state.P += pi
-        state.t += 1
-        c = -pi.unsqueeze(-1) * w / (1 + state.M / (state.P.unsqueeze(-1) + 1e-8))  # (B, K, p)
-        return self.out_proj(merge_heads(c.unsqueeze(2).to(dtype)))
+        w = split_heads(self.U(x), self.n_head)[:, :, 0]  # (B, K, p)
+        c = token_statistics_step(w, self.temp, self.denom_bias, state)  # (B, K, p)
+        return self.out_proj(merge_heads(c.unsqueeze(2).to(x.dtype)))
 
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | {"denom_bias"}
