@@ -13,15 +13,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
-import tempfile
 
 import torch
 
-from pretrain.checkpoint.export import model_weights
-from pretrain.checkpoint.store import CheckpointStore, DamagedCheckpoint, Node
-from pretrain.config import ModelConfig
+from pretrain.checkpoint.export import open_step
 from pretrain.data.storage import add_storage_option_flag, parse_storage_options
 from pretrain.data.tokenizer import gpt2_tokenizer
 from pretrain.errors import UserError
@@ -51,28 +47,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def generate(args: argparse.Namespace) -> str:
-    staging = os.path.join(tempfile.gettempdir(), "whitebox-generate")
-    store = CheckpointStore(
-        args.checkpoints, parse_storage_options(args.storage_option), staging, Node(index=0, count=1, is_leader=True)
-    )
-    committed = store.committed_steps()
-    if not committed:
-        raise UserError(f"{args.checkpoints} holds no committed checkpoint")
-    step = committed[-1] if args.step is None else args.step
-    if step not in committed:
-        raise UserError(f"--step {step} is not a committed checkpoint of {args.checkpoints} (committed: {committed})")
-    try:
-        directory = store.fetch(step)
-    except DamagedCheckpoint as exc:
-        raise UserError(f"{exc}; pick another --step") from None
-    manifest = store.manifest(step)
-    model = build_model(ModelConfig(**manifest["config"]["model"]))
-    if not isinstance(model, ToSTLM):
-        raise UserError(
-            f"{store.step_url(step)} holds a {manifest['model']} model; recurrent generation "
-            f"needs a ToST language model (model.name=tost)"
-        )
-    model.load_state_dict(model_weights(directory, manifest["engine"]))
+    with open_step(args.checkpoints, parse_storage_options(args.storage_option), args.step) as ckpt:
+        model = build_model(ckpt.model_config)
+        if not isinstance(model, ToSTLM):
+            raise UserError(
+                f"{ckpt.url} holds a {ckpt.manifest['model']} model; recurrent generation "
+                f"needs a ToST language model (model.name=tost)"
+            )
+        model.load_state_dict(ckpt.weights())
     model.eval()
     tokenizer = gpt2_tokenizer()
     prompt = torch.tensor([tokenizer.encode(args.prompt, allowed_special="all")])

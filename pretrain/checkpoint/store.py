@@ -19,6 +19,7 @@ import re
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -165,10 +166,11 @@ class CheckpointStore:
             raise DamagedCheckpoint(f"{self.step_url(step)}/{MANIFEST_NAME} is not a {MANIFEST_FORMAT} manifest")
         return manifest
 
-    def fetch(self, step: int) -> str:
+    def fetch(self, step: int, progress: Callable[[int], None] | None = None) -> str:
         """A local directory holding the step's files, each checked against the manifest.
 
         A local store is checked in place; a remote one is downloaded into staging first.
+        `progress(n)` is told the bytes of each file once it is verified.
         """
         files = self.manifest(step)["files"]
         if self.is_local:
@@ -187,6 +189,8 @@ class CheckpointStore:
                 except OSError as exc:
                     raise DamagedCheckpoint(f"{self.step_url(step)}/{relative} cannot be read ({exc})") from None
             self._verify(step, relative, local, entry)
+            if progress is not None:
+                progress(entry["size"])
         return directory
 
     def step_url(self, step: int) -> str:
