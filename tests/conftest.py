@@ -11,7 +11,10 @@ import pytest
 import torch
 from helpers import S3, MlflowServer
 
-from pretrain.distributed import SHM_BUFFERS, free_port
+from pretrain.distributed import SHM_BUFFERS, DistInfo, free_port, init_distributed, shutdown, single_process_env
+from pretrain.prepare.text import write_token_shards
+
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -64,3 +67,32 @@ def s3() -> S3:
     s3fs.S3FileSystem(**options).mkdir("whitebox-test")
     yield S3(endpoint, "whitebox-test", options)
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def one_rank() -> DistInfo:
+    """A process group of this process alone, as a plain `python` run makes; the environment it
+    needs is put back afterwards, so that launchers started by other tests do not inherit it."""
+    saved = {k: os.environ.get(k) for k in LAUNCHER_ENV}
+    os.environ.update(single_process_env())
+    try:
+        yield init_distributed()
+    finally:
+        shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def text_shards(tmp_path_factory) -> list[str]:
+    """Small train and validation shard sets: the data.urls and data.val_urls of a run."""
+    root = tmp_path_factory.mktemp("text")
+    overrides = []
+    for split, key, n in (("train", "data.urls", 2000), ("val", "data.val_urls", 200)):
+        documents = [f"step {i}: the {i % 7} cats saw {i % 11} dogs and {i % 3} birds." for i in range(n)]
+        index = write_token_shards(documents, str(root / split), block_len=33, blocks_per_shard=64)
+        overrides.append(f'{key}="{root / split}/shard-{{000000..{len(index["shards"]) - 1:06d}}}.tar"')
+    return ["data=shards", *overrides]

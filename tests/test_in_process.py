@@ -4,7 +4,6 @@ part's cover of what the slow tests run on two ranks and under launchers."""
 from __future__ import annotations
 
 import logging
-import os
 import re
 import subprocess
 import sys
@@ -17,15 +16,13 @@ from helpers import REPO, MlflowServer, config, global_batches, last_wins, metri
 from pretrain.callbacks import Callback, Callbacks, LoopState
 from pretrain.checkpoint.manager import NotCommitted
 from pretrain.config import SpikeConfig, load_config
-from pretrain.distributed import DistInfo, init_distributed, shutdown, single_process_env
+from pretrain.distributed import DistInfo
 from pretrain.engines import VARIANTS
 from pretrain.errors import UserError
 from pretrain.faults import FAIL_ENV
-from pretrain.prepare.text import write_token_shards
 from pretrain.spikes import SpikeDetector
 from pretrain.trainer import Trainer
 
-LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 TINY_RUN = [
     "+exp=tost_gpt2_smoke",
     *("model.n_layer=2", "model.n_head=4", "model.n_embd=64", "model.seq_len=32"),
@@ -34,23 +31,6 @@ TINY_RUN = [
     *("engine=ddp", "engine.precision=fp32", "optim.warmup_steps=2", "optim.decay_steps=8"),
     *("train.eval_interval=2", "train.eval_max_batches=1", "checkpoint.interval=2", "train.ema_decay=0.9"),
 ]
-
-
-@pytest.fixture(scope="module")
-def one_rank():
-    """A process group of this process alone, as a plain `python` run makes; the environment it
-    needs is put back afterwards, so that launchers started by other tests do not inherit it."""
-    saved = {k: os.environ.get(k) for k in LAUNCHER_ENV}
-    os.environ.update(single_process_env())
-    try:
-        yield init_distributed()
-    finally:
-        shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.mark.parametrize(
@@ -77,18 +57,6 @@ def test_each_engine_accumulates_as_one_batch_and_resumes_exactly_from_its_files
     assert step(restored, blocks[3], one_rank, accumulating) == fourth
     logits = restored.predict({"input_ids": blocks[3][:2, :-1], "labels": blocks[3][:2, 1:]})
     assert logits.shape == (2, 16, accumulating.model.vocab_size)
-
-
-@pytest.fixture(scope="module")
-def text_shards(tmp_path_factory) -> list[str]:
-    """Small train and validation shard sets: the data.urls and data.val_urls of a run."""
-    root = tmp_path_factory.mktemp("text")
-    overrides = []
-    for split, key, n in (("train", "data.urls", 2000), ("val", "data.val_urls", 200)):
-        documents = [f"step {i}: the {i % 7} cats saw {i % 11} dogs and {i % 3} birds." for i in range(n)]
-        index = write_token_shards(documents, str(root / split), block_len=33, blocks_per_shard=64)
-        overrides.append(f'{key}="{root / split}/shard-{{000000..{len(index["shards"]) - 1:06d}}}.tar"')
-    return ["data=shards", *overrides]
 
 
 def test_a_run_logs_evaluates_checkpoints_and_resumes_exactly(one_rank: DistInfo, text_shards, tmp_path) -> None:
