@@ -34,6 +34,7 @@ class ModelConfig:
     layerscale_init: Optional[float] = None
     dropout: float = 0.0
     norm_eps: float = 1e-5
+    gelu_approximate: str = "none"
     image_size: int = 224
     patch_size: int = 16
     in_chans: int = 3

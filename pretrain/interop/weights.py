@@ -89,7 +89,7 @@ def write_safetensors(tensors: dict[str, torch.Tensor], directory: str, max_shar
         save_file(shard, os.path.join(directory, file), metadata=SAFETENSORS_METADATA)
         weight_map |= dict.fromkeys(shard, file)
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    _write_json(os.path.join(directory, INDEX_FILE), {"metadata": {"total_size": total}, "weight_map": weight_map})
+    write_json(os.path.join(directory, INDEX_FILE), {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
 def save_weights(weights: Weights, directory: str, dtype: str = "fp32", max_shard_bytes: int | None = None) -> None:
@@ -102,7 +102,7 @@ def save_weights(weights: Weights, directory: str, dtype: str = "fp32", max_shar
         name: t.to(cast) if t.is_floating_point() else t for name, t in weights.tensors.items() if name not in tied
     }
     write_safetensors(stored, directory, max_shard_bytes)
-    _write_json(
+    write_json(
         os.path.join(directory, CONFIG_FILE),
         {
             "format": WEIGHTS_FORMAT,
@@ -155,7 +155,7 @@ def load_weights(url: str, storage_options: dict) -> Weights:
     return Weights(model, tensors, config.get("provenance", {}))
 
 
-def _write_json(path: str, obj: dict) -> None:
+def write_json(path: str, obj: dict) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")

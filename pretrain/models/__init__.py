@@ -22,6 +22,7 @@ VISION_MODELS: dict[str, Callable[[ModelConfig], ImageClassifier]] = {
     "tost_vision": tost_vision,
 }
 MODELS = {**LANGUAGE_MODELS, **VISION_MODELS}
+GELU_APPROXIMATIONS = ("none", "tanh")  # torch's nn.GELU(approximate=...)
 
 
 def build_model(cfg: ModelConfig) -> PretrainModel:
@@ -30,6 +31,8 @@ def build_model(cfg: ModelConfig) -> PretrainModel:
         raise UserError(f"model.name={cfg.name!r} is unknown; valid names: {', '.join(MODELS)}")
     if cfg.n_embd % cfg.n_head != 0:
         raise UserError(f"model.n_embd={cfg.n_embd} must be divisible by model.n_head={cfg.n_head}")
+    if cfg.gelu_approximate not in GELU_APPROXIMATIONS:
+        raise UserError(f"model.gelu_approximate={cfg.gelu_approximate!r} is not one of {', '.join(GELU_APPROXIMATIONS)}")
     model = MODELS[cfg.name](cfg)
     check_model(model)
     return model

@@ -47,12 +47,12 @@ def merge_heads(x: Tensor) -> Tensor:
 
 
 class MLP(nn.Module):
-    """D -> 4D -> D with exact (erf) GELU."""
+    """D -> 4D -> D with GELU, exact (erf) or tanh-approximated (model.gelu_approximate)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.gelu = nn.GELU()
+        self.gelu = nn.GELU(approximate=cfg.gelu_approximate)
         self.out_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
 
     def forward(self, x: Tensor) -> Tensor:
