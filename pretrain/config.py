@@ -143,6 +143,7 @@ class TrainConfig:
 class CheckpointConfig:
     interval: int = 1000
     resume: str = "auto"
+    init_from: Optional[str] = None
     url: Optional[str] = None
     storage_options: dict = field(default_factory=dict)
     staging_dir: Optional[str] = None

@@ -30,6 +30,7 @@ from pretrain.errors import UserError
 from pretrain.faults import FaultInjection
 from pretrain.guard import NonFiniteGuard
 from pretrain.heartbeat import Heartbeat, LostRank
+from pretrain.interop.weights import initialise
 from pretrain.models import build_model
 from pretrain.preemption import Preempted, Preemption, PreemptionWatch
 from pretrain.spikes import SpikeDetector
@@ -126,6 +127,11 @@ class Trainer:
 
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
         model = build_model(cfg.model)
+        if cfg.checkpoint.init_from:
+            init_from = cfg.checkpoint.init_from
+            origin = initialise(model, cfg.model, init_from, cfg.checkpoint.storage_options)
+            if world.is_main:
+                log.info("weights from %s (step %s of %s)", init_from, origin.get("step"), origin.get("source"))
         flops_per_token, n_params = model.flops_per_token(), model.num_params()
         engine = build_engine(model, cfg, world)
         task = build_task(cfg, model, world, watch.worker_init)

@@ -6,7 +6,8 @@
     python tools/convert.py export-hf runs/gpt2_smoke/checkpoints out/gpt2-hf
     python tools/convert.py export-hf runs/tost_gpt2_smoke/checkpoints out/tost-hf      # trust_remote_code
     python tools/convert.py export-timm runs/vit_tiny_smoke/checkpoints out/vit-timm
-    python tools/convert.py import-hf ~/models/gpt2 out/gpt2-init     # then: checkpoint.init_from=out/gpt2-init
+    python tools/convert.py import-hf ~/models/gpt2 out/gpt2-init
+    deepspeed pretrain/main.py +exp=gpt2 checkpoint.init_from=out/gpt2-init model.vocab_size=50257
 
 SOURCE is a run's checkpoint store (its checkpoint.url: a path or fsspec URL): the newest
 committed step, or --step N, is verified against its manifest and read, whatever engine (DeepSpeed
@@ -22,14 +23,12 @@ import contextlib
 import sys
 from collections.abc import Callable, Iterator
 
-import torch
-
 from pretrain.checkpoint.export import open_step
 from pretrain.data.storage import add_storage_option_flag, parse_storage_options
 from pretrain.errors import UserError
+from pretrain.interop.hf_gpt2 import export_hf_gpt2, import_hf_gpt2
 from pretrain.interop.output import staged_output
-from pretrain.interop.weights import DTYPES, Weights, is_weights_dir, load_weights, parse_size, save_weights
-from pretrain.models import build_model
+from pretrain.interop.weights import DTYPES, Weights, check_fits, is_weights_dir, load_weights, parse_size, save_weights
 
 # An export writes `weights` into a local directory, in a dtype, sharded over a size (or not).
 Export = Callable[[Weights, str, str, "int | None"], None]
@@ -43,7 +42,10 @@ def exporters() -> dict[str, dict[str, Export]]:
     """Subcommand -> model family (model.name) -> export."""
     from pretrain.models import MODELS
 
-    return {"export-safetensors": dict.fromkeys(MODELS, export_safetensors)}
+    return {
+        "export-safetensors": dict.fromkeys(MODELS, export_safetensors),
+        "export-hf": {"gpt2": export_hf_gpt2},
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="of the floating-point weights")
         sub.add_argument("--max-shard-size", help="split the weights into files of at most this size (e.g. 2GB)")
         _add_common(sub)
+    sub = commands.add_parser("import-hf", help="a transformers GPT-2 directory -> a weights directory to start from")
+    sub.add_argument("source", help="a local directory holding a transformers GPT-2 (config.json and weights)")
+    sub.add_argument("output", help="the weights directory to write (checkpoint.init_from reads it): a path or URL")
+    sub.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="of the floating-point weights")
+    _add_common(sub)
     args = parser.parse_args(argv)
     try:
         with contextlib.redirect_stdout(sys.stderr):  # libraries' chatter (DeepSpeed's) stays off stdout
@@ -76,6 +83,12 @@ def _add_common(sub: argparse.ArgumentParser) -> None:
 
 def convert(args: argparse.Namespace) -> str:
     options = parse_storage_options(args.storage_option)
+    if args.command == "import-hf":
+        weights = import_hf_gpt2(args.source)
+        check_fits(weights, args.source)
+        with staged_output(args.output, options, args.overwrite, progress=True) as directory:
+            save_weights(weights, directory, args.dtype)
+        return args.output
     max_shard_bytes = parse_size(args.max_shard_size) if args.max_shard_size else None
     with read_source(args.source, options, args.step, args.ema) as weights:
         export = exporters()[args.command].get(weights.model.name)
@@ -103,25 +116,6 @@ def read_source(url: str, options: dict, step: int | None, ema: bool) -> Iterato
             weights = Weights(ckpt.model_config, ckpt.weights(ema), ckpt.provenance(ema))
     check_fits(weights, url)
     yield weights
-
-
-def check_fits(weights: Weights, source: str) -> None:
-    """Refuse weights that the model their config builds would not load (strict: every name, every shape)."""
-    with torch.device("meta"):
-        expected = {name: p.shape for name, p in build_model(weights.model).state_dict().items()}
-    name = weights.model.name
-    missing = sorted(set(expected) - set(weights.tensors))
-    unexpected = sorted(set(weights.tensors) - set(expected))
-    wrong = [n for n in expected if n in weights.tensors and weights.tensors[n].shape != expected[n]]
-    if missing or unexpected or wrong:
-        what = (
-            f"lacks {missing[0]}"
-            if missing
-            else f"has {unexpected[0]}, which the model has not"
-            if unexpected
-            else f"has {wrong[0]} of shape {tuple(weights.tensors[wrong[0]].shape)}, not {tuple(expected[wrong[0]])}"
-        )
-        raise UserError(f"{source}: the weights do not fit the model.name={name} of its config: it {what}")
 
 
 if __name__ == "__main__":

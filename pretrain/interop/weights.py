@@ -34,6 +34,8 @@ SHARD_FILE = "model-{:05d}-of-{:05d}.safetensors"
 SAFETENSORS_METADATA = {"format": "pt"}  # what transformers' loaders expect of a PyTorch file
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 WRITTEN_BY = "give a directory that tools/convert.py export-safetensors or import-hf wrote"
+# Model fields a run may set otherwise than the weights it starts from: regularisation, not shape or function.
+INIT_FREE_KEYS = frozenset({"dropout", "label_smoothing"})
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -153,6 +155,46 @@ def load_weights(url: str, storage_options: dict) -> Weights:
     except TypeError as exc:
         raise UserError(f"{url}/{CONFIG_FILE}: its model config does not fit this version ({exc})") from None
     return Weights(model, tensors, config.get("provenance", {}))
+
+
+def check_fits(weights: Weights, source: str) -> None:
+    """Refuse weights that the model their config builds would not load (strict: every name, every shape)."""
+    from pretrain.models import build_model
+
+    with torch.device("meta"):
+        expected = {name: p.shape for name, p in build_model(weights.model).state_dict().items()}
+    name = weights.model.name
+    missing = sorted(set(expected) - set(weights.tensors))
+    unexpected = sorted(set(weights.tensors) - set(expected))
+    wrong = [n for n in expected if n in weights.tensors and weights.tensors[n].shape != expected[n]]
+    if missing or unexpected or wrong:
+        what = (
+            f"lacks {missing[0]}"
+            if missing
+            else f"has {unexpected[0]}, which the model has not"
+            if unexpected
+            else f"has {wrong[0]} of shape {tuple(weights.tensors[wrong[0]].shape)}, not {tuple(expected[wrong[0]])}"
+        )
+        raise UserError(f"{source}: the weights do not fit the model.name={name} of its config: it {what}")
+
+
+def initialise(model: nn.Module, config: ModelConfig, url: str, storage_options: dict) -> dict[str, Any]:
+    """checkpoint.init_from: the weights directory at `url` into `model` (built from `config`),
+    refusing weights of another model, by the first config field that differs; returns their provenance."""
+    weights = load_weights(url, storage_options)
+    differing = [
+        f"model.{key}={value!r}"
+        for key, value in asdict(weights.model).items()
+        if key not in INIT_FREE_KEYS and getattr(config, key) != value
+    ]
+    if differing:
+        raise UserError(
+            f"checkpoint.init_from={url} holds a model built with {', '.join(differing)}: set "
+            f"{'those' if len(differing) > 1 else 'it'} to start from its weights"
+        )
+    check_fits(weights, url)
+    model.load_state_dict(weights.tensors)
+    return weights.provenance
 
 
 def write_json(path: str, obj: dict) -> None:

@@ -32,7 +32,8 @@ def build_model(cfg: ModelConfig) -> PretrainModel:
     if cfg.n_embd % cfg.n_head != 0:
         raise UserError(f"model.n_embd={cfg.n_embd} must be divisible by model.n_head={cfg.n_head}")
     if cfg.gelu_approximate not in GELU_APPROXIMATIONS:
-        raise UserError(f"model.gelu_approximate={cfg.gelu_approximate!r} is not one of {', '.join(GELU_APPROXIMATIONS)}")
+        choices = ", ".join(GELU_APPROXIMATIONS)
+        raise UserError(f"model.gelu_approximate={cfg.gelu_approximate!r} is not one of {choices}")
     model = MODELS[cfg.name](cfg)
     check_model(model)
     return model
