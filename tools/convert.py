@@ -27,6 +27,7 @@ from pretrain.checkpoint.export import open_step
 from pretrain.data.storage import add_storage_option_flag, parse_storage_options
 from pretrain.errors import UserError
 from pretrain.interop.hf_gpt2 import export_hf_gpt2, import_hf_gpt2
+from pretrain.interop.hf_tost import export_hf_tost
 from pretrain.interop.output import staged_output
 from pretrain.interop.weights import DTYPES, Weights, check_fits, is_weights_dir, load_weights, parse_size, save_weights
 
@@ -44,7 +45,7 @@ def exporters() -> dict[str, dict[str, Export]]:
 
     return {
         "export-safetensors": dict.fromkeys(MODELS, export_safetensors),
-        "export-hf": {"gpt2": export_hf_gpt2},
+        "export-hf": {"gpt2": export_hf_gpt2, "tost": export_hf_tost},
     }
 
 
