@@ -302,3 +302,40 @@ def weight_errors(weights: dict, ref: dict) -> tuple[float, dict[str, float]]:
         / sum(v.double().square().sum() for v in ref.values()).sqrt()
     )
     return total.item(), {k: (d.norm() / ref[k].double().norm()).item() for k, d in diff.items()}
+
+
+def tool(name: str):
+    """tools/<name>.py as a module, so that a test calls its main(argv) in this process (a
+    subprocess would spend seconds importing torch again)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_torchvision_importable() -> None:
+    """Let timm and transformers import torchvision on this CPU-only test machine.
+
+    PyPI's torchvision is a CUDA build: beside the CPU torch its compiled operators do not load,
+    and `import torchvision` then fails registering fake kernels for two of them ("operator
+    torchvision::nms does not exist"). The exports' consumers never call those operators (timm
+    imports torchvision for FrozenBatchNorm2d; transformers when it is installed), so declaring
+    their schemas, without any kernel, is enough. Where torchvision imports, nothing is done.
+    """
+    try:
+        import torchvision  # noqa: F401
+    except RuntimeError as exc:
+        if "torchvision::nms does not exist" not in str(exc):
+            raise
+        for module in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[module]
+        schemas = torch.library.Library("torchvision", "DEF")
+        for op in ("nms", "qnms"):
+            schemas.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        _TORCHVISION_SCHEMAS.append(schemas)  # a Library's definitions last as long as the object
+        import torchvision  # noqa: F401
+
+
+_TORCHVISION_SCHEMAS: list = []
