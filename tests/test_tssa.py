@@ -7,6 +7,7 @@ import torch
 
 from pretrain.config import ModelConfig
 from pretrain.models.tost import CausalTSSA, causal_tssa, token_statistics, tssa
+from pretrain.models.tssa import TSSAState, prefix_state, token_statistics_step
 
 # The worked example of docs/models.md: K = 2 heads, N = 3 tokens, p = 2, temp = 1, denom_bias = 0.
 W = torch.tensor(
@@ -69,6 +70,28 @@ def test_causal_equals_recurrent_form() -> None:
     denom_bias = torch.randn(K, max_seq_len, dtype=torch.float64)
     expected = recurrent_tssa(w, temp, denom_bias)
     torch.testing.assert_close(causal_tssa(w, temp, denom_bias), expected)
+
+
+def test_the_state_after_a_parallel_prefix_equals_the_state_after_stepping_through_it() -> None:
+    """prefix_state (what a Hugging Face export's prefill caches) against token_statistics_step, and
+    the next token's output from either state."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(2, 3, 9, 4, generator=g)  # (B, K, T, p)
+    temp, denom_bias = torch.rand(3, 1, generator=g) + 0.5, torch.randn(3, 10, generator=g) * 0.1
+    _, pi = token_statistics(w[:, :, :8], temp, causal=True, denom_bias=denom_bias)
+    parallel = prefix_state(w[:, :, :8], pi)
+    stepped = TSSAState(torch.zeros(2, 3, 4), torch.zeros(2, 3, 4), torch.zeros(2, 3))
+    for t in range(8):
+        token_statistics_step(w[:, :, t], temp, denom_bias, stepped)
+    assert parallel.t == stepped.t == 8
+    for name in ("S", "M", "P"):
+        torch.testing.assert_close(getattr(parallel, name), getattr(stepped, name), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        token_statistics_step(w[:, :, 8], temp, denom_bias, parallel),
+        token_statistics(w, temp, causal=True, denom_bias=denom_bias)[0][:, :, 8],
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_causal_memberships_equal_per_prefix_recomputation() -> None:
