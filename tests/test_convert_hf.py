@@ -249,3 +249,37 @@ def test_init_from_refuses_weights_of_another_model(tmp_path) -> None:
     other = replace(cfg, n_layer=3)
     with pytest.raises(UserError, match=r"built with model.n_layer=2: set it to start from its weights"):
         initialise(build_model(other), other, source, {})
+
+
+def test_safetensors_shards_dtype_and_tied_weights_stored_once(tmp_path) -> None:
+    """A size limit gives shards and an index (which transformers reads too); the tied head is one
+    tensor in the files; bf16 halves the bytes and reads back as the weights rounded to bf16."""
+    from safetensors import safe_open
+
+    cfg = model_config("gpt2_smoke")
+    model = random_model(cfg)
+    source = weights_dir(model, cfg, tmp_path / "w")
+    assert convert("export-safetensors", source, tmp_path / "sharded", "--max-shard-size", "100KB") == 0
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2
+    for file in files:  # at most the limit (plus the header), unless one tensor alone is larger
+        tensors = [k for k, v in index["weight_map"].items() if v == file]
+        assert len(tensors) == 1 or (tmp_path / "sharded" / file).stat().st_size <= 100_000 + 4_000, file
+    assert "lm_head.weight" not in index["weight_map"] and "wte.weight" in index["weight_map"]
+    config = json.loads((tmp_path / "sharded" / "config.json").read_text())
+    assert config["tied"] == {"lm_head.weight": "wte.weight"} and config["provenance"] == PROVENANCE
+    back = load_weights(str(tmp_path / "sharded"), {})
+    assert all(torch.equal(back.tensors[k], v) for k, v in model.state_dict().items())
+
+    assert convert("export-safetensors", source, tmp_path / "bf16", "--dtype", "bf16") == 0
+    with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    half = load_weights(str(tmp_path / "bf16"), {})
+    assert all(torch.equal(half.tensors[k], v.bfloat16().float()) for k, v in model.state_dict().items())
+
+    assert convert("export-hf", source, tmp_path / "hf", "--max-shard-size", "100KB") == 0
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    ids = tokens(8)
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)).abs().max().item() < 1e-4
