@@ -29,6 +29,7 @@ from pretrain.errors import UserError
 from pretrain.interop.hf_gpt2 import export_hf_gpt2, import_hf_gpt2
 from pretrain.interop.hf_tost import export_hf_tost
 from pretrain.interop.output import staged_output
+from pretrain.interop.timm_vit import export_timm
 from pretrain.interop.weights import DTYPES, Weights, check_fits, is_weights_dir, load_weights, parse_size, save_weights
 
 # An export writes `weights` into a local directory, in a dtype, sharded over a size (or not).
@@ -46,6 +47,7 @@ def exporters() -> dict[str, dict[str, Export]]:
     return {
         "export-safetensors": dict.fromkeys(MODELS, export_safetensors),
         "export-hf": {"gpt2": export_hf_gpt2, "tost": export_hf_tost},
+        "export-timm": {"vit": export_timm},
     }
 
 
