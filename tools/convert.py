@@ -29,6 +29,7 @@ from pretrain.errors import UserError
 from pretrain.interop.hf_gpt2 import export_hf_gpt2, import_hf_gpt2
 from pretrain.interop.hf_tost import export_hf_tost
 from pretrain.interop.output import staged_output
+from pretrain.interop.registry import add_mlflow_flags, prepare_publication, publish
 from pretrain.interop.timm_vit import export_timm
 from pretrain.interop.weights import DTYPES, Weights, check_fits, is_weights_dir, load_weights, parse_size, save_weights
 
@@ -82,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
 def _add_common(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
     add_storage_option_flag(sub)
+    if sub.prog.split()[-1].startswith("export-"):
+        add_mlflow_flags(sub)
 
 
 def convert(args: argparse.Namespace) -> str:
@@ -101,8 +104,10 @@ def convert(args: argparse.Namespace) -> str:
                 f"{args.command} has no export for model.name={weights.model.name} (it exports {families}); "
                 "use export-safetensors"
             )
+        publication = prepare_publication(args, weights.provenance, options)  # before anything is written
         with staged_output(args.output, options, args.overwrite, progress=True) as directory:
             export(weights, directory, args.dtype, max_shard_bytes)
+    publish(publication, args.output, options)  # the output is committed: log it, register it
     return args.output
 
 
