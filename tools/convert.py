@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="of the floating-point weights")
         sub.add_argument("--max-shard-size", help="split the weights into files of at most this size (e.g. 2GB)")
         _add_common(sub)
+        add_mlflow_flags(sub)
     sub = commands.add_parser("import-hf", help="a transformers GPT-2 directory -> a weights directory to start from")
     sub.add_argument("source", help="a local directory holding a transformers GPT-2 (config.json and weights)")
     sub.add_argument("output", help="the weights directory to write (checkpoint.init_from reads it): a path or URL")
@@ -83,8 +84,6 @@ def main(argv: list[str] | None = None) -> int:
 def _add_common(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
     add_storage_option_flag(sub)
-    if sub.prog.split()[-1].startswith("export-"):
-        add_mlflow_flags(sub)
 
 
 def convert(args: argparse.Namespace) -> str:
