@@ -68,7 +68,7 @@ def greedy(model: torch.nn.Module, prompt: torch.Tensor, new: int) -> torch.Tens
 
 @pytest.mark.parametrize(
     "overrides",
-    [[], ["model.bias=false"], ["model.gelu_approximate=tanh"]],
+    [[], pytest.param(["model.bias=false"], marks=pytest.mark.slow), ["model.gelu_approximate=tanh"]],
     ids=["as-trained", "no-biases", "tanh-gelu"],
 )
 def test_gpt2_loads_in_transformers_with_the_same_logits_and_greedy_tokens(overrides, tmp_path) -> None:
@@ -155,6 +155,7 @@ def test_import_export_round_trip_is_bit_identical(tmp_path) -> None:
     assert load_weights(str(imported), {}).model == cfg
 
 
+@pytest.mark.slow  # trains a step
 def test_a_transformers_gpt2_imports_and_a_run_starts_from_it(one_rank, text_shards, tmp_path) -> None:
     """A user's own transformers GPT-2 (the original's gelu_new, 50257 tokens, dropout 0.1) becomes
     a weights directory that checkpoint.init_from starts a run from, optimizer fresh."""

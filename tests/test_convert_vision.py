@@ -78,8 +78,8 @@ def images(cfg: ModelConfig, batch: int = 4, seed: int = 1) -> torch.Tensor:
     [
         [],
         ["model.layerscale_init=0.1"],
-        ["model.layerscale_init=0.0"],
-        ["model.bias=false"],
+        pytest.param(["model.layerscale_init=0.0"], marks=pytest.mark.slow),  # the fast part keeps a variant or two
+        pytest.param(["model.bias=false"], marks=pytest.mark.slow),
         ["model.gelu_approximate=tanh", "model.in_chans=1", "model.num_classes=7", "model.image_size=48"],
     ],
     ids=["as-trained", "layerscale", "layerscale-from-0", "no-biases", "tanh-gelu-1-channel"],
@@ -162,7 +162,7 @@ def test_a_bf16_timm_export_is_the_weights_rounded_to_bf16(timm, tmp_path) -> No
         ("vit_tiny_smoke", []),
         ("crate_tiny_smoke", []),
         ("tost_vision_tiny_smoke", []),
-        ("tost_vision_tiny_smoke", ["model.skeleton=vit"]),
+        pytest.param("tost_vision_tiny_smoke", ["model.skeleton=vit"], marks=pytest.mark.slow),
     ],
     ids=["vit", "crate", "tost_vision-xcit", "tost_vision-vit"],
 )
