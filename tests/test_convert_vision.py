@@ -221,3 +221,19 @@ def test_an_existing_timm_output_is_kept_without_overwrite(tmp_path, capsys) -> 
     assert convert("export-timm", source, out, "--overwrite") == 0
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["timm", "w"]
+
+
+def test_a_vision_checkpoints_provenance_carries_the_runs_normalisation() -> None:
+    """What export-timm writes into pretrained_cfg comes from the run's data.image; a language
+    model's provenance has none."""
+    from pretrain.checkpoint.export import CommittedStep
+    from pretrain.config import load_config, redacted
+
+    for exp, expected in (("vit_tiny_smoke", True), ("tost_gpt2_smoke", False)):
+        overrides = [f"+exp={exp}", *(["data.image.mean=[0.5,0.5,0.5]"] if expected else [])]
+        config = redacted(load_config(overrides))
+        step = CommittedStep("store/step_00000003", 3, {"config": config, "tokens_seen": 9}, "unused")
+        provenance = step.provenance()
+        assert ("data_image" in provenance) is expected
+        if expected:
+            assert provenance["data_image"]["mean"] == [0.5, 0.5, 0.5]

@@ -6,6 +6,7 @@
     python tools/convert.py export-hf runs/gpt2_smoke/checkpoints out/gpt2-hf
     python tools/convert.py export-hf runs/tost_gpt2_smoke/checkpoints out/tost-hf      # trust_remote_code
     python tools/convert.py export-timm runs/vit_tiny_smoke/checkpoints out/vit-timm
+    python tools/convert.py export-hf runs/gpt2_smoke/checkpoints out/gpt2-hf --mlflow-run auto --register gpt2-smoke
     python tools/convert.py import-hf ~/models/gpt2 out/gpt2-init
     deepspeed pretrain/main.py +exp=gpt2 checkpoint.init_from=out/gpt2-init model.vocab_size=50257
 

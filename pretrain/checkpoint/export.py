@@ -22,7 +22,7 @@ from pretrain.ema import EMA_FILE
 from pretrain.engines.torch_native import DCP_DIR
 from pretrain.errors import UserError
 from pretrain.interop.weights import tied_names
-from pretrain.models import build_model
+from pretrain.models import VISION_MODELS, build_model
 
 DEEPSPEED_MODEL_FILE = "mp_rank_00_model_states.pt"
 
@@ -49,7 +49,13 @@ class CommittedStep:
             "config_hash": self.manifest.get("config_hash"),
             "mlflow_run_id": self.manifest.get("mlflow_run_id"),
             "weights": "ema" if ema else "live",
-        }
+        } | self._data_image()
+
+    def _data_image(self) -> dict[str, Any]:
+        """A vision run's image normalisation and crop, which an export to timm writes for its users."""
+        if self.model_config.name not in VISION_MODELS:
+            return {}
+        return {"data_image": self.manifest["config"]["data"]["image"]}
 
     def weights(self, ema: bool = False) -> dict[str, torch.Tensor]:
         """The whole model's weights in fp32, by the model's own names; with `ema`, the weight
