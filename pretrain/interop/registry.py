@@ -25,12 +25,12 @@ from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
 
+from pretrain.checkpoint.store import MANIFEST_NAME
 from pretrain.data.storage import url_to_fs
 from pretrain.errors import UserError
 
 ARTIFACT_DIR = "exports"  # in the run's artifacts: exports/<subcommand>-step<step>[-ema][-N]
 AUTO = "auto"  # --mlflow-run auto: the run the source's provenance names
-MANIFEST_NAME = "MANIFEST.json"  # pretrain/checkpoint/store.py's, read for the run's tracking.uri
 REQUEST_TIMEOUT_S = 60.0  # an HTTP request (not a whole upload) that waits longer fails
 TAGS = ("step", "config_hash", "source", "weights", "tokens_seen")  # of the provenance, on a model version
 
