@@ -5,7 +5,8 @@
     torchrun --nproc_per_node 8 tools/evaluate.py s3://bucket/runs/owt-base --step 20000 \\
         --storage-option endpoint_url=http://minio:9000 --data "s3://bucket/owt/val/shard-{000000..000015}.tar" \\
         --mlflow-run auto --output eval-20000.json
-    deepspeed --num_gpus 8 tools/evaluate.py s3://bucket/runs/vit-base --engine fsdp --micro-batch-size 64
+    deepspeed --num_gpus 8 tools/evaluate.py s3://bucket/runs/vit-base --engine fsdp --micro-batch-size 64 \\
+        --output eval.json
 
 CHECKPOINTS is the run's checkpoint store (its checkpoint.url: a path or fsspec URL); the newest
 committed step is evaluated unless --step names one, after its files are checked against the
@@ -21,15 +22,19 @@ as eval_ema_* (the run's ema.pt, kept with train.ema_decay > 0).
 The validation data are the run's (data.val_urls, or the embedded defaults' held-out split), or
 the shards --data gives (a brace pattern or several URLs, as data.val_urls takes). At most
 train.eval_max_batches micro-batches per rank are read (--max-batches; 0 is the whole set): with a
-limit, another number of ranks reads other batches, so compare runs at --max-batches 0. Evaluation
-takes one batch of micro-batch-size sequences or images per rank and step; offload is off (no
-optimizer state is kept).
+limit, another number of ranks reads other batches, so compare runs at --max-batches 0 (the
+white-box measures, taken on each rank's first batch, always depend on the ranks). Each rank
+predicts micro-batches of train.micro_batch_size (--micro-batch-size) samples; the run's global
+batch and offload play no part. A batch-norm model (ToST's convolutional stem) trained on several
+ranks by DeepSpeed or FSDP2 logged evaluations with each rank's own running statistics, while its
+checkpoint holds rank 0's: there the values differ a little from the log (2e-5 to 5e-5 of the
+loss in 2-rank smoke runs; DDP keeps every rank at rank 0's, and agrees).
 
-The result is one JSON object on stdout (or in --output): step, checkpoint, model, engine,
-world_size, weights, data and metrics. --mlflow-run ID (auto: the run that wrote the checkpoint)
-logs the metrics into that MLflow run at the checkpoint's step under training's names, so they line
-up with its eval_* curves; a metric the run logged at that step already gets a second point there.
-Bad input: one line on stderr, exit code 2.
+The result is one JSON object on stdout (or in --output, which the DeepSpeed launcher needs: it logs
+to stdout itself): step, checkpoint, model, engine, world_size, weights, data and metrics.
+--mlflow-run ID (auto: the run that wrote the checkpoint) logs the metrics into that MLflow run at
+the checkpoint's step under training's names, so they line up with its eval_* curves; a metric the
+run logged at that step already gets a second point there. Bad input: one line on stderr, exit code 2.
 """
 
 from __future__ import annotations
@@ -60,7 +65,7 @@ from pretrain.tasks import IGNORE, LanguageModelling, build_task
 from pretrain.trainer import seed_everything
 
 AUTO = "auto"  # --mlflow-run auto: the run the checkpoint's manifest names
-Weights = dict[str, torch.Tensor]
+Tensors = dict[str, torch.Tensor]  # by the model's names
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,7 +241,7 @@ def mlflow_target(args: argparse.Namespace, cfg: Config, manifest: dict[str, Any
     return MlflowTarget(client, uri, run_id)
 
 
-def run_task(cfg: Config, world: DistInfo, live: Weights, ema: Weights | None, whitebox: bool) -> dict[str, float]:
+def run_task(cfg: Config, world: DistInfo, live: Tensors, ema: Tensors | None, whitebox: bool) -> dict[str, float]:
     """Collective: the run's task evaluates the live weights, and the average when given, in the
     engine the config builds, as pretrain/trainer.py builds them."""
     seed_everything(cfg.train.seed)  # as training: identical initial weights on every rank, replaced below
@@ -262,7 +267,7 @@ def run_task(cfg: Config, world: DistInfo, live: Weights, ema: Weights | None, w
 
 
 @torch.no_grad()
-def load(engine: Engine, weights: Weights) -> None:
+def load(engine: Engine, weights: Tensors) -> None:
     """Collective: the model computes with `weights` (whole tensors by name), each rank taking its
     pieces, and its floating buffers (batch-norm statistics, whole on every rank) copied, as the
     weight average is put in place during training (pretrain/ema.py)."""
