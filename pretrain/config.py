@@ -324,6 +324,19 @@ def load_config(overrides: list[str]) -> Config:
             f"config key '{missing[0]}' is required but has no value; "
             f"set it, e.g. {missing[0]}=..., or see the comment in configs/ for that key"
         )
+    return _checked(cfg)
+
+
+def config_from_dict(resolved: dict[str, Any]) -> Config:
+    """A Config from a resolved one (a checkpoint manifest's), checked as `load_config` checks a composed one."""
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), resolved)
+    except OmegaConfBaseException as e:
+        raise UserError(_describe(e)) from None
+    return _checked(cfg)
+
+
+def _checked(cfg: DictConfig) -> Config:
     _check_bounds(cfg)
     _check_embedded_source(cfg)
     return OmegaConf.to_object(cfg)

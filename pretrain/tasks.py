@@ -68,6 +68,11 @@ class Task:
             self._val = self.loader(train=False)
         totals = torch.zeros(size, dtype=torch.float64)
         probe = Probe(engine.model)
+        # Batch-norm statistics: rank 0's on every rank, as checkpoints hold them (and DDP keeps them),
+        # so that an evaluation of a checkpoint (tools/evaluate.py) gives the value logged here.
+        for buffer in engine.model.buffers():
+            if buffer.is_floating_point():
+                dist.broadcast(buffer, src=0)
         limit, taken, measured = self.cfg.train.eval_max_batches, 0, False
         # Closing stops the loader's workers; a rank without validation shards holds an empty tuple.
         with contextlib.closing(batch for batch in self._val) as batches:
@@ -121,7 +126,7 @@ class LanguageModelling(Task):
             return [loss.item(), (labels != IGNORE).sum().item()]
 
         (loss, tokens), whitebox = self._evaluation_pass(engine, dummy, score, 2)
-        return {"eval_loss": loss / tokens, **whitebox}
+        return {"eval_loss": loss / tokens, "eval_tokens": tokens, **whitebox}
 
 
 class ImageClassification(Task):
@@ -198,7 +203,7 @@ class Evaluation(Callback):
                 loop.callbacks.on_eval(loop, metrics)
 
 
-def build_task(cfg: Config, model: nn.Module, dist_info: DistInfo, worker_init: Callable[[int], None]) -> Task:
+def build_task(cfg: Config, model: nn.Module, dist_info: DistInfo, worker_init: Callable[[int], None] | None) -> Task:
     if isinstance(model, ImageClassifier):
         return ImageClassification(cfg, dist_info, worker_init, model.n_tokens)
     return LanguageModelling(cfg, dist_info, worker_init)

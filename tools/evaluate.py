@@ -25,10 +25,8 @@ train.eval_max_batches micro-batches per rank are read (--max-batches; 0 is the 
 limit, another number of ranks reads other batches, so compare runs at --max-batches 0 (the
 white-box measures, taken on each rank's first batch, always depend on the ranks). Each rank
 predicts micro-batches of train.micro_batch_size (--micro-batch-size) samples; the run's global
-batch and offload play no part. A batch-norm model (ToST's convolutional stem) trained on several
-ranks by DeepSpeed or FSDP2 logged evaluations with each rank's own running statistics, while its
-checkpoint holds rank 0's: there the values differ a little from the log (2e-5 to 5e-5 of the
-loss in 2-rank smoke runs; DDP keeps every rank at rank 0's, and agrees).
+batch and offload play no part. Batch-norm statistics are rank 0's, in training's
+evaluations as in the checkpoint.
 
 The result is one JSON object on stdout (or in --output, which the DeepSpeed launcher needs: it logs
 to stdout itself): step, checkpoint, model, engine, world_size, weights, data and metrics.
@@ -50,18 +48,15 @@ import time
 from typing import Any, NamedTuple
 
 import torch
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from pretrain.batch import Batch
 from pretrain.checkpoint.export import CommittedStep, open_step
-from pretrain.config import SECRET_WORDS, Config, _check_bounds, _check_embedded_source, _describe
+from pretrain.config import SECRET_WORDS, Config, config_from_dict
 from pretrain.data.storage import add_storage_option_flag, parse_storage_options, url_to_fs
-from pretrain.distributed import DistInfo, init_distributed, shutdown, strip_launcher_args, sum_over_ranks
+from pretrain.distributed import DistInfo, init_distributed, shutdown, strip_launcher_args
 from pretrain.engines import ENGINES, Engine, build_engine, check_engine_config
 from pretrain.errors import UserError
 from pretrain.models import build_model
-from pretrain.tasks import IGNORE, LanguageModelling, build_task
+from pretrain.tasks import LanguageModelling, build_task
 from pretrain.trainer import seed_everything
 
 AUTO = "auto"  # --mlflow-run auto: the run the checkpoint's manifest names
@@ -203,13 +198,7 @@ def evaluation_config(ckpt: CommittedStep, args: argparse.Namespace, options: di
     if engine["name"] != "deepspeed":  # a DeepSpeed run's settings, which other engines refuse
         engine["deepspeed_overrides"] = {}
     engine |= {"offload_optimizer": False, "offload_params": False}
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(Config), saved)
-    except OmegaConfBaseException as exc:
-        raise UserError(_describe(exc)) from None
-    _check_bounds(merged)
-    _check_embedded_source(merged)
-    cfg: Config = OmegaConf.to_object(merged)
+    cfg = config_from_dict(saved)
     cfg.train.global_batch_size = cfg.train.micro_batch_size * world_size
     if cfg.data.source == "shards" and cfg.data.val_urls is None:
         raise UserError(f"{ckpt.url}: its run had no validation data (data.val_urls); give the shards with --data URL")
@@ -248,18 +237,18 @@ def run_task(cfg: Config, world: DistInfo, live: Tensors, ema: Tensors | None, w
     model = build_model(cfg.model)
     engine = build_engine(model, cfg, world)
     task = build_task(cfg, model, world, None)
-    counter = TokenCounter(engine) if isinstance(task, LanguageModelling) else None
+    language = isinstance(task, LanguageModelling)
     load(engine, live)
-    measured = task.evaluate(counter or engine)
+    measured = task.evaluate(engine)
     metrics = {k: v for k, v in measured.items() if k.startswith("eval_")}  # the rest: white-box measures
-    if counter:
-        metrics |= {"eval_perplexity": perplexity(metrics["eval_loss"]), "eval_tokens": counter.scored()}
+    if language:
+        metrics["eval_perplexity"] = perplexity(metrics["eval_loss"])
     if ema is not None:
         load(engine, ema)
-        averaged = task.evaluate(counter or engine)
+        averaged = task.evaluate(engine)
         # Named as training's WeightAverage.on_eval names them.
         metrics |= {f"eval_ema_{k.removeprefix('eval_')}": v for k, v in averaged.items() if k.startswith("eval_")}
-        if counter:
+        if language:
             metrics["eval_ema_perplexity"] = perplexity(metrics["eval_ema_loss"])
     if whitebox:
         metrics |= {k: v for k, v in measured.items() if not k.startswith("eval_")}
@@ -275,26 +264,6 @@ def load(engine: Engine, weights: Tensors) -> None:
     for name, buffer in engine.model.named_buffers():
         if buffer.is_floating_point():
             buffer.copy_(weights[name])
-
-
-class TokenCounter:
-    """The engine as a language model's evaluation sees it, counting the tokens the task scores:
-    the labels other than IGNORE in the batches it predicts (a rank that has run out of batches
-    predicts a dummy one whose labels are all IGNORE). The task reports the mean loss only."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine, self.tokens = engine, 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.engine, name)
-
-    def predict(self, batch: Batch) -> torch.Tensor:
-        self.tokens += int((batch["labels"] != IGNORE).sum())
-        return self.engine.predict(batch)
-
-    def scored(self) -> int:
-        """Collective: the tokens scored so far, over all ranks."""
-        return round(sum_over_ranks(self.tokens))
 
 
 def perplexity(loss: float) -> float:
