@@ -340,3 +340,27 @@ def make_torchvision_importable() -> None:
 
 
 _TORCHVISION_SCHEMAS: list = []
+
+
+# What a conversion test's weights directory says of where its weights come from.
+PROVENANCE = {"source": "test", "step": 7, "tokens_seen": 896, "config_hash": "abc", "mlflow_run_id": None}
+
+
+def random_model(cfg, seed: int = 0) -> torch.nn.Module:
+    """`cfg`'s model with every parameter moved off its init (norms off 1, biases off 0, LayerScale,
+    class token and positions too), so that a swapped or dropped tensor in a conversion shows."""
+    torch.manual_seed(seed)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return model
+
+
+def weights_dir(model: torch.nn.Module, cfg, path: Path, provenance: dict = PROVENANCE) -> str:
+    """`model`'s weights as the weights directory tools/convert.py reads as a SOURCE."""
+    from pretrain.interop.weights import Weights, save_weights
+
+    path.mkdir()
+    save_weights(Weights(cfg, model.state_dict(), provenance), str(path))
+    return str(path)

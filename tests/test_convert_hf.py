@@ -7,46 +7,27 @@ from __future__ import annotations
 import ast
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, make_torchvision_importable, tool
+from helpers import PROVENANCE, REPO, make_torchvision_importable, random_model, tool, weights_dir
 
 from pretrain.checkpoint.export import open_step
 from pretrain.config import ModelConfig, load_config
 from pretrain.data.tokenizer import gpt2_tokenizer
 from pretrain.errors import UserError
-from pretrain.interop.weights import Weights, initialise, load_weights, save_weights
+from pretrain.interop.weights import initialise, load_weights
 from pretrain.models import build_model
 
 make_torchvision_importable()
 transformers = pytest.importorskip("transformers", reason="a declared test dependency (the dev extra)")
 
 SMALL = ["model.n_layer=2", "model.n_head=4", "model.n_embd=64", "model.seq_len=32"]
-PROVENANCE = {"source": "test", "step": 7, "tokens_seen": 896, "config_hash": "abc", "mlflow_run_id": None}
 CONVERT = tool("convert")
 
 
 def model_config(exp: str, *overrides: str) -> ModelConfig:
     return load_config([f"+exp={exp}", *SMALL, *overrides]).model
-
-
-def random_model(cfg: ModelConfig, seed: int = 0) -> torch.nn.Module:
-    """Every parameter moved off its init (norms off 1, biases off 0, LayerScale off 1e-5), so that
-    a swapped or dropped tensor in a mapping shows in the logits."""
-    torch.manual_seed(seed)
-    model = build_model(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    return model
-
-
-def weights_dir(model: torch.nn.Module, cfg: ModelConfig, path: Path) -> str:
-    path.mkdir()
-    save_weights(Weights(cfg, model.state_dict(), PROVENANCE), str(path))
-    return str(path)
 
 
 def convert(*argv: str) -> int:

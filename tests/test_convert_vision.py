@@ -6,21 +6,18 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_torchvision_importable, tool
+from helpers import PROVENANCE, make_torchvision_importable, random_model, tool, weights_dir
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from pretrain.config import ModelConfig, load_config
 from pretrain.interop.timm_vit import architecture
-from pretrain.interop.weights import Weights, load_weights, save_weights
+from pretrain.interop.weights import load_weights
 from pretrain.models import build_model
 
-PROVENANCE = {"source": "test", "step": 7, "tokens_seen": 896, "config_hash": "abc", "mlflow_run_id": None}
-PROVENANCE |= {"weights": "live"}
 CONVERT = tool("convert")
 
 
@@ -45,23 +42,6 @@ def timm():
 
 def model_config(exp: str, *overrides: str) -> ModelConfig:
     return load_config([f"+exp={exp}", *overrides]).model
-
-
-def random_model(cfg: ModelConfig, seed: int = 0) -> torch.nn.Module:
-    """Every parameter moved off its init (norms off 1, biases off 0, LayerScale off its init,
-    cls_token and pos_embed too), so that a swapped or dropped tensor in a mapping shows in the logits."""
-    torch.manual_seed(seed)
-    model = build_model(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    return model
-
-
-def weights_dir(model: torch.nn.Module, cfg: ModelConfig, path: Path, provenance: dict = PROVENANCE) -> str:
-    path.mkdir()
-    save_weights(Weights(cfg, model.state_dict(), provenance), str(path))
-    return str(path)
 
 
 def convert(*argv: str) -> int:
