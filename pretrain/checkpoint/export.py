@@ -21,8 +21,8 @@ from pretrain.config import ModelConfig
 from pretrain.ema import EMA_FILE
 from pretrain.engines.torch_native import DCP_DIR
 from pretrain.errors import UserError
-from pretrain.interop.weights import tied_names
-from pretrain.models import VISION_MODELS, build_model
+from pretrain.interop.weights import skeleton, tied_names
+from pretrain.models import VISION_MODELS
 
 DEEPSPEED_MODEL_FILE = "mp_rank_00_model_states.pt"
 
@@ -66,8 +66,7 @@ class CommittedStep:
         if not os.path.isfile(path):
             raise UserError(f"{self.url} holds no {EMA_FILE}: the run kept no weight average (train.ema_decay=0)")
         average = {name: t.float() for name, t in torch.load(path, map_location="cpu", weights_only=True).items()}
-        with torch.device("meta"):
-            tied = tied_names(build_model(self.model_config))
+        tied = tied_names(skeleton(self.model_config))
         # The average is kept per parameter, a shared tensor once: its other names (lm_head.weight) are restored.
         return average | {alias: average[name] for alias, name in tied.items()}
 

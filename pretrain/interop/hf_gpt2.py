@@ -20,12 +20,21 @@ from dataclasses import asdict, replace
 from typing import Any
 
 import torch
+from fsspec.implementations.local import LocalFileSystem
 from torch import Tensor
 
 from pretrain.config import ModelConfig
 from pretrain.data.tokenizer import ENCODER_FILE, ENDOFTEXT, MERGES_FILE, gpt2_files_dir, gpt2_tokenizer
 from pretrain.errors import UserError
-from pretrain.interop.weights import DTYPES, INDEX_FILE, SINGLE_FILE, Weights, write_json, write_safetensors
+from pretrain.interop.weights import (
+    DTYPES,
+    INDEX_FILE,
+    SINGLE_FILE,
+    Weights,
+    read_safetensors,
+    write_json,
+    write_safetensors,
+)
 
 ACTIVATIONS = {"none": "gelu", "tanh": "gelu_pytorch_tanh"}  # model.gelu_approximate -> transformers' name
 IMPORTED_ACTIVATIONS = {"gelu": "none", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh"}
@@ -187,13 +196,10 @@ def _model_config(config: dict[str, Any], directory: str) -> ModelConfig:
 
 
 def _read_state(directory: str) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
-
-    if os.path.isfile(os.path.join(directory, INDEX_FILE)):
-        files = sorted(set(_read_json(os.path.join(directory, INDEX_FILE))["weight_map"].values()))
-        return {k: v for f in files for k, v in load_file(os.path.join(directory, f)).items()}
-    if os.path.isfile(os.path.join(directory, SINGLE_FILE)):
-        return load_file(os.path.join(directory, SINGLE_FILE))
+    """Its safetensors (one file or sharded), else its pytorch_model.bin."""
+    fs = LocalFileSystem()
+    if fs.isfile(os.path.join(directory, SINGLE_FILE)) or fs.isfile(os.path.join(directory, INDEX_FILE)):
+        return read_safetensors(fs, directory, directory)
     if os.path.isfile(os.path.join(directory, "pytorch_model.bin")):
         return torch.load(os.path.join(directory, "pytorch_model.bin"), map_location="cpu", weights_only=True)
     raise UserError(f"{directory} holds no {SINGLE_FILE}, {INDEX_FILE} or pytorch_model.bin")

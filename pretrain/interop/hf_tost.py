@@ -15,8 +15,8 @@ from pathlib import Path
 
 from pretrain.data.tokenizer import gpt2_tokenizer
 from pretrain.interop.hf_gpt2 import WHITEBOX_KEY, write_tokenizer
-from pretrain.interop.weights import DTYPES, Weights, tied_names, write_json, write_safetensors
-from pretrain.models import build_model, tssa
+from pretrain.interop.weights import Weights, stored_tensors, write_json, write_safetensors
+from pretrain.models import tssa
 
 CODE_DIR = Path(__file__).parent / "hf_tost_code"
 CONFIG_MODULE, MODELING_MODULE, TSSA_MODULE = "configuration_whitebox_tost", "modeling_whitebox_tost", "tssa"
@@ -36,9 +36,7 @@ MODEL_FIELDS = (
 
 def export_hf_tost(weights: Weights, directory: str, dtype: str, max_shard_bytes: int | None) -> None:
     """A directory that AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True) loads."""
-    tied = tied_names(build_model(weights.model))
-    stored = {name: t.to(DTYPES[dtype]) for name, t in weights.tensors.items() if name not in tied}
-    write_safetensors(stored, directory, max_shard_bytes)
+    write_safetensors(stored_tensors(weights, dtype)[0], directory, max_shard_bytes)
     for module in (CONFIG_MODULE, MODELING_MODULE):
         shutil.copyfile(CODE_DIR / f"{module}.py", os.path.join(directory, f"{module}.py"))
     shutil.copyfile(tssa.__file__, os.path.join(directory, f"{TSSA_MODULE}.py"))

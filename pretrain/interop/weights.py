@@ -61,6 +61,24 @@ def tied_names(model: nn.Module) -> dict[str, str]:
     return tied
 
 
+def skeleton(config: ModelConfig) -> nn.Module:
+    """The model `config` builds, on the meta device: its names, shapes and tied parameters, without
+    allocating or initialising a weight."""
+    from pretrain.models import build_model
+
+    with torch.device("meta"):
+        return build_model(config)
+
+
+def stored_tensors(weights: Weights, dtype: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """What files hold of `weights`: each tied tensor once (by its first name), floats in `dtype`;
+    and the tied names left out (alias -> the name stored)."""
+    tied = tied_names(skeleton(weights.model))
+    cast = DTYPES[dtype]
+    stored = {name: t for name, t in weights.tensors.items() if name not in tied}
+    return {name: t.to(cast) if t.is_floating_point() else t for name, t in stored.items()}, tied
+
+
 def parse_size(text: str) -> int:
     """'500MB', '2GB', '1GiB' or a number of bytes -> bytes."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", text, flags=re.IGNORECASE)
@@ -96,13 +114,7 @@ def write_safetensors(tensors: dict[str, torch.Tensor], directory: str, max_shar
 
 def save_weights(weights: Weights, directory: str, dtype: str = "fp32", max_shard_bytes: int | None = None) -> None:
     """The weights directory for `weights` in the local `directory`: tied names stored once."""
-    from pretrain.models import build_model
-
-    tied = tied_names(build_model(weights.model))
-    cast = DTYPES[dtype]
-    stored = {
-        name: t.to(cast) if t.is_floating_point() else t for name, t in weights.tensors.items() if name not in tied
-    }
+    stored, tied = stored_tensors(weights, dtype)
     write_safetensors(stored, directory, max_shard_bytes)
     write_json(
         os.path.join(directory, CONFIG_FILE),
@@ -138,16 +150,7 @@ def load_weights(url: str, storage_options: dict) -> Weights:
         raise UserError(f"{url}/{CONFIG_FILE} is not readable ({exc}): {WRITTEN_BY}") from None
     if config.get("format") != WEIGHTS_FORMAT:
         raise UserError(f"{url}/{CONFIG_FILE} is not a {WEIGHTS_FORMAT} config: {WRITTEN_BY}")
-    files = [SINGLE_FILE]
-    if fs.isfile(f"{path}/{INDEX_FILE}"):
-        files = sorted(set(json.loads(fs.cat_file(f"{path}/{INDEX_FILE}"))["weight_map"].values()))
-    tensors: dict[str, torch.Tensor] = {}
-    for file in files:
-        try:
-            tensors |= load_safetensors_bytes(fs.cat_file(f"{path}/{file}"))
-        except (OSError, SafetensorError) as exc:
-            raise UserError(f"{url}/{file} is not a readable safetensors file ({exc})") from None
-    tensors = {name: t.float() if t.is_floating_point() else t for name, t in tensors.items()}
+    tensors = {name: t.float() if t.is_floating_point() else t for name, t in read_safetensors(fs, path, url).items()}
     for alias, name in config["tied"].items():
         tensors[alias] = tensors[name]
     try:
@@ -157,12 +160,24 @@ def load_weights(url: str, storage_options: dict) -> Weights:
     return Weights(model, tensors, config.get("provenance", {}))
 
 
+def read_safetensors(fs, path: str, url: str) -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors files in directory `path` of `fs` (at `url`, for messages):
+    model.safetensors, or the shards its index names (Hugging Face's layout, which we write too)."""
+    files = [SINGLE_FILE]
+    if fs.isfile(f"{path}/{INDEX_FILE}"):
+        files = sorted(set(json.loads(fs.cat_file(f"{path}/{INDEX_FILE}"))["weight_map"].values()))
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            tensors |= load_safetensors_bytes(fs.cat_file(f"{path}/{file}"))
+        except (OSError, SafetensorError) as exc:
+            raise UserError(f"{url}/{file} is not a readable safetensors file ({exc})") from None
+    return tensors
+
+
 def check_fits(weights: Weights, source: str) -> None:
     """Refuse weights that the model their config builds would not load (strict: every name, every shape)."""
-    from pretrain.models import build_model
-
-    with torch.device("meta"):
-        expected = {name: p.shape for name, p in build_model(weights.model).state_dict().items()}
+    expected = {name: p.shape for name, p in skeleton(weights.model).state_dict().items()}
     name = weights.model.name
     missing = sorted(set(expected) - set(weights.tensors))
     unexpected = sorted(set(weights.tensors) - set(expected))
