@@ -135,7 +135,7 @@ def test_export_is_logged_to_the_run_and_registered_as_versions_1_then_2(store, 
     assert store.artifacts(run_id, "exports/export-safetensors-step7") == files(out)
 
 
-def test_a_remote_output_is_read_back_and_logged(store, tmp_path, capsys) -> None:
+def test_a_remote_output_is_logged_from_the_files_uploaded(store, tmp_path, capsys) -> None:
     import fsspec
 
     run_id = store.new_run()

@@ -22,7 +22,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from functools import partial
 
 from pretrain.checkpoint.export import open_step
 from pretrain.data.storage import add_storage_option_flag, parse_storage_options
@@ -38,16 +39,12 @@ from pretrain.interop.weights import DTYPES, Weights, check_fits, is_weights_dir
 Export = Callable[[Weights, str, str, "int | None"], None]
 
 
-def export_safetensors(weights: Weights, directory: str, dtype: str, max_shard_bytes: int | None) -> None:
-    save_weights(weights, directory, dtype, max_shard_bytes)
-
-
 def exporters() -> dict[str, dict[str, Export]]:
     """Subcommand -> model family (model.name) -> export."""
     from pretrain.models import MODELS
 
     return {
-        "export-safetensors": dict.fromkeys(MODELS, export_safetensors),
+        "export-safetensors": dict.fromkeys(MODELS, save_weights),
         "export-hf": {"gpt2": export_hf_gpt2, "tost": export_hf_tost},
         "export-timm": {"vit": export_timm},
     }
@@ -96,23 +93,23 @@ def convert(args: argparse.Namespace) -> str:
             save_weights(weights, directory, args.dtype)
         return args.output
     max_shard_bytes = parse_size(args.max_shard_size) if args.max_shard_size else None
-    with read_source(args.source, options, args.step, args.ema) as weights:
-        export = exporters()[args.command].get(weights.model.name)
-        if export is None:
-            families = ", ".join(exporters()[args.command])
-            raise UserError(
-                f"{args.command} has no export for model.name={weights.model.name} (it exports {families}); "
-                "use export-safetensors"
-            )
-        publication = prepare_publication(args, weights.provenance, options)  # before anything is written
-        with staged_output(args.output, options, args.overwrite, progress=True) as directory:
-            export(weights, directory, args.dtype, max_shard_bytes)
-    publish(publication, args.output, options)  # the output is committed: log it, register it
+    weights = read_source(args.source, options, args.step, args.ema)
+    export = exporters()[args.command].get(weights.model.name)
+    if export is None:
+        families = ", ".join(exporters()[args.command])
+        raise UserError(
+            f"{args.command} has no export for model.name={weights.model.name} (it exports {families}); "
+            "use export-safetensors"
+        )
+    publication = prepare_publication(args, weights.provenance, options)  # before anything is written
+    # Once the output is committed, it is logged and registered (from the files just committed).
+    on_commit = None if publication is None else partial(publish, publication, args.output)
+    with staged_output(args.output, options, args.overwrite, progress=True, on_commit=on_commit) as directory:
+        export(weights, directory, args.dtype, max_shard_bytes)
     return args.output
 
 
-@contextlib.contextmanager
-def read_source(url: str, options: dict, step: int | None, ema: bool) -> Iterator[Weights]:
+def read_source(url: str, options: dict, step: int | None, ema: bool) -> Weights:
     """The weights of a checkpoint store's step, or of a weights directory, checked against the
     model their config builds."""
     if is_weights_dir(url, options):
@@ -123,7 +120,7 @@ def read_source(url: str, options: dict, step: int | None, ema: bool) -> Iterato
         with open_step(url, options, step, progress=True) as ckpt:
             weights = Weights(ckpt.model_config, ckpt.weights(ema), ckpt.provenance(ema))
     check_fits(weights, url)
-    yield weights
+    return weights
 
 
 if __name__ == "__main__":

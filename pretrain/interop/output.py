@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from fsspec.implementations.local import LocalFileSystem
 from tqdm import tqdm
@@ -25,9 +25,17 @@ COMMIT_FILE = "config.json"
 
 
 @contextlib.contextmanager
-def staged_output(url: str, storage_options: dict, overwrite: bool, progress: bool = False) -> Iterator[str]:
+def staged_output(
+    url: str,
+    storage_options: dict,
+    overwrite: bool,
+    progress: bool = False,
+    on_commit: Callable[[str], None] | None = None,
+) -> Iterator[str]:
     """Yields an empty local directory; when the block ends without an error its files become
-    `url` (replacing what is there only with `overwrite`), otherwise nothing changes at `url`."""
+    `url` (replacing what is there only with `overwrite`), otherwise nothing changes at `url`.
+    `on_commit(directory)`, if given, runs once they are there, with a local directory holding
+    them (`url` itself when local, else the staged copy): an error it raises leaves them there."""
     fs, path = url_to_fs(url, storage_options, "output")
     path = path.rstrip("/")
     if fs.exists(path) and not overwrite:
@@ -43,6 +51,8 @@ def staged_output(url: str, storage_options: dict, overwrite: bool, progress: bo
             _rename_into_place(staging, path)
         else:
             _upload(fs, staging, path, progress)
+        if on_commit is not None:
+            on_commit(path if local else staging)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -3,8 +3,8 @@
 
 Everything that can be checked before the export is (the flags, the tracking store, the run, a
 free artifact path), so that a refusal writes nothing; the artifact is logged only once the
-output is committed, from the committed output itself (a remote one is read back into a
-temporary directory), so that no artifact or model version stands for an export that failed.
+output is committed, from the committed files (a remote output's staged copy, not read back), so
+that no artifact or model version stands for an export that failed.
 A model version's source is `runs:/<run id>/<artifact path>`: MLflow 3's registry takes a plain
 directory of files there, no MLmodel file needed.
 """
@@ -12,18 +12,11 @@ directory of files there, no MLmodel file needed.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import posixpath
-import shutil
 import sys
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
-
-from fsspec.implementations.local import LocalFileSystem
 
 from pretrain.checkpoint.store import MANIFEST_NAME
 from pretrain.data.storage import url_to_fs
@@ -145,18 +138,15 @@ def default_tracking_uri() -> str:
     return mlflow.get_tracking_uri()
 
 
-def publish(publication: Publication | None, output: str, options: dict) -> None:
-    """Log the committed `output` to the run, and register it when asked. A failure is one
-    UserError that says the export itself was written."""
-    if publication is None:
-        return
+def publish(publication: Publication, output: str, directory: str) -> None:
+    """Log the committed `output`, whose files are in the local `directory`, to the run, and
+    register it when asked. A failure is one UserError that says the export itself was written."""
     from pretrain.tracking.mlflow import one_line
 
     p = publication
     where = f"MLflow run {p.run_id} ({p.uri})"
     try:
-        with local_copy(output, options) as directory:
-            p.client.log_artifacts(p.run_id, directory, p.artifact_path)
+        p.client.log_artifacts(p.run_id, directory, p.artifact_path)
     except Exception as exc:
         raise UserError(
             f"wrote {output}, but logging it to {where} failed ({one_line(exc)}); log it with `mlflow artifacts "
@@ -186,23 +176,3 @@ def register(client, name: str, source: str, run_id: str, tags: dict[str, str]) 
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
     return client.create_model_version(name, source, run_id=run_id, tags=tags).version
-
-
-@contextlib.contextmanager
-def local_copy(output: str, options: dict) -> Iterator[str]:
-    """The committed output as a local directory: itself when local, else read back into a
-    temporary directory, removed on exit."""
-    fs, path = url_to_fs(output, options, "output")
-    path = path.rstrip("/")
-    if isinstance(fs, LocalFileSystem):
-        yield path
-        return
-    scratch = tempfile.mkdtemp(prefix="whitebox-publish-")
-    try:
-        for remote in fs.find(path):
-            local = os.path.join(scratch, *posixpath.relpath(remote, path).split("/"))
-            os.makedirs(os.path.dirname(local), exist_ok=True)
-            fs.get_file(remote, local)
-        yield scratch
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
