@@ -35,6 +35,7 @@ class ModelConfig:
     dropout: float = 0.0
     norm_eps: float = 1e-5
     gelu_approximate: str = "none"
+    tssa_impl: str = "auto"
     image_size: int = 224
     patch_size: int = 16
     in_chans: int = 3

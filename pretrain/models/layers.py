@@ -93,6 +93,10 @@ class Block(nn.Module):
     def forward(self, x: Tensor, state: Any = None) -> Tensor:
         """With a mixer's recurrent `state`, x is the next token (B, 1, D) and the mixer steps."""
         mixed = self.attn(self.ln_1(x)) if state is None else self.attn.step(self.ln_1(x), state)
+        return self.after_mixer(x, mixed)
+
+    def after_mixer(self, x: Tensor, mixed: Tensor) -> Tensor:
+        """The rest of the block, given the mixer's output on LN(x) (however it was computed)."""
         x = x + self.ls_1(self.drop(mixed))
         return x + self.ls_2(self.drop(self.mlp(self.ln_2(x))))
 

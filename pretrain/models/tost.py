@@ -4,29 +4,75 @@ TSSA has no queries or keys: each head scores a token by its share of the head's
 energy, turns the scores into memberships pi over heads, and shrinks the token by the
 pi-weighted second moment of its head. Cost is O(T * D); no T x T tensor is ever formed.
 Causal TSSA uses inclusive prefix statistics (s <= t), computed with cumsum.
+
+The statistics have three implementations of one function, picked by `model.tssa_impl`: eager
+(`token_statistics`, the formula of docs/models.md, the reference the tests hold the others to),
+fused (one chunked operator with a hand-written backward, pretrain/models/tssa_fused.py) and
+triton (GPU kernels, pretrain/models/tssa_triton.py). They share the parameters, so a checkpoint
+does not depend on the one that trained it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 import torch
 from torch import Tensor, nn
 
 from pretrain.config import ModelConfig
+from pretrain.errors import UserError
 from pretrain.models.layers import TokenMixer, merge_heads, split_heads
 from pretrain.models.lm import CausalLM
-from pretrain.models.tssa import TSSAState, token_statistics, token_statistics_step
+from pretrain.models.tssa import TSSAState, prefix_state, token_statistics, token_statistics_step
+from pretrain.models.tssa_fused import token_statistics_fused
+
+TSSA_IMPLS = ("auto", "eager", "fused", "triton")  # model.tssa_impl
+Statistics = Callable[..., tuple[Tensor, Tensor]]  # token_statistics' signature
 
 
-def tssa(w: Tensor, temp: Tensor) -> Tensor:
+def statistics_impl(impl: str, device: torch.device) -> Statistics:
+    """The implementation of `token_statistics` that model.tssa_impl names, for tensors on `device`:
+    auto is triton on CUDA where the triton package imports, fused otherwise."""
+    if impl == "auto":
+        impl = "triton" if device.type == "cuda" and _triton_reason() is None else "fused"
+    if impl == "eager":
+        return token_statistics
+    if impl == "fused":
+        return token_statistics_fused
+    if impl != "triton":
+        raise UserError(f"model.tssa_impl={impl!r} is not one of {', '.join(TSSA_IMPLS)}")
+    reason = _triton_reason()
+    if reason is None and device.type != "cuda" and torch.cuda.is_available():
+        reason = f"model.tssa_impl=triton needs CUDA tensors and this model is on {device}; use fused or auto"
+    if reason is not None:
+        raise UserError(reason)
+    return _triton().token_statistics_triton
+
+
+def _triton():  # noqa: ANN202 (a module)
+    """pretrain.models.tssa_triton, imported on first use: the triton package is optional."""
+    from pretrain.models import tssa_triton
+
+    return tssa_triton
+
+
+def _triton_reason() -> str | None:
+    """None when the Triton kernels can run here, else why not, in one line."""
+    try:
+        return _triton().available()
+    except ImportError as err:
+        return f"model.tssa_impl=triton needs the triton package ({err}); pip install triton, or use fused"
+
+
+def tssa(w: Tensor, temp: Tensor, impl: str = "eager") -> Tensor:
     """Non-causal TSSA core (vision): w (B, K, N, p), temp (K, 1) -> c (B, K, N, p)."""
-    return token_statistics(w, temp, causal=False)[0]
+    return statistics_impl(impl, w.device)(w, temp, causal=False)[0]
 
 
-def causal_tssa(w: Tensor, temp: Tensor, denom_bias: Tensor) -> Tensor:
+def causal_tssa(w: Tensor, temp: Tensor, denom_bias: Tensor, impl: str = "eager") -> Tensor:
     """Causal TSSA core: token t sees statistics of tokens s <= t; denom_bias (K, max_seq_len)."""
-    return token_statistics(w, temp, causal=True, denom_bias=denom_bias)[0]
+    return statistics_impl(impl, w.device)(w, temp, causal=True, denom_bias=denom_bias)[0]
 
 
 class TSSA(TokenMixer):
@@ -36,13 +82,14 @@ class TSSA(TokenMixer):
         super().__init__()
         self.n_head = cfg.n_head
         self.n_embd = cfg.n_embd
+        self.tssa_impl = cfg.tssa_impl
         self.U = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.temp = nn.Parameter(torch.ones(cfg.n_head, 1))
         self.out_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=out_bias)
 
     def forward(self, x: Tensor) -> Tensor:
         w = split_heads(self.U(x), self.n_head)  # (B, K, N, p)
-        return self.out_proj(merge_heads(tssa(w, self.temp)))
+        return self.out_proj(merge_heads(tssa(w, self.temp, self.tssa_impl)))
 
     def flops_per_token(self) -> float:
         # Forward does ~12 elementwise ops per coordinate of w (square, 2 sums over tokens, clamp,
@@ -65,8 +112,16 @@ class CausalTSSA(TSSA):
 
     def forward(self, x: Tensor) -> Tensor:
         w = split_heads(self.U(x), self.n_head)  # (B, K, T, p)
-        c = causal_tssa(w, self.temp, self.denom_bias)  # (B, K, T, p)
+        c = causal_tssa(w, self.temp, self.denom_bias, self.tssa_impl)  # (B, K, T, p)
         return self.out_proj(merge_heads(c))
+
+    def prefill(self, x: Tensor) -> tuple[Tensor, TSSAState]:
+        """`forward` on a whole prompt x (B, T, D), and the recurrent state after it: what T calls
+        of `step` would give, in one parallel pass."""
+        w = split_heads(self.U(x), self.n_head)  # (B, K, T, p)
+        statistics = statistics_impl(self.tssa_impl, w.device)
+        c, pi = statistics(w, self.temp, causal=True, denom_bias=self.denom_bias)
+        return self.out_proj(merge_heads(c)), prefix_state(w, pi)
 
     def init_state(self, batch: int, device: torch.device) -> TSSAState:
         p = self.n_embd // self.n_head
@@ -105,6 +160,20 @@ class ToSTLM(CausalLM):
             x = block(x, state)
         return self.lm_head(self.ln_f(x))[:, 0]
 
+    def prefill(self, prompt: Tensor) -> tuple[Tensor, list[TSSAState]]:
+        """Next-token logits (B, V) after prompt (B, T0), and every layer's recurrent state after
+        it, from one parallel forward: what T0 calls of `step` give, without T0 sequential steps."""
+        T = prompt.shape[1]
+        if not 0 < T <= self.seq_len:
+            raise ValueError(f"a prompt of {T} tokens; it needs 1 to model.seq_len={self.seq_len}")
+        x = self.wte(prompt) + self.wpe(torch.arange(T, device=prompt.device))  # (B, T, D)
+        states = []
+        for block in self.blocks:
+            mixed, state = block.attn.prefill(block.ln_1(x))
+            x = block.after_mixer(x, mixed)
+            states.append(state)
+        return self.lm_head(self.ln_f(x[:, -1])), states
+
     @torch.no_grad()
     def generate(
         self,
@@ -115,10 +184,9 @@ class ToSTLM(CausalLM):
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """prompt (B, T0) followed by `max_new_tokens` sampled tokens (B, T0 + new). The prompt
-        is read token by token into the recurrent state; temperature 0 takes the most likely token."""
-        states = self.init_states(len(prompt))
-        for t in range(prompt.shape[1]):
-            logits = self.step(prompt[:, t], states)
+        is read by one parallel forward (`prefill`), then each new token by `step`; temperature 0
+        takes the most likely token."""
+        logits, states = self.prefill(prompt)
         out = [prompt]
         for _ in range(max_new_tokens):
             if temperature == 0:
