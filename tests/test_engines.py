@@ -38,11 +38,15 @@ TWO_RANK_ENGINES = {
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["tost_gpt2", "gpt2"])
 def test_all_engines_take_the_same_steps(model):
+    """Every engine on two ranks, ToST with its fused TSSA operator, against one rank that runs
+    the reference formula (model.tssa_impl=eager)."""
     steps, global_batch, micro = 10, 8, 2
-    (reference,) = run_local_world(run_engines, 1, model, {"single": ["engine=ddp"]}, steps, global_batch, micro)
+    reference_run = {"single": ["engine=ddp", "model.tssa_impl=eager"]}
+    (reference,) = run_local_world(run_engines, 1, model, reference_run, steps, global_batch, micro)
     ref_losses, ref_weights = reference["single"]
     assert ref_losses[-1] < ref_losses[0] - 0.5, ref_losses  # it learns, so agreement means something
-    results = run_local_world(run_engines, 2, model, TWO_RANK_ENGINES, steps, global_batch, micro)[0]
+    fused = {label: [*overrides, "model.tssa_impl=fused"] for label, overrides in TWO_RANK_ENGINES.items()}
+    results = run_local_world(run_engines, 2, model, fused, steps, global_batch, micro)[0]
     for label, (losses, weights) in results.items():
         assert losses == pytest.approx(ref_losses, rel=1e-5), label
         assert set(ref_weights) <= set(weights), (label, set(ref_weights) - set(weights))

@@ -65,3 +65,24 @@ def test_greedy_generation_takes_the_parallel_models_argmax_at_every_step():
         for _ in range(2)
     ]
     assert torch.equal(*sampled)  # seeded sampling repeats
+
+
+def test_a_parallel_prefill_leaves_the_state_and_logits_of_stepping_through_the_prompt():
+    """ToSTLM.prefill reads the prompt in one forward; its per-layer (S, M, P, t) and next-token
+    logits are those of T0 recurrent steps, and generation goes on from either alike."""
+    model = tost()
+    prompt = torch.randint(0, 500, (2, 41))
+    with torch.no_grad():
+        logits, states = model.prefill(prompt)
+        stepped = model.init_states(2)
+        for t in range(prompt.shape[1]):
+            step_logits = model.step(prompt[:, t], stepped)
+    assert len(states) == len(stepped) == 3
+    for parallel, recurrent in zip(states, stepped, strict=True):
+        assert parallel.t == recurrent.t == 41
+        for name in ("S", "M", "P"):
+            torch.testing.assert_close(getattr(parallel, name), getattr(recurrent, name), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, step_logits, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        token = logits.argmax(-1)
+        torch.testing.assert_close(model.step(token, states), model.step(token, stepped), rtol=1e-5, atol=1e-5)

@@ -319,7 +319,11 @@ def _tssa_backward_op_fake(
     chunk: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     no_bias = temp.new_empty(0)
-    return _coordinate_major_empty(w, w.dtype), torch.empty_like(temp), no_bias if denom_bias is None else torch.empty_like(denom_bias)
+    return (
+        _coordinate_major_empty(w, w.dtype),
+        torch.empty_like(temp),
+        no_bias if denom_bias is None else torch.empty_like(denom_bias),
+    )
 
 
 def _setup_context(ctx, inputs: tuple, output: tuple) -> None:  # noqa: ANN001 (torch's ctx)
