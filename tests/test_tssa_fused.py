@@ -71,9 +71,11 @@ def test_the_custom_op_passes_torchs_checks() -> None:
     """Schema, fake (meta) implementation, autograd registration and dynamic-shape tracing, as
     torch.compile, FSDP2 and DeepSpeed rely on them."""
     w, temp, denom_bias = inputs(11, torch.float32, strided=True)
+    weight, bias = torch.randn(K * p, K * p), torch.randn(K * p)
     for causal in (True, False):
-        args = (w, temp.requires_grad_(), denom_bias, causal, 1e-12, 4)
-        torch.library.opcheck(torch.ops.whitebox.tssa.default, args)
+        for projection in ((None, None), (weight, bias)):  # c alone, or out_proj(c) fused in
+            args = (w, temp.requires_grad_(), denom_bias, *projection, causal, 1e-12, 4)
+            torch.library.opcheck(torch.ops.whitebox.tssa.default, args)
 
 
 @pytest.mark.parametrize("layer_cls", [CausalTSSA, TSSA])

@@ -25,29 +25,34 @@ from pretrain.errors import UserError
 from pretrain.models.layers import TokenMixer, merge_heads, split_heads
 from pretrain.models.lm import CausalLM
 from pretrain.models.tssa import TSSAState, prefix_state, token_statistics, token_statistics_step
-from pretrain.models.tssa_fused import token_statistics_fused
+from pretrain.models.tssa_fused import projected_token_statistics_fused, token_statistics_fused
 
 TSSA_IMPLS = ("auto", "eager", "fused", "triton")  # model.tssa_impl
 Statistics = Callable[..., tuple[Tensor, Tensor]]  # token_statistics' signature
 
 
-def statistics_impl(impl: str, device: torch.device) -> Statistics:
-    """The implementation of `token_statistics` that model.tssa_impl names, for tensors on `device`:
-    auto is triton on CUDA where the triton package imports, fused otherwise."""
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """The implementation model.tssa_impl means for tensors on `device` (auto: triton on CUDA
+    where the triton package imports, else fused); refuses, in one line, one that cannot run."""
     if impl == "auto":
-        impl = "triton" if device.type == "cuda" and _triton_reason() is None else "fused"
-    if impl == "eager":
-        return token_statistics
-    if impl == "fused":
-        return token_statistics_fused
-    if impl != "triton":
+        return "triton" if device.type == "cuda" and _triton_reason() is None else "fused"
+    if impl not in TSSA_IMPLS:
         raise UserError(f"model.tssa_impl={impl!r} is not one of {', '.join(TSSA_IMPLS)}")
-    reason = _triton_reason()
-    if reason is None and device.type != "cuda" and torch.cuda.is_available():
-        reason = f"model.tssa_impl=triton needs CUDA tensors and this model is on {device}; use fused or auto"
-    if reason is not None:
-        raise UserError(reason)
-    return _triton().token_statistics_triton
+    if impl == "triton":
+        reason = _triton_reason()
+        if reason is None and device.type != "cuda" and torch.cuda.is_available():
+            reason = f"model.tssa_impl=triton needs CUDA tensors and this model is on {device}; use fused or auto"
+        if reason is not None:
+            raise UserError(reason)
+    return impl
+
+
+def statistics_impl(impl: str, device: torch.device) -> Statistics:
+    """The `token_statistics` of the implementation model.tssa_impl names, for tensors on `device`."""
+    impl = resolve_impl(impl, device)
+    if impl == "triton":
+        return _triton().token_statistics_triton
+    return token_statistics_fused if impl == "fused" else token_statistics
 
 
 def _triton():  # noqa: ANN202 (a module)
@@ -65,14 +70,40 @@ def _triton_reason() -> str | None:
         return f"model.tssa_impl=triton needs the triton package ({err}); pip install triton, or use fused"
 
 
-def tssa(w: Tensor, temp: Tensor, impl: str = "eager") -> Tensor:
-    """Non-causal TSSA core (vision): w (B, K, N, p), temp (K, 1) -> c (B, K, N, p)."""
-    return statistics_impl(impl, w.device)(w, temp, causal=False)[0]
+def tssa(w: Tensor, temp: Tensor) -> Tensor:
+    """Non-causal TSSA core (vision), the reference: w (B, K, N, p), temp (K, 1) -> c (B, K, N, p)."""
+    return token_statistics(w, temp, causal=False)[0]
 
 
-def causal_tssa(w: Tensor, temp: Tensor, denom_bias: Tensor, impl: str = "eager") -> Tensor:
-    """Causal TSSA core: token t sees statistics of tokens s <= t; denom_bias (K, max_seq_len)."""
-    return statistics_impl(impl, w.device)(w, temp, causal=True, denom_bias=denom_bias)[0]
+def causal_tssa(w: Tensor, temp: Tensor, denom_bias: Tensor) -> Tensor:
+    """Causal TSSA core, the reference: token t sees statistics of tokens s <= t; denom_bias (K, max_seq_len)."""
+    return token_statistics(w, temp, causal=True, denom_bias=denom_bias)[0]
+
+
+class TSSAOutput(nn.Linear):
+    """A TSSA layer's out_proj, Linear(D, D). Called on the merged heads (B, T, D) it is a Linear;
+    called on the projected tokens w (B, K, T, p) with the statistics' parameters, it runs TSSA
+    first, and with the fused implementation both in one operator whose backward keeps w instead
+    of c (one (B, T, D) activation fewer per layer). TSSA runs inside this module's forward so
+    that an engine which gathers a module's parameters around its forward (ZeRO-3) has gathered
+    the weight that operator reads."""
+
+    def forward(
+        self,
+        x: Tensor,
+        temp: Tensor | None = None,
+        denom_bias: Tensor | None = None,
+        *,
+        causal: bool = False,
+        impl: str = "eager",
+    ) -> Tensor:
+        if temp is None:
+            return super().forward(x)
+        impl = resolve_impl(impl, x.device)
+        if impl == "fused":
+            return projected_token_statistics_fused(x, temp, self, causal=causal, denom_bias=denom_bias)
+        c, _ = statistics_impl(impl, x.device)(x, temp, causal=causal, denom_bias=denom_bias)
+        return super().forward(merge_heads(c))
 
 
 class TSSA(TokenMixer):
@@ -85,11 +116,11 @@ class TSSA(TokenMixer):
         self.tssa_impl = cfg.tssa_impl
         self.U = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.temp = nn.Parameter(torch.ones(cfg.n_head, 1))
-        self.out_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=out_bias)
+        self.out_proj = TSSAOutput(cfg.n_embd, cfg.n_embd, bias=out_bias)
 
     def forward(self, x: Tensor) -> Tensor:
         w = split_heads(self.U(x), self.n_head)  # (B, K, N, p)
-        return self.out_proj(merge_heads(tssa(w, self.temp, self.tssa_impl)))
+        return self.out_proj(w, self.temp, causal=False, impl=self.tssa_impl)
 
     def flops_per_token(self) -> float:
         # Forward does ~12 elementwise ops per coordinate of w (square, 2 sums over tokens, clamp,
@@ -112,8 +143,7 @@ class CausalTSSA(TSSA):
 
     def forward(self, x: Tensor) -> Tensor:
         w = split_heads(self.U(x), self.n_head)  # (B, K, T, p)
-        c = causal_tssa(w, self.temp, self.denom_bias, self.tssa_impl)  # (B, K, T, p)
-        return self.out_proj(merge_heads(c))
+        return self.out_proj(w, self.temp, self.denom_bias, causal=True, impl=self.tssa_impl)
 
     def prefill(self, x: Tensor) -> tuple[Tensor, TSSAState]:
         """`forward` on a whole prompt x (B, T, D), and the recurrent state after it: what T calls

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from pretrain.models.tssa import ENERGY_EPS, MEMBERSHIP_EPS
 
@@ -169,8 +170,10 @@ def tssa_backward(
     causal: bool,
     eps: float,
     chunk: int,
+    c_out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(dw, dtemp, ddenom_bias) from the forward's saved tensors; see the module docstring."""
+    """(dw, dtemp, ddenom_bias) from the forward's saved tensors; see the module docstring. With
+    `c_out` (coordinate-major), the output c is recomputed into it on the way."""
     B, K, T, p = w.shape
     f32 = _stats_dtype(w.dtype)
     temp32 = temp.to(f32)
@@ -211,6 +214,8 @@ def tssa_backward(
             RM, RQ, RS = RM_[..., :1].clone(), RQ_[..., :1].clone(), RS_[..., :1].clone()
             shrink = RM_.mul_(pc.unsqueeze(-2)).add_(d_energy).sub_(RS_)
             _input_grad(gA, pc * Q, shrink, wc, dw_t[..., a:b])
+            if c_out is not None:
+                torch.mul(wc * inv_QM, -(pc * Q).unsqueeze(-2), out=c_out.transpose(2, 3)[..., a:b])
     else:
         S, M, P = S0[0].unsqueeze(-1), M0[0].unsqueeze(-1), P0[0].unsqueeze(-1)
         Q = P + MEMBERSHIP_EPS  # (B, K, 1)
@@ -245,6 +250,8 @@ def tssa_backward(
             pc = pi[:, :, a:b]
             shrink = (inv_S * dlogits[:, :, a:b].unsqueeze(-2)).addcmul_(RM, pc.unsqueeze(-2)).sub_(RS)
             _input_grad(g * inv_QM, pc * Q, shrink, wc, dw_t[..., a:b])
+            if c_out is not None:
+                torch.mul(wc * inv_QM, -(pc * Q).unsqueeze(-2), out=c_out.transpose(2, 3)[..., a:b])
     ddenom_bias = None
     if denom_bias is not None:
         ddenom_bias = torch.zeros_like(denom_bias)
@@ -253,25 +260,69 @@ def tssa_backward(
 
 
 # ----------------------------------------------------------------------------------------------
-# The operator: forward and backward as torch custom ops, joined by autograd.
+# The operator: forward and backward as torch custom ops, joined by autograd. With an output
+# projection (`weight`, `bias`: the layer's out_proj), the operator returns y = out_proj(c) and
+# keeps w instead of c: backward recomputes c (two more elementwise passes per chunk) for
+# out_proj's weight gradient, so a TSSA layer stores one (B, T, D) activation fewer.
+
+
+def _project(c: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """out_proj(merge_heads(c)) for a coordinate-major c (B, K, T, p): (B, T, D)."""
+    B, K, T, p = c.shape
+    c_rows = c.transpose(2, 3).reshape(B, K * p, T).transpose(1, 2)  # (B, T, D), a view
+    y = torch.matmul(c_rows, weight.t())
+    return y if bias is None else y.add_(bias)
+
+
+def _forward(
+    w: Tensor,
+    temp: Tensor,
+    denom_bias: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    causal: bool,
+    eps: float,
+    chunk: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    c, *rest = tssa_forward(w, temp, denom_bias, causal, eps, chunk)
+    return (c if weight is None else _project(c, weight, bias), *rest)
+
+
+def _output_like(w: Tensor, weight: Tensor | None) -> Tensor:
+    B, K, T, p = w.shape
+    return _coordinate_major_empty(w, w.dtype) if weight is None else w.new_empty(B, T, K * p)
 
 
 @torch.library.custom_op("whitebox::tssa", mutates_args=())
 def _tssa_op(
-    w: Tensor, temp: Tensor, denom_bias: Tensor | None, causal: bool, eps: float, chunk: int
+    w: Tensor,
+    temp: Tensor,
+    denom_bias: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    causal: bool,
+    eps: float,
+    chunk: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return tssa_forward(w, temp, denom_bias, causal, eps, chunk)
+    return _forward(w, temp, denom_bias, weight, bias, causal, eps, chunk)
 
 
 @_tssa_op.register_fake
 def _tssa_op_fake(
-    w: Tensor, temp: Tensor, denom_bias: Tensor | None, causal: bool, eps: float, chunk: int
+    w: Tensor,
+    temp: Tensor,
+    denom_bias: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    causal: bool,
+    eps: float,
+    chunk: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     B, K, T, p = w.shape
     f32 = _stats_dtype(w.dtype)
     n_chunks = (T + chunk - 1) // chunk if causal else 1
     return (
-        _coordinate_major_empty(w, w.dtype),
+        _output_like(w, weight),
         w.new_empty(B, K, T, dtype=f32),
         w.new_empty(B, K, T, dtype=f32),
         w.new_empty(n_chunks, B, K, p, dtype=f32),
@@ -282,11 +333,12 @@ def _tssa_op_fake(
 
 @torch.library.custom_op("whitebox::tssa_backward", mutates_args=())
 def _tssa_backward_op(
-    grad_c: Tensor,
+    grad_out: Tensor,
     grad_pi: Tensor | None,
     w: Tensor,
     temp: Tensor,
     denom_bias: Tensor | None,
+    weight: Tensor | None,
     pi: Tensor,
     logits: Tensor,
     S0: Tensor,
@@ -295,20 +347,37 @@ def _tssa_backward_op(
     causal: bool,
     eps: float,
     chunk: int,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dw, dtemp, ddenom_bias or empty, dweight or empty); grad_out is dL/dc, or dL/dy with a
+    projection. The bias's gradient, grad_out summed, is left to the autograd function."""
+    B, K, T, p = w.shape
+    none = temp.new_empty(0)
+    if weight is None:
+        dw, dtemp, ddenom_bias = tssa_backward(
+            grad_out, grad_pi, w, temp, denom_bias, pi, logits, S0, M0, P0, causal, eps, chunk
+        )
+        return dw, dtemp, none if ddenom_bias is None else ddenom_bias, none
+    grad_c = torch.matmul(grad_out, weight).view(B, T, K, p).transpose(1, 2)
+    c = _coordinate_major_empty(w, w.dtype)
     dw, dtemp, ddenom_bias = tssa_backward(
-        grad_c, grad_pi, w, temp, denom_bias, pi, logits, S0, M0, P0, causal, eps, chunk
+        grad_c, grad_pi, w, temp, denom_bias, pi, logits, S0, M0, P0, causal, eps, chunk, c_out=c
     )
-    return dw, dtemp, temp.new_empty(0) if ddenom_bias is None else ddenom_bias
+    del grad_c
+    c_cols = c.transpose(2, 3).reshape(B, K * p, T)  # (B, D, T): merge_heads(c), transposed
+    dweight = torch.zeros_like(weight)
+    for b in range(B):
+        dweight.addmm_(grad_out[b].t(), c_cols[b].t())
+    return dw, dtemp, none if ddenom_bias is None else ddenom_bias, dweight
 
 
 @_tssa_backward_op.register_fake
 def _tssa_backward_op_fake(
-    grad_c: Tensor,
+    grad_out: Tensor,
     grad_pi: Tensor | None,
     w: Tensor,
     temp: Tensor,
     denom_bias: Tensor | None,
+    weight: Tensor | None,
     pi: Tensor,
     logits: Tensor,
     S0: Tensor,
@@ -317,33 +386,60 @@ def _tssa_backward_op_fake(
     causal: bool,
     eps: float,
     chunk: int,
-) -> tuple[Tensor, Tensor, Tensor]:
-    no_bias = temp.new_empty(0)
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    none = temp.new_empty(0)
     return (
         _coordinate_major_empty(w, w.dtype),
         torch.empty_like(temp),
-        no_bias if denom_bias is None else torch.empty_like(denom_bias),
+        none if denom_bias is None else torch.empty_like(denom_bias),
+        none if weight is None else torch.empty_like(weight),
     )
 
 
 def _setup_context(ctx, inputs: tuple, output: tuple) -> None:  # noqa: ANN001 (torch's ctx)
-    w, temp, denom_bias, causal, eps, chunk = inputs
+    w, temp, denom_bias, weight, bias, causal, eps, chunk = inputs
     _, pi, logits, S0, M0, P0 = output
-    ctx.save_for_backward(w, temp, denom_bias, pi, logits, S0, M0, P0)
-    ctx.causal, ctx.eps, ctx.chunk = causal, eps, chunk
+    ctx.save_for_backward(w, temp, denom_bias, weight, pi, logits, S0, M0, P0)
+    ctx.has_bias, ctx.causal, ctx.eps, ctx.chunk = bias is not None, causal, eps, chunk
 
 
-def _backward(ctx, grad_c: Tensor | None, grad_pi: Tensor | None, *unused: Tensor | None) -> tuple:  # noqa: ANN001
-    w, temp, denom_bias, pi, logits, S0, M0, P0 = ctx.saved_tensors
-    if grad_c is None:
-        grad_c = torch.zeros_like(w)
-    dw, dtemp, ddenom_bias = _tssa_backward_op(
-        grad_c, grad_pi, w, temp, denom_bias, pi, logits, S0, M0, P0, ctx.causal, ctx.eps, ctx.chunk
+def _backward(ctx, grad_out: Tensor | None, grad_pi: Tensor | None, *unused: Tensor | None) -> tuple:  # noqa: ANN001
+    w, temp, denom_bias, weight, pi, logits, S0, M0, P0 = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = _output_like(w, weight).zero_()
+    dw, dtemp, ddenom_bias, dweight = _tssa_backward_op(
+        grad_out, grad_pi, w, temp, denom_bias, weight, pi, logits, S0, M0, P0, ctx.causal, ctx.eps, ctx.chunk
     )
-    return dw, dtemp, None if denom_bias is None else ddenom_bias, None, None, None
+    dbias = grad_out.sum((0, 1)) if ctx.has_bias else None
+    return (
+        dw,
+        dtemp,
+        None if denom_bias is None else ddenom_bias,
+        None if weight is None else dweight,
+        dbias,
+        None,
+        None,
+        None,
+    )
 
 
 _tssa_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# torch's FlopCounterMode counts matmuls only. It sees the projection fused into the operator
+# through these formulas; TSSA's own elementwise work is charged by TSSA.flops_per_token.
+@register_flop_formula(torch.ops.whitebox.tssa)
+def _tssa_flops(w_shape, temp_shape, denom_bias_shape, weight_shape, *args, **kwargs) -> int:  # noqa: ANN001
+    B, K, T, p = w_shape
+    return 0 if weight_shape is None else 2 * B * T * weight_shape[0] * weight_shape[1]
+
+
+@register_flop_formula(torch.ops.whitebox.tssa_backward)
+def _tssa_backward_flops(
+    grad_shape, grad_pi_shape, w_shape, temp_shape, denom_bias_shape, weight_shape, *args, **kwargs
+) -> int:  # noqa: ANN001
+    B, K, T, p = w_shape
+    return 0 if weight_shape is None else 4 * B * T * weight_shape[0] * weight_shape[1]
 
 
 def token_statistics_fused(
@@ -358,5 +454,24 @@ def token_statistics_fused(
     """`token_statistics` (pretrain/models/tssa.py) as one operator: (c (B, K, N, p), pi (B, K, N)),
     equal to the reference to rounding, with a fraction of its time and saved memory. c is stored
     coordinate-major (its transpose(2, 3) is contiguous)."""
-    c, pi, *_ = _tssa_op(w, temp, denom_bias, causal, eps, chunk)
+    c, pi, *_ = _tssa_op(w, temp, denom_bias, None, None, causal, eps, chunk)
     return c, pi
+
+
+def projected_token_statistics_fused(
+    w: Tensor,
+    temp: Tensor,
+    out_proj: torch.nn.Linear,
+    *,
+    causal: bool,
+    denom_bias: Tensor | None = None,
+    eps: float = ENERGY_EPS,
+    chunk: int = CHUNK_TOKENS,
+) -> Tensor:
+    """out_proj(merge_heads(c)) (B, N, D) in one operator that keeps w, not c, for backward.
+    Under autocast, out_proj's weight is cast as autocast would cast it for a Linear."""
+    weight, bias = out_proj.weight, out_proj.bias
+    if torch.is_autocast_enabled(w.device.type):
+        dtype = torch.get_autocast_dtype(w.device.type)
+        weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
+    return _tssa_op(w, temp, denom_bias, weight, bias, causal, eps, chunk)[0]
