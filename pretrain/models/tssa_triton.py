@@ -18,8 +18,9 @@ scan runs within a chunk. Statistics accumulate in fp32 whatever w's dtype.
 
 The passes are registered as torch custom ops (`whitebox::tssa_triton`, `whitebox::tssa_triton_backward`)
 with fake implementations, so torch.compile, activation checkpointing and FSDP2 see one opaque op.
-The kernels need CUDA, or TRITON_INTERPRET=1 (set before this module is imported) to run on CPU
-tensors in Triton's interpreter, as the tests do.
+The kernels need CUDA; or, to run on CPU tensors in Triton's interpreter as the tests do,
+TRITON_INTERPRET=1 in the environment before triton is imported (its @triton.jit reads it as it
+decorates each function, Triton's own included), in practice when the process starts.
 """
 
 from typing import Any
@@ -37,9 +38,9 @@ from pretrain.models.tssa import ENERGY_EPS, MEMBERSHIP_EPS
 CHUNK_TOKENS = 32
 
 _MEMBERSHIP_EPS = tl.constexpr(MEMBERSHIP_EPS)
-# Whether @triton.jit made the kernels below Triton's interpreter (TRITON_INTERPRET=1 when this
-# module was imported): then they run on CPU tensors.
-_INTERPRETED = triton.knobs.runtime.interpret
+# Whether @triton.jit made Triton's functions (tl.sum, ...) and the kernels below interpreted ones:
+# then the kernels run on CPU tensors.
+_INTERPRETED = triton.knobs.runtime.interpret and not isinstance(tl.sum, triton.runtime.JITFunction)
 
 
 def available() -> str | None:
@@ -47,8 +48,8 @@ def available() -> str | None:
     if _INTERPRETED or torch.cuda.is_available():
         return None
     return (
-        "model.tssa_impl=triton needs CUDA (or TRITON_INTERPRET=1 set before pretrain.models.tssa_triton "
-        "is imported, to run Triton's interpreter on CPU); torch sees no CUDA device"
+        "model.tssa_impl=triton needs CUDA (or, for Triton's interpreter on CPU, TRITON_INTERPRET=1 in the "
+        "environment of the process from its start); torch sees no CUDA device"
     )
 
 
@@ -369,14 +370,18 @@ def _carries(sums: Tensor, causal: bool, *, reverse: bool = False) -> Tensor:
 
 def _layout(w: Tensor, chunk: int) -> tuple[tuple[int, int], tuple[int, ...], dict[str, int]]:
     """For w (B, K, T, p): the grid, the layout arguments that every kernel takes (K, T, p and the
-    strides of w, c, dc and dw), and the tile sizes."""
+    strides of w, c, grad_c and dw), and the tile sizes."""
     B, K, T, p = w.shape
-    return (B * K, triton.cdiv(T, chunk)), (K, T, p, *w.stride()), {"CHUNK": chunk, "BLOCK_P": triton.next_power_of_2(p)}
+    return (
+        (B * K, triton.cdiv(T, chunk)),
+        (K, T, p, *w.stride()),
+        {"CHUNK": chunk, "BLOCK_P": triton.next_power_of_2(p)},
+    )
 
 
 def _dense_like(w: Tensor) -> tuple[Tensor, Tensor]:
     """(w, an empty tensor of its shape, dtype and strides), w made contiguous first if it is not
-    dense, so that one set of strides addresses w, c, dc and dw; the fake ops' empty_like agrees."""
+    dense, so that one set of strides addresses w, c, grad_c and dw; the fake ops' empty_like agrees."""
     out = torch.empty_like(w)
     return (w, out) if out.stride() == w.stride() else (w.contiguous(), out)
 
@@ -401,12 +406,9 @@ def _tssa_forward(
     _chunk_sums_kernel[grid](w, w, w2_sums, w2_sums, *dims, HAS_WEIGHT=False, **meta)
     S_start = _carries(w2_sums, causal)
     logits = torch.empty(B, K, T, **f32)
-    bias = w if denom_bias is None else denom_bias
-    bias_strides = (0, 0) if denom_bias is None else denom_bias.stride()
-    _logits_kernel[grid](
-        w, S_start, bias, logits, eps, *dims, *bias_strides,
-        CAUSAL=causal, HAS_BIAS=denom_bias is not None, **meta,
-    )  # fmt: skip
+    has_bias = denom_bias is not None
+    bias, bias_strides = (denom_bias, denom_bias.stride()) if has_bias else (w, (0, 0))  # w: a pointer never read
+    _logits_kernel[grid](w, S_start, bias, logits, eps, *dims, *bias_strides, CAUSAL=causal, HAS_BIAS=has_bias, **meta)
     pi = (temp.float() * logits).softmax(dim=1)  # (B, K, T): over heads
     M_sums, P_sums = torch.empty_like(w2_sums), torch.empty(B, K, grid[1], **f32)
     _chunk_sums_kernel[grid](w, pi, M_sums, P_sums, *dims, HAS_WEIGHT=True, **meta)
@@ -420,8 +422,8 @@ def _(w: Tensor, temp: Tensor, denom_bias: Tensor | None, causal: bool, eps: flo
     B, K, T, _ = w.shape
     stats, per_chunk = _stat_shapes(w, causal, chunk)
     f32 = {"dtype": torch.float32, "device": w.device}
-    pi, logits = w.new_empty(B, K, T, **f32), w.new_empty(B, K, T, **f32)
-    return torch.empty_like(w), pi, logits, w.new_empty(stats, **f32), w.new_empty(stats, **f32), w.new_empty(per_chunk, **f32)
+    fp32_outputs = [w.new_empty(shape, **f32) for shape in ((B, K, T), (B, K, T), stats, stats, per_chunk)]
+    return torch.empty_like(w), *fp32_outputs
 
 
 @torch.library.custom_op("whitebox::tssa_triton_backward", mutates_args=())
@@ -447,9 +449,7 @@ def _tssa_backward(
     B, K, _, p = w.shape
     dM_sums = torch.empty(B, K, grid[1], p, dtype=torch.float32, device=w.device)
     dQ_sums = torch.empty(B, K, grid[1], dtype=torch.float32, device=w.device)
-    _membership_grad_sums_kernel[grid](
-        w, grad_c, pi, M_start, P_start, dM_sums, dQ_sums, *dims, CAUSAL=causal, **meta
-    )
+    _membership_grad_sums_kernel[grid](w, grad_c, pi, M_start, P_start, dM_sums, dQ_sums, *dims, CAUSAL=causal, **meta)
     RM_start, RQ_start = _carries(dM_sums, causal, reverse=True), _carries(dQ_sums, causal, reverse=True)
     gpi = torch.empty_like(pi)
     _membership_grad_kernel[grid](
@@ -463,10 +463,8 @@ def _tssa_backward(
     dS_sums = torch.empty_like(dM_sums)
     _energy_grad_sums_kernel[grid](w, S_start, dlogits, dS_sums, eps, *dims, CAUSAL=causal, **meta)
     RS_start = _carries(dS_sums, causal, reverse=True)
-    _input_grad_kernel[grid](
-        w, grad_c, pi, dlogits, S_start, M_start, P_start, RM_start, RS_start, dw, eps, *dims,
-        CAUSAL=causal, **meta,
-    )  # fmt: skip
+    starts = (S_start, M_start, P_start, RM_start, RS_start)
+    _input_grad_kernel[grid](w, grad_c, pi, dlogits, *starts, dw, eps, *dims, CAUSAL=causal, **meta)
     return dw, dtemp, dlogits
 
 
@@ -512,6 +510,8 @@ def token_statistics_triton(
     if chunk < 1 or chunk & (chunk - 1):
         raise ValueError(f"chunk must be a power of two, not {chunk}")
     if not w.is_cuda and not _INTERPRETED:
-        raise RuntimeError(f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1); w is on {w.device}")
+        raise RuntimeError(
+            f"the Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 from the start; w is on {w.device}"
+        )
     c, pi, *_ = _tssa_forward(w, temp, denom_bias, causal, eps, chunk)
     return c, pi
