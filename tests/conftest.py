@@ -9,7 +9,14 @@ import time
 
 import pytest
 import torch
-from helpers import S3, MlflowServer
+
+if not torch.cuda.is_available():
+    # Without CUDA, the Triton kernels run in Triton's interpreter (tests/test_tssa_triton.py), which
+    # @triton.jit chooses as it decorates a function, triton's own included: so before anything
+    # imports triton (helpers does, through transformers and torch.utils.flop_counter).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from helpers import S3, MlflowServer  # noqa: E402
 
 from pretrain.distributed import SHM_BUFFERS, DistInfo, free_port, init_distributed, shutdown, single_process_env
 from pretrain.prepare.text import write_token_shards

@@ -5,13 +5,9 @@ implementations. Without CUDA they run on CPU in Triton's interpreter."""
 from __future__ import annotations
 
 import importlib
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from helpers import REPO
 
 from pretrain.models.tssa import ENERGY_EPS, token_statistics
 
@@ -19,27 +15,14 @@ triton = pytest.importorskip("triton")
 tssa_triton = importlib.import_module("pretrain.models.tssa_triton")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# @triton.jit reads TRITON_INTERPRET as it decorates a function: Triton's own (tl.sum, tl.cumsum)
-# when triton is first imported, which conftest.py's imports already do (tssa_fused imports
-# torch.utils.flop_counter, which imports triton). So the kernels run on CPU only in a process
-# started with TRITON_INTERPRET=1; test_in_a_process_started_with_triton_interpret makes one.
-RUNS_HERE = DEVICE == "cuda" or tssa_triton._INTERPRETED
-runs_here = pytest.mark.skipif(not RUNS_HERE, reason="no CUDA, and triton was imported without TRITON_INTERPRET=1")
+# Without CUDA the kernels run in Triton's interpreter, which conftest.py turns on (TRITON_INTERPRET=1)
+# before anything imports triton.
+runs_here = pytest.mark.skipif(
+    DEVICE == "cpu" and not tssa_triton._INTERPRETED,
+    reason="no CUDA, and triton was imported before TRITON_INTERPRET=1 was set (tests/conftest.py sets it)",
+)
 
 CHUNK = 16  # small, so that T = 37 spans three chunks with a tail
-
-
-@pytest.mark.skipif(RUNS_HERE, reason="the kernels run in this process")
-def test_in_a_process_started_with_triton_interpret() -> None:
-    """This file's other tests, in a child process with TRITON_INTERPRET=1; none may be skipped there.
-    It starts faster without conftest.py and pytest's plugins, which they do not use."""
-    assert os.environ.get("TRITON_INTERPRET") != "1", "TRITON_INTERPRET=1 is set, yet triton is not interpreted"
-    me = "test_in_a_process_started_with_triton_interpret"
-    options = ["-q", "--noconftest", "-p", "no:cacheprovider", "-k", f"not {me}"]
-    command = [sys.executable, "-m", "pytest", __file__, *options]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
-    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "skipped" not in proc.stdout.lower(), proc.stdout[-6000:] + proc.stderr[-2000:]
 
 
 def inputs(T: int, p: int, *, bias: bool, model_layout: bool, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -118,3 +101,35 @@ def test_fake_implementations_agree_with_the_kernels() -> None:
         _, pi, logits, *starts = torch.ops.whitebox.tssa_triton(*forward_args)
     backward_args = (grad_c, grad_pi, w, temp, pi, logits, *starts, True, ENERGY_EPS, CHUNK)
     torch.library.opcheck(torch.ops.whitebox.tssa_triton_backward.default, backward_args, test_utils=tests)
+
+
+@runs_here
+def test_a_model_with_tssa_impl_triton_takes_the_steps_of_eager() -> None:
+    """model.tssa_impl=triton through the layers (TSSAOutput's unfused path): a ToST LM's loss and
+    every parameter's gradient equal eager's."""
+    from pretrain.config import ModelConfig
+    from pretrain.models import build_model
+
+    ids = torch.randint(0, 100, (2, 40), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    results = {}
+    for impl in ("eager", "triton"):
+        torch.manual_seed(0)
+        cfg = ModelConfig(name="tost", n_layer=2, n_head=4, n_embd=32, vocab_size=100, seq_len=48, tssa_impl=impl)
+        model = build_model(cfg).to(DEVICE)
+        loss = model(ids[:, :-1], ids[:, 1:])
+        loss.backward()
+        results[impl] = [loss.detach(), *(p.grad for p in model.parameters())]
+    for got, want in zip(results["triton"], results["eager"], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_triton_where_it_cannot_run_is_refused_in_one_line(monkeypatch) -> None:
+    """As on a machine without CUDA whose triton is not interpreted: a UserError naming the key."""
+    from pretrain.errors import UserError
+    from pretrain.models.tost import resolve_impl
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(tssa_triton, "_INTERPRETED", False)
+    with pytest.raises(UserError, match=r"^model\.tssa_impl=triton needs CUDA[^\n]*$"):
+        resolve_impl("triton", torch.device("cpu"))
+    assert resolve_impl("auto", torch.device("cpu")) == "fused"

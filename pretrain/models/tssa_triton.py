@@ -40,7 +40,7 @@ CHUNK_TOKENS = 32
 _MEMBERSHIP_EPS = tl.constexpr(MEMBERSHIP_EPS)
 # Whether @triton.jit made Triton's functions (tl.sum, ...) and the kernels below interpreted ones:
 # then the kernels run on CPU tensors.
-_INTERPRETED = triton.knobs.runtime.interpret and not isinstance(tl.sum, triton.runtime.JITFunction)
+_INTERPRETED = not isinstance(tl.sum, triton.runtime.JITFunction)
 
 
 def available() -> str | None:
