@@ -1,25 +1,36 @@
-"""Benchmark one attention layer: TSSA vs softmax attention (SDPA) from 256 to 16k tokens, and
-recurrent ToST generation vs re-running the prefix for every new token.
+"""Benchmark one token-mixing layer, forward + backward, from 1k to 64k tokens where time and
+memory allow: TSSA's implementations (eager, fused, and on a GPU triton) against softmax attention
+(SDPA); and ToSTLM generation, recurrent steps against re-running the prefix, with the time to
+read a prompt token by token against one parallel prefill.
 
     python tools/bench/attention.py --write-doc docs/benchmarks.md         # GPU if torch finds one, else CPU
-    python tools/bench/attention.py --device cpu --tokens 256 1k 4k --repeats 5
+    python tools/bench/attention.py --device cpu --tokens 1k 4k --repeats 5 --variants tssa_causal_fused softmax_causal
 
-Layers: `TSSA` (non-causal, vision) and `CausalTSSA` against `SelfAttention` non-causal and causal
-(F.scaled_dot_product_attention), built from one ModelConfig of the same width (CPU: D 384, 6
-heads, fp32; GPU: D 768, 12 heads, bf16 autocast), batch 1. Per sequence length: the median
-wall time of forward + backward (loss = output.sum(), gradients for the input and the weights)
-after a warmup pass, and the peak memory of one such pass above what was allocated before it.
-On CPU every case runs in a fresh process (forked from a server that has imported torch), whose
-peak resident set size is reset through /proc/self/clear_refs just before the measured pass; on
-GPU, torch.cuda.max_memory_allocated after reset_peak_memory_stats. A case whose time or memory,
+Layers: `TSSA` (non-causal, vision) and `CausalTSSA`, each built with `model.tssa_impl` eager (the
+reference chain of ops), fused (one chunked custom op with a hand-written backward) and, with
+--device cuda, triton; against `SelfAttention` non-causal and causal (F.scaled_dot_product_attention).
+All from one ModelConfig of the same width (D 768, 12 heads; fp32 on CPU, bf16 autocast on GPU),
+batch 1. Per sequence length: the median wall time of forward + backward (loss = output.sum(),
+gradients for the input and the weights) after a warmup pass; the peak memory of one such pass
+above what was allocated before it; and the bytes autograd saves for backward in one forward
+(every distinct storage a `saved_tensors_hooks` pack hook sees, once, the layer's parameters
+excepted, its input included), from one more forward after the measurements. On CPU every case
+runs in a fresh process (forked from a server that has imported torch), whose peak resident set
+size is reset through /proc/self/clear_refs just before the measured pass; on GPU,
+torch.cuda.max_memory_allocated after reset_peak_memory_stats. A case whose time or memory,
 extrapolated from the smaller lengths of the same layer, would pass --max-case-seconds or
---memory-limit-gib is skipped and marked so, not run. Scaling exponents are least-squares
-slopes of log(time) and log(memory) against log(tokens).
+--memory-limit-gib is skipped and marked so, not run. Scaling exponents are least-squares slopes of
+log(time) and log(memory) against log(tokens), over all measured lengths and over those >= 4k.
+Targets: at 8k tokens (or the measured length nearest it), fused (and triton) TSSA's time over
+eager TSSA's and over SDPA's, and its saved-for-backward bytes over SDPA's, causal and not.
 
-Generation: a small ToSTLM (4 layers of the same width). Time per new token at each position of
-the recurrent `step` (O(D) state per layer), against running the parallel forward over the whole
-prefix to get the same next-token logits, which is what a model without a recurrent form (and
-without a KV cache) does per token; slopes of log(time per token) against log(position).
+Generation: a small ToSTLM (4 layers of the same width, `model.tssa_impl` auto). Time per new
+token at each position of the recurrent `step` (O(D) state per layer), against running the
+parallel forward over the whole prefix to get the same next-token logits, which is what a model
+without a recurrent form (and without a KV cache) does per token; slopes of log(time per token)
+against log(position). Time to first token at the largest position: the prompt read by `step`
+from `init_states(1)`, token by token (what `generate` did before), against one `prefill(prompt)`
+(what it does now), both with no gradients, and how far their next-token logits differ.
 
 Writes a log-log plot (--plot, default docs/attention_scaling.png). One JSON object goes to
 stdout; progress goes to stderr.
@@ -36,6 +47,7 @@ import re
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -44,25 +56,38 @@ import torch
 from common import add_write_doc_flag, device_name, heading, publish
 
 from pretrain.config import ModelConfig
+from pretrain.errors import UserError
 from pretrain.models.attention import SelfAttention
-from pretrain.models.tost import TSSA, CausalTSSA, ToSTLM
+from pretrain.models.tost import TSSA, CausalTSSA, ToSTLM, resolve_impl
 
-VARIANTS = {  # name -> (label, layer builder)
-    "tssa": ("TSSA", lambda cfg, n: TSSA(cfg)),
-    "tssa_causal": ("causal TSSA", lambda cfg, n: CausalTSSA(cfg)),
-    "softmax": ("softmax (SDPA)", lambda cfg, n: SelfAttention(cfg, causal=False, n_tokens=n)),
-    "softmax_causal": ("causal softmax (SDPA)", lambda cfg, n: SelfAttention(cfg, causal=True, n_tokens=n)),
+# name -> (label, layer kind, model.tssa_impl); the order of the tables' columns.
+VARIANTS = {
+    "tssa_eager": ("TSSA eager", "tssa", "eager"),
+    "tssa_fused": ("TSSA fused", "tssa", "fused"),
+    "tssa_triton": ("TSSA triton", "tssa", "triton"),
+    "softmax": ("softmax (SDPA)", "softmax", None),
+    "tssa_causal_eager": ("causal TSSA eager", "tssa_causal", "eager"),
+    "tssa_causal_fused": ("causal TSSA fused", "tssa_causal", "fused"),
+    "tssa_causal_triton": ("causal TSSA triton", "tssa_causal", "triton"),
+    "softmax_causal": ("causal softmax (SDPA)", "softmax_causal", None),
 }
-# Per device: (width, heads, precision).
-DEVICE_DEFAULTS = {"cpu": (384, 6, "fp32"), "cuda": (768, 12, "bf16")}
-DEFAULT_TOKENS = [256, 512, 1024, 2048, 4096, 8192, 16384]
+GPU_ONLY = {"tssa_triton", "tssa_causal_triton"}
+# Per form (a key of report["targets"]): (the eager TSSA variant, the SDPA variant, {impl: TSSA variant}).
+FORMS = {
+    "non_causal": ("tssa_eager", "softmax", {"fused": "tssa_fused", "triton": "tssa_triton"}),
+    "causal": ("tssa_causal_eager", "softmax_causal", {"fused": "tssa_causal_fused", "triton": "tssa_causal_triton"}),
+}
+WIDTH, HEADS = 768, 12  # on CPU and GPU alike
+PRECISION = {"cpu": "fp32", "cuda": "bf16"}
+DEFAULT_TOKENS = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
 DEFAULT_POSITIONS = [128, 256, 512, 1024, 2048, 4096]
+TARGET_TOKENS = 8192  # the length of the targets summary (or the measured one nearest it)
+FIT_FROM_TOKENS = 4096  # the second exponent fits the measured lengths from this one up
 GEN_LAYERS = 4
 GEN_VOCAB = 50304
 STEP_WINDOW = 16  # recurrent steps whose median is the time per token at a position
 MIN_REPETITION_S = 0.05  # a repetition loops over passes until it lasts about this long
 MEMORY_PASSES = 2  # peak memory is the largest of this many measured passes
-LARGE_N_POINTS = 3  # the "large N" exponent fits the largest this many measured lengths
 MiB = 2**20
 # On CPU a case is measured again (once) when other processes kept more than this share of the
 # cores busy while it ran: the project's machines are shared, and a busy core slows every case.
@@ -71,15 +96,11 @@ RETRIES = 2
 QUIET_WINDOW_S = 0.3  # before a case, the machine's load is sampled over windows this long
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
-ABOUT = """Forward + backward of one token-mixing layer (loss = output.sum(); gradients for the input and
-all weights, zeroed before every pass), batch 1, random inputs. Time: median over the repetitions,
-each a loop of passes lasting at least {min_rep_ms:.0f} ms, after one warmup pass.
-
-Memory: {memory}
-
-The exponent is the least-squares slope of log(time) or log(memory) against log(tokens) over every
-measured length ("all"), and over the largest {large} measured lengths ("large N"), where fixed
-per-pass costs matter least: 1 is linear, 2 quadratic."""
+IMPLS_HOW = (
+    "TSSA and causal TSSA run each implementation `model.tssa_impl` names: eager (the reference chain of "
+    "full-length ops, each of whose outputs autograd keeps) and fused (one chunked custom op, out_proj "
+    "included, with a hand-written backward that recomputes its temporaries instead of keeping them)"
+)
 MEMORY_HOW = {
     "cpu": "on CPU each case runs in a fresh process (forked from a server that imported torch "
     "once); after the timed passes glibc's mmap threshold is fixed at 64 KiB and the heap trimmed, "
@@ -112,6 +133,15 @@ def mem_available_gib() -> float | None:
     return int(match.group(1)) / 2**20 if match else None
 
 
+def triton_unavailable() -> str | None:
+    """None when model.tssa_impl=triton can run on this machine's GPU, else why not."""
+    try:
+        resolve_impl("triton", torch.device("cuda"))
+    except UserError as err:
+        return str(err)
+    return None
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
@@ -120,8 +150,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="auto",
         help="where to run (default: auto, the GPU when torch finds one)",
     )
-    p.add_argument("--width", type=int, help="model width D (default: 384 on CPU, 768 on GPU)")
-    p.add_argument("--heads", type=int, help="heads K (default: 6 on CPU, 12 on GPU)")
+    p.add_argument("--width", type=int, default=WIDTH, help=f"model width D (default: {WIDTH})")
+    p.add_argument("--heads", type=int, default=HEADS, help=f"heads K (default: {HEADS})")
     p.add_argument(
         "--precision", choices=("fp32", "bf16"), help="fp32, or bf16 autocast (default: fp32 on CPU, bf16 on GPU)"
     )
@@ -131,15 +161,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         nargs="+",
         default=DEFAULT_TOKENS,
         metavar="N",
-        help="sequence lengths, e.g. 256 1k 16k (default: 256 512 1k 2k 4k 8k 16k)",
+        help="sequence lengths, e.g. 256 1k 16k (default: 1k 2k 4k 8k 16k 32k 64k)",
     )
     p.add_argument("--max-tokens", type=token_count, help="drop the --tokens above this")
     p.add_argument(
         "--variants",
         nargs="+",
-        choices=sorted(VARIANTS),
-        default=list(VARIANTS),
-        help="layers to measure (default: all four)",
+        choices=list(VARIANTS),
+        metavar="NAME",
+        help=f"layers to measure, of {', '.join(VARIANTS)} (default: all; the triton ones need --device cuda)",
     )
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions per case (default: 3)")
     p.add_argument(
@@ -152,8 +182,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--max-case-seconds",
         type=float,
         default=120.0,
-        help="skip a case whose extrapolated run (warmup, repetitions, memory passes) would take "
-        "longer than this (default: 120)",
+        help="skip a case whose extrapolated run (warmup, repetitions, memory passes, the saved-bytes "
+        "forward) would take longer than this (default: 120)",
     )
     p.add_argument(
         "--quiet-wait",
@@ -169,7 +199,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         nargs="+",
         default=DEFAULT_POSITIONS,
         metavar="T",
-        help="generation positions (default: 128 256 512 1k 2k 4k); 0 positions skips generation",
+        help="generation positions; the time to first token reads a prompt of the largest "
+        "(default: 128 256 512 1k 2k 4k); 0 positions skips generation",
     )
     p.add_argument("--gen-layers", type=int, default=GEN_LAYERS, help="layers of the generation ToSTLM (default: 4)")
     p.add_argument(
@@ -184,18 +215,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda needs a CUDA GPU and torch finds none")
-    width, heads, precision = DEVICE_DEFAULTS[args.device]
-    args.width = args.width or width
-    args.heads = args.heads or heads
-    args.precision = args.precision or precision
+    args.precision = args.precision or PRECISION[args.device]
     if args.width % args.heads:
         p.error(f"--width {args.width} is not a multiple of --heads {args.heads}")
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
+    if args.variants is None:
+        args.variants = [v for v in VARIANTS if args.device == "cuda" or v not in GPU_ONLY]
+        reason = triton_unavailable() if args.device == "cuda" else None
+        if reason:
+            print(f"leaving out the triton variants: {reason}", file=sys.stderr)
+            args.variants = [v for v in args.variants if v not in GPU_ONLY]
+    else:
+        args.variants = [v for v in VARIANTS if v in args.variants]  # the tables' order
+        asked = GPU_ONLY.intersection(args.variants)
+        if asked and args.device != "cuda":
+            p.error(f"the triton variants ({', '.join(sorted(asked))}) need --device cuda")
+        reason = triton_unavailable() if asked else None
+        if reason:
+            p.error(reason)
     args.tokens = sorted({n for n in args.tokens if args.max_tokens is None or n <= args.max_tokens})
     if not args.tokens:
         p.error("no --tokens left at or below --max-tokens")
-    args.positions = sorted(set(args.positions))
+    args.positions = sorted({t for t in args.positions if t > 0})  # --positions 0: no generation
     if args.memory_limit_gib is None:
         if args.device == "cuda":
             args.memory_limit_gib = 0.9 * torch.cuda.get_device_properties(0).total_memory / 2**30
@@ -218,8 +260,18 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def layer_config(width: int, heads: int, seq_len: int) -> ModelConfig:
-    return ModelConfig(n_embd=width, n_head=heads, seq_len=seq_len, bias=False, dropout=0.0)
+def layer_config(width: int, heads: int, seq_len: int, tssa_impl: str = "eager") -> ModelConfig:
+    return ModelConfig(n_embd=width, n_head=heads, seq_len=seq_len, bias=False, dropout=0.0, tssa_impl=tssa_impl)
+
+
+def build_layer(variant: str, width: int, heads: int, n: int) -> torch.nn.Module:
+    _label, kind, impl = VARIANTS[variant]
+    cfg = layer_config(width, heads, n, impl or "eager")
+    if kind == "tssa":
+        return TSSA(cfg)
+    if kind == "tssa_causal":
+        return CausalTSSA(cfg)
+    return SelfAttention(cfg, causal=kind == "softmax_causal", n_tokens=n)
 
 
 class PeakRSS:
@@ -251,10 +303,30 @@ class PeakRSS:
         ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 64 * 1024)
 
 
+def saved_for_backward_bytes(layer: torch.nn.Module, x: torch.Tensor, device: str, precision: str) -> int:
+    """Bytes autograd keeps for the backward of one forward of `layer` on x: each distinct storage
+    a saved tensor lives in, once, except the layer's parameters' (x itself counts). The graph is
+    freed before returning."""
+    own = {param.untyped_storage().data_ptr() for param in layer.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(device, precision):
+        y = layer(x)
+    del y  # the graph, and with it every saved tensor
+    return sum(storages.values())
+
+
 def measure_layer(variant: str, n: int, width: int, heads: int, device: str, precision: str, repeats: int) -> dict:
-    """Forward + backward of one layer on (1, n, width): median seconds per pass and peak bytes."""
+    """Forward + backward of one layer on (1, n, width): median seconds per pass, peak bytes, and
+    the bytes saved for backward."""
     torch.manual_seed(0)
-    layer = VARIANTS[variant][1](layer_config(width, heads, n), n).to(device)
+    layer = build_layer(variant, width, heads, n).to(device)
     x = torch.randn(1, n, width, device=device, requires_grad=True)
 
     def one_pass() -> None:
@@ -296,12 +368,14 @@ def measure_layer(variant: str, n: int, width: int, heads: int, device: str, pre
             base = PeakRSS.reset()
             one_pass()
             peaks.append(PeakRSS.peak() - base)
+    saved = saved_for_backward_bytes(layer, x, device, precision)  # after the measured passes
     return {
         "seconds": statistics.median(times),
         "seconds_all": times,
         "passes_per_repetition": inner,
         "warmup_seconds": first,
         "peak_bytes": max(peaks),
+        "saved_bytes": saved,
     }
 
 
@@ -315,11 +389,25 @@ def last_logits(model: ToSTLM, ids: torch.Tensor) -> torch.Tensor:
     return model.lm_head(model.ln_f(x[:, -1]))
 
 
+def median_seconds(fn: Callable[[], object], device: str, repeats: int) -> tuple[float, object]:
+    """fn() once as a warmup, then the median of `repeats` timed calls; and the last call's result."""
+    fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
 def measure_generation(
     positions: list[int], layers: int, width: int, heads: int, device: str, precision: str, repeats: int
 ) -> dict:
     """Seconds per new token at each position: recurrent `step` vs the parallel forward over the
-    prefix; plus how far their logits differ at the last position."""
+    prefix; plus how far their logits differ at the last position. And the time to first token
+    after a prompt of the largest position: read by `step`, token by token, vs by `prefill`."""
     torch.manual_seed(0)
     last = max(positions)
     cfg = ModelConfig(n_layer=layers, n_embd=width, n_head=heads, seq_len=last, vocab_size=GEN_VOCAB, bias=False)
@@ -327,24 +415,28 @@ def measure_generation(
     ids = torch.randint(0, GEN_VOCAB, (1, last), device=device)
     step_seconds = []
     with torch.no_grad(), autocast(device, precision):
+        model.step(ids[:, 0], model.init_states(1))  # warmup: first-call costs stay out of the timings
+        sync(device)
+        loop_start = time.perf_counter()
         states = model.init_states(1)
         for t in range(last):  # the token at position t + 1 (1-based), reading the state of t tokens
             start = time.perf_counter()
             step_logits = model.step(ids[:, t], states)
             sync(device)
             step_seconds.append(time.perf_counter() - start)
+        stepped_seconds = time.perf_counter() - loop_start
+        if device == "cuda":  # again without the synchronize after every step, as generate ran
+            loop_start = time.perf_counter()
+            states = model.init_states(1)
+            for t in range(last):
+                step_logits = model.step(ids[:, t], states)
+            sync(device)
+            stepped_seconds = time.perf_counter() - loop_start
         state_bytes = sum(s.S.nbytes + s.M.nbytes + s.P.nbytes for s in states)
         prefix = {}
         for pos in positions:
-            last_logits(model, ids[:, :pos])  # warmup
-            sync(device)
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                prefix_out = last_logits(model, ids[:, :pos])
-                sync(device)
-                times.append(time.perf_counter() - start)
-            prefix[pos] = statistics.median(times)
+            prefix[pos], prefix_out = median_seconds(lambda pos=pos: last_logits(model, ids[:, :pos]), device, repeats)
+        prefill_seconds, (prefill_logits, _states) = median_seconds(lambda: model.prefill(ids), device, repeats)
     diff = (step_logits.float() - prefix_out.float()).abs().max().item()
     scale = prefix_out.float().abs().max().item()
     recurrent = {pos: statistics.median(step_seconds[max(0, pos - STEP_WINDOW) : pos]) for pos in positions}
@@ -354,6 +446,14 @@ def measure_generation(
         "state_bytes": state_bytes,
         "last_logits_max_abs_diff": diff,
         "last_logits_max_abs": scale,
+        "tssa_impl": resolve_impl(cfg.tssa_impl, torch.device(device)),
+        "first_token": {
+            "prompt_tokens": last,
+            "step_seconds": stepped_seconds,
+            "prefill_seconds": prefill_seconds,
+            "logits_max_abs_diff": (step_logits.float() - prefill_logits.float()).abs().max().item(),
+            "logits_max_abs": prefill_logits.float().abs().max().item(),
+        },
     }
 
 
@@ -466,6 +566,8 @@ class Runner:
         except torch.cuda.OutOfMemoryError as exc:
             torch.cuda.empty_cache()
             return "error", f"CUDA out of memory: {str(exc).splitlines()[0]}"
+        except Exception as exc:  # noqa: BLE001 - the case is marked failed, as a worker's would be
+            return "error", f"{type(exc).__name__}: {exc}"
 
     def _run_in_worker(self, fn_name: str, kwargs: dict) -> tuple[str, object]:
         parent, child = self.ctx.Pipe(duplex=False)
@@ -507,14 +609,19 @@ def extrapolate(points: list[tuple[int, float]], n: int) -> float | None:
     return y1 * (n / n1) ** exponent
 
 
+def rounded(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)
+
+
 def run_layers(args: argparse.Namespace, runner: Runner) -> dict:
     results = {}
     for variant in args.variants:
-        label = VARIANTS[variant][0]
+        label, _kind, impl = VARIANTS[variant]
         cases, timed, mem = [], [], []
         for n in args.tokens:
             case = {"tokens": n}
-            passes = 2 + args.repeats + MEMORY_PASSES  # warmup, calibration, repetitions (>= 1 pass), memory
+            # warmup, calibration, repetitions (>= 1 pass each), memory passes, the saved-bytes forward
+            passes = 2 + args.repeats + MEMORY_PASSES + 1
             time_guess, mem_guess = extrapolate(timed, n), extrapolate(mem, n)
             if cases and cases[-1]["status"] != "ok":
                 case.update(status="skipped", reason=f"{cases[-1]['tokens']} tokens were not measured")
@@ -549,6 +656,8 @@ def run_layers(args: argparse.Namespace, runner: Runner) -> dict:
                         ms_repetitions=[round(t * 1e3, 4) for t in out["seconds_all"]],
                         passes_per_repetition=out["passes_per_repetition"],
                         peak_mib=round(out["peak_bytes"] / MiB, 2),
+                        saved_mib=round(out["saved_bytes"] / MiB, 3),
+                        saved_bytes=out["saved_bytes"],
                     )
                     if "other_load" in out:
                         case.update(other_load=round(out["other_load"], 3), attempts=out["attempts"])
@@ -559,7 +668,11 @@ def run_layers(args: argparse.Namespace, runner: Runner) -> dict:
                 load = f", other load {case['other_load']:.0%}" if "other_load" in case else ""
                 print(
                     f"{label} {n}: "
-                    + (f"{case['ms']:.2f} ms, {case['peak_mib']:.1f} MiB{load}" if status == "ok" else f"failed: {out}")
+                    + (
+                        f"{case['ms']:.2f} ms, {case['peak_mib']:.1f} MiB peak, {case['saved_mib']:.1f} MiB saved{load}"
+                        if status == "ok"
+                        else f"failed: {out}"
+                    )
                     + f" ({time.perf_counter() - start:.1f} s)",
                     file=sys.stderr,
                 )
@@ -567,19 +680,56 @@ def run_layers(args: argparse.Namespace, runner: Runner) -> dict:
                 print(f"{label} {n}: skipped, {case['reason']}", file=sys.stderr)
             cases.append(case)
         ok = [c for c in cases if c["status"] == "ok"]
-        big = ok[-LARGE_N_POINTS:] if len(ok) > LARGE_N_POINTS else []
+        big = [c for c in ok if c["tokens"] >= FIT_FROM_TOKENS]
         exponents = {
             "time": slope([c["tokens"] for c in ok], [c["ms"] for c in ok]),
-            "time_large_n": slope([c["tokens"] for c in big], [c["ms"] for c in big]),
+            "time_from_4k": slope([c["tokens"] for c in big], [c["ms"] for c in big]),
             "memory": slope([c["tokens"] for c in ok], [max(c["peak_mib"], 1e-3) for c in ok]),
-            "memory_large_n": slope([c["tokens"] for c in big], [max(c["peak_mib"], 1e-3) for c in big]),
+            "memory_from_4k": slope([c["tokens"] for c in big], [max(c["peak_mib"], 1e-3) for c in big]),
         }
         results[variant] = {
             "label": label,
+            "tssa_impl": impl,
             "cases": cases,
-            "exponents": {k: None if v is None else round(v, 3) for k, v in exponents.items()},
+            "exponents": {k: rounded(v) for k, v in exponents.items()},
         }
     return results
+
+
+def targets(layers: dict) -> dict:
+    """At TARGET_TOKENS (or the measured length nearest it), per form: each TSSA implementation's
+    time over eager TSSA's and over SDPA's and its saved bytes over SDPA's; and every layer's time
+    exponent from FIT_FROM_TOKENS up. None where a case was not measured."""
+    measured = sorted({c["tokens"] for res in layers.values() for c in res["cases"] if c["status"] == "ok"})
+    n = min(measured, key=lambda m: (abs(math.log(m / TARGET_TOKENS)), -m)) if measured else None
+    out = {"tokens": n}
+
+    def case(variant: str) -> dict | None:
+        if variant not in layers or n is None:
+            return None
+        found = [c for c in layers[variant]["cases"] if c["tokens"] == n and c["status"] == "ok"]
+        return found[0] if found else None
+
+    def ratio(a: dict | None, b: dict | None, key: str) -> float | None:
+        return rounded(a[key] / b[key], 4) if a and b and b[key] > 0 else None
+
+    for form, (eager, sdpa, impls) in FORMS.items():
+        entry = {}
+        for impl, variant in impls.items():
+            if variant in layers:
+                entry[impl] = {
+                    "time_over_eager": ratio(case(variant), case(eager), "ms"),
+                    "time_over_sdpa": ratio(case(variant), case(sdpa), "ms"),
+                    "saved_over_sdpa": ratio(case(variant), case(sdpa), "saved_bytes"),
+                }
+        if "fused" not in entry:
+            entry["fused"] = {"time_over_eager": None, "time_over_sdpa": None, "saved_over_sdpa": None}
+        names = {"eager": eager, **{impl: v for impl, v in impls.items() if impl in entry}, "sdpa": sdpa}
+        entry["time_exponent_from_4k"] = {
+            impl: layers[v]["exponents"]["time_from_4k"] if v in layers else None for impl, v in names.items()
+        }
+        out[form] = entry
+    return out
 
 
 def run_generation(args: argparse.Namespace, runner: Runner) -> dict | None:
@@ -613,18 +763,35 @@ def run_generation(args: argparse.Namespace, runner: Runner) -> dict | None:
             f"prefix re-run {row['prefix_ms']:.2f} ms/token",
             file=sys.stderr,
         )
+    first = out["first_token"]
+    first_token = {
+        "prompt_tokens": first["prompt_tokens"],
+        "step_ms": round(first["step_seconds"] * 1e3, 3),
+        "prefill_ms": round(first["prefill_seconds"] * 1e3, 3),
+        "step_over_prefill": round(first["step_seconds"] / first["prefill_seconds"], 2),
+        "logits_max_abs_diff": first["logits_max_abs_diff"],
+        "logits_max_abs": first["logits_max_abs"],
+    }
+    print(
+        f"first token after {first_token['prompt_tokens']} prompt tokens: step by step {first_token['step_ms']:.1f} "
+        f"ms, prefill {first_token['prefill_ms']:.1f} ms ({first_token['step_over_prefill']:.1f}x), logits differ "
+        f"by {first_token['logits_max_abs_diff']:.2e}",
+        file=sys.stderr,
+    )
     print(f"generation done ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
     positions = [r["position"] for r in rows]
     return {
         "status": "ok",
         "layers": args.gen_layers,
         "vocab_size": GEN_VOCAB,
+        "tssa_impl": out["tssa_impl"],
         "step_window": STEP_WINDOW,
         "rows": rows,
         "state_bytes": out["state_bytes"],
         "other_load": round(out.get("other_load", 0.0), 3),
         "last_logits_max_abs_diff": out["last_logits_max_abs_diff"],
         "last_logits_max_abs": out["last_logits_max_abs"],
+        "first_token": first_token,
         "exponents": {
             name: round(slope(positions, [r[f"{name}_ms"] for r in rows]), 3) if len(rows) > 1 else None
             for name in ("recurrent", "prefix")
@@ -640,6 +807,13 @@ def fmt_exp(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def fmt_ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+IMPL_COLORS = {"eager": "tab:blue", "fused": "tab:green", "triton": "tab:purple", None: "tab:red"}
+
+
 def plot(report: dict, path: Path) -> None:
     import matplotlib
 
@@ -648,18 +822,13 @@ def plot(report: dict, path: Path) -> None:
 
     gen = report["generation"]
     panels = 3 if gen and gen["status"] == "ok" else 2
-    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.4))
-    styles = {
-        "tssa": ("tab:blue", "-o"),
-        "tssa_causal": ("tab:blue", "--s"),
-        "softmax": ("tab:red", "-o"),
-        "softmax_causal": ("tab:red", "--s"),
-    }
+    fig, axes = plt.subplots(1, panels, figsize=(5.6 * panels, 4.8))
     for variant, res in report["layers"].items():
         ok = [c for c in res["cases"] if c["status"] == "ok"]
         if not ok:
             continue
-        color, style = styles[variant]
+        color = IMPL_COLORS[res["tssa_impl"]]
+        style = "--s" if VARIANTS[variant][1].endswith("causal") else "-o"
         n = [c["tokens"] for c in ok]
         e = res["exponents"]
         axes[0].plot(
@@ -667,10 +836,17 @@ def plot(report: dict, path: Path) -> None:
             [c["ms"] for c in ok],
             style,
             color=color,
-            label=f"{res['label']}: N^{fmt_exp(e['time'])} (large N: N^{fmt_exp(e['time_large_n'])})",
+            markersize=4,
+            label=f"{res['label']}: N^{fmt_exp(e['time'])}"
+            + ("" if e["time_from_4k"] is None else f" (>= 4k: N^{fmt_exp(e['time_from_4k'])})"),
         )
         axes[1].plot(
-            n, [c["peak_mib"] for c in ok], style, color=color, label=f"{res['label']}: N^{fmt_exp(e['memory'])}"
+            n,
+            [c["peak_mib"] for c in ok],
+            style,
+            color=color,
+            markersize=4,
+            label=f"{res['label']}: N^{fmt_exp(e['memory'])}",
         )
     title = f"one layer, D={report['width']}, {report['heads']} heads, {report['precision']}, batch 1"
     axes[0].set(xlabel="tokens N", ylabel="forward + backward, ms", title=f"time: {title}")
@@ -696,7 +872,7 @@ def plot(report: dict, path: Path) -> None:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6.5)
         ax.title.set_fontsize(9)
     fig.suptitle(f"{report['device']}, torch {report['torch']}", fontsize=9)
     fig.tight_layout()
@@ -709,19 +885,56 @@ def cell(case: dict, key: str, digits: int) -> str:
     return f"{case[key]:,.{digits}f}" if case["status"] == "ok" else case["status"]
 
 
+def targets_lines(report: dict) -> list[str]:
+    tg, layers = report["targets"], report["layers"]
+    if tg["tokens"] is None:
+        return ["Targets: no case was measured.", ""]
+    rows = []
+    for form, (_eager, _sdpa, impls) in FORMS.items():
+        entry = tg[form]
+        exps = entry["time_exponent_from_4k"]
+        for impl, variant in impls.items():
+            if impl not in entry:
+                continue
+            r = entry[impl]
+            rows.append(
+                f"| {VARIANTS[variant][0]} | {fmt_ratio(r['time_over_eager'])} | {fmt_ratio(r['time_over_sdpa'])} "
+                f"| {fmt_ratio(r['saved_over_sdpa'])} | {fmt_exp(exps[impl])} | {fmt_exp(exps['eager'])} "
+                f"| {fmt_exp(exps['sdpa'])} |"
+            )
+    needed = [v for eager, sdpa, impls in FORMS.values() for v in (eager, sdpa, impls["fused"])]
+    absent = [VARIANTS[v][0] for v in needed if v not in layers]
+    return [
+        f"Targets at {tg['tokens']:,} tokens"
+        + ("" if tg["tokens"] == TARGET_TOKENS else f" (the measured length nearest {TARGET_TOKENS:,})")
+        + ": each TSSA implementation's forward + backward time over eager TSSA's and over the softmax "
+        "layer's of the same form (causal or not), its bytes saved for backward over the softmax layer's, "
+        f"and the time exponents over the lengths from {FIT_FROM_TOKENS:,} up (- where a case or a fit is "
+        "missing" + (f"; not run: {', '.join(absent)}" if absent else "") + "):",
+        "",
+        "| layer | time / eager's | time / SDPA's | saved / SDPA's | time exponent, >= 4k | eager's | SDPA's |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+    ]
+
+
 def markdown_section(report: dict, args: argparse.Namespace, command: str) -> tuple[str, str]:
     mode = "gpu" if report["device_kind"] == "cuda" else "cpu"
     layers = report["layers"]
     names = list(layers)
     head = "| tokens | " + " | ".join(layers[v]["label"] for v in names) + " |"
     rule = "|---:|" + "---:|" * len(names)
-    time_rows, mem_rows = [], []
-    for i, n in enumerate(report["tokens"]):
-        time_rows.append(f"| {n:,} | " + " | ".join(cell(layers[v]["cases"][i], "ms", 2) for v in names) + " |")
-        mem_rows.append(f"| {n:,} | " + " | ".join(cell(layers[v]["cases"][i], "peak_mib", 1) for v in names) + " |")
+
+    def table(key: str, digits: int) -> list[str]:
+        return [
+            f"| {n:,} | " + " | ".join(cell(layers[v]["cases"][i], key, digits) for v in names) + " |"
+            for i, n in enumerate(report["tokens"])
+        ]
+
     exp_rows = [
-        f"| {res['label']} | {fmt_exp(res['exponents']['time'])} | {fmt_exp(res['exponents']['time_large_n'])} "
-        f"| {fmt_exp(res['exponents']['memory'])} | {fmt_exp(res['exponents']['memory_large_n'])} |"
+        f"| {res['label']} | {fmt_exp(res['exponents']['time'])} | {fmt_exp(res['exponents']['time_from_4k'])} "
+        f"| {fmt_exp(res['exponents']['memory'])} | {fmt_exp(res['exponents']['memory_from_4k'])} |"
         for res in layers.values()
     ]
     skipped = [
@@ -730,12 +943,35 @@ def markdown_section(report: dict, args: argparse.Namespace, command: str) -> tu
         for c in res["cases"]
         if c["status"] != "ok"
     ]
+    gpu, bf16 = report["device_kind"] == "cuda", report["precision"] == "bf16"
+    about = [
+        "Forward + backward of one token-mixing layer (loss = output.sum(); gradients for the input and all "
+        "weights, zeroed before every pass), batch 1, random inputs. "
+        + IMPLS_HOW
+        + ("; and triton (GPU kernels of the same chunked computation)." if gpu else "; triton needs a GPU.")
+        + f" Time: median over the repetitions, each a loop of passes lasting at least "
+        f"{MIN_REPETITION_S * 1e3:.0f} ms, after one warmup pass.",
+        "",
+        f"Memory: {MEMORY_HOW[report['device_kind']]}",
+        "",
+        "Saved for backward: the bytes of the tensors autograd keeps from one forward for the backward, from one "
+        "more forward after the timed and memory passes, under `torch.autograd.graph.saved_tensors_hooks`: each "
+        "distinct storage the pack hook sees counted once (a view shares its base's storage), the layer's own "
+        "parameters not counted, its input counted (both kinds of layer keep it for the first projection's weight "
+        "gradient"
+        + ("; under bf16 autocast, the bf16 copies of the input and of the weights that autocast makes" if bf16 else "")
+        + "). It depends on the code alone, not on the machine's load.",
+        "",
+        "The exponent is the least-squares slope of log(time) or log(memory) against log(tokens) over every "
+        f'measured length ("all"), and over the measured lengths from {FIT_FROM_TOKENS:,} tokens up (">= 4k"), '
+        "where fixed per-pass costs matter least: 1 is linear, 2 quadratic.",
+    ]
     lines = [
         heading(f"Attention scaling, {mode}, {report['precision']}", report["device"]),
         "",
         f"`{command}`",
         "",
-        ABOUT.format(min_rep_ms=MIN_REPETITION_S * 1e3, memory=MEMORY_HOW[report["device_kind"]], large=LARGE_N_POINTS),
+        *about,
         "",
         f"torch {report['torch']}, {report['threads']} CPU threads; width D {report['width']}, {report['heads']} heads "
         f"(head dim {report['width'] // report['heads']}), {report['precision']}; 1 warmup pass + {args.repeats} "
@@ -773,20 +1009,27 @@ def markdown_section(report: dict, args: argparse.Namespace, command: str) -> tu
         "",
         head,
         rule,
-        *time_rows,
+        *table("ms", 2),
         "",
         "Peak memory of one forward + backward above what was allocated before it, MiB:",
         "",
         head,
         rule,
-        *mem_rows,
+        *table("peak_mib", 1),
+        "",
+        "Saved for backward by one forward (distinct storages, the layer's parameters excepted), MiB:",
+        "",
+        head,
+        rule,
+        *table("saved_mib", 1),
         "",
         "Measured scaling exponents (slope of log-log least squares):",
         "",
-        "| layer | time, all | time, large N | memory, all | memory, large N |",
+        "| layer | time, all | time, >= 4k | memory, all | memory, >= 4k |",
         "|---|---:|---:|---:|---:|",
         *exp_rows,
         "",
+        *targets_lines(report),
     ]
     lines += (
         [
@@ -801,9 +1044,11 @@ def markdown_section(report: dict, args: argparse.Namespace, command: str) -> tu
     )
     gen = report["generation"]
     if gen and gen["status"] == "ok":
+        ft = gen["first_token"]
         lines += [
             f"Generation with a ToSTLM of {gen['layers']} layers (width {report['width']}, vocabulary "
-            f"{gen['vocab_size']:,}), batch 1, no gradients: time per new token at position T (the T-th token). "
+            f"{gen['vocab_size']:,}, `model.tssa_impl` auto, here {gen['tssa_impl']}), batch 1, no gradients: time "
+            "per new token at position T (the T-th token). "
             f"Recurrent: `ToSTLM.step` reading the TSSA state ({gen['state_bytes'] / 1024:.0f} KiB in all, whatever "
             f"T is), the median of the {gen['step_window']} steps up to T in one generation pass from position 1. "
             "Prefix re-run: the parallel forward over all T tokens for the same next-token logits (the head on the "
@@ -821,6 +1066,19 @@ def markdown_section(report: dict, args: argparse.Namespace, command: str) -> tu
             "",
             f"Exponent of time per token against T: recurrent {fmt_exp(gen['exponents']['recurrent'])}, prefix re-run "
             f"{fmt_exp(gen['exponents']['prefix'])}.",
+            "",
+            f"Time to first token after a prompt of {ft['prompt_tokens']:,} tokens (no gradients), both ending in the "
+            "next-token logits: the prompt read token by token, `ToSTLM.step` from `init_states(1)` (what "
+            "`generate` did before; one pass"
+            + (", without a synchronize between steps" if gpu else "")
+            + f"), against one `ToSTLM.prefill(prompt)` (what it does now; median of {args.repeats} after a "
+            f"warmup). Their logits differ by at most {ft['logits_max_abs_diff']:.2e} (largest logit "
+            f"{ft['logits_max_abs']:.2f}).",
+            "",
+            "| prompt tokens | step by step, ms | prefill, ms | step by step / prefill |",
+            "|---:|---:|---:|---:|",
+            f"| {ft['prompt_tokens']:,} | {ft['step_ms']:,.1f} | {ft['prefill_ms']:,.1f} | "
+            f"{ft['step_over_prefill']:.1f}x |",
             "",
         ]
     elif gen:
@@ -853,9 +1111,11 @@ def main(argv: list[str] | None = None) -> int:
         "memory_method": "peak RSS increase (VmHWM reset via /proc/self/clear_refs), fresh process per case"
         if args.device == "cpu"
         else "torch.cuda.max_memory_allocated increase",
+        "saved_method": "distinct storages packed by saved_tensors_hooks in one forward, parameters excepted",
     }
     report["sdpa_kernel"] = sdpa_kernel(args.width, args.heads, args.device, args.precision)
     report["layers"] = run_layers(args, runner)
+    report["targets"] = targets(report["layers"])
     report["generation"] = run_generation(args, runner)
     report["total_seconds"] = round(time.perf_counter() - start, 1)
     loads = [
