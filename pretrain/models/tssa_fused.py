@@ -331,6 +331,11 @@ def _tssa_op_fake(
     )
 
 
+def _or_empty(grad: Tensor | None, like: Tensor) -> Tensor:
+    """A custom op returns tensors, never None: an absent gradient travels as a new empty tensor."""
+    return like.new_empty(0) if grad is None else grad
+
+
 @torch.library.custom_op("whitebox::tssa_backward", mutates_args=())
 def _tssa_backward_op(
     grad_out: Tensor,
@@ -351,12 +356,11 @@ def _tssa_backward_op(
     """(dw, dtemp, ddenom_bias or empty, dweight or empty); grad_out is dL/dc, or dL/dy with a
     projection. The bias's gradient, grad_out summed, is left to the autograd function."""
     B, K, T, p = w.shape
-    none = temp.new_empty(0)
     if weight is None:
         dw, dtemp, ddenom_bias = tssa_backward(
             grad_out, grad_pi, w, temp, denom_bias, pi, logits, S0, M0, P0, causal, eps, chunk
         )
-        return dw, dtemp, none if ddenom_bias is None else ddenom_bias, none
+        return dw, dtemp, _or_empty(ddenom_bias, temp), temp.new_empty(0)
     grad_c = torch.matmul(grad_out, weight).view(B, T, K, p).transpose(1, 2)
     c = _coordinate_major_empty(w, w.dtype)
     dw, dtemp, ddenom_bias = tssa_backward(
@@ -367,7 +371,7 @@ def _tssa_backward_op(
     dweight = torch.zeros_like(weight)
     for b in range(B):
         dweight.addmm_(grad_out[b].t(), c_cols[b].t())
-    return dw, dtemp, none if ddenom_bias is None else ddenom_bias, dweight
+    return dw, dtemp, _or_empty(ddenom_bias, temp), dweight
 
 
 @_tssa_backward_op.register_fake
@@ -387,12 +391,11 @@ def _tssa_backward_op_fake(
     eps: float,
     chunk: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    none = temp.new_empty(0)
     return (
         _coordinate_major_empty(w, w.dtype),
         torch.empty_like(temp),
-        none if denom_bias is None else torch.empty_like(denom_bias),
-        none if weight is None else torch.empty_like(weight),
+        _or_empty(None if denom_bias is None else torch.empty_like(denom_bias), temp),
+        _or_empty(None if weight is None else torch.empty_like(weight), temp),
     )
 
 
