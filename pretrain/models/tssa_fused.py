@@ -31,10 +31,11 @@ from torch.utils.flop_counter import register_flop_formula
 
 from pretrain.models.tssa import ENERGY_EPS, MEMBERSHIP_EPS
 
-# Tokens per chunk. A chunk's temporaries are a few (B, K, p, CHUNK) fp32 tensors: at D = 768
-# one is 0.4 MiB, so a chunk's work stays in the CPU's caches, while the per-chunk overhead of
-# launching some 50 small ops stays small against the arithmetic (tools/bench/attention.py).
-CHUNK_TOKENS = 128
+# Tokens per chunk. A chunk's temporaries are a dozen (B, K, p, CHUNK) fp32 tensors, 0.8 MiB each
+# at D = 768, so its work stays in the CPU's caches; fewer, longer chunks pay less for launching
+# some 60 small ops per chunk. Measured at 8,192 tokens on this project's 2-core CPU, forward +
+# backward of the causal op: 167 ms with 64, 141 with 128, 123 with 256, 124 with 512, 136 with 1024.
+CHUNK_TOKENS = 256
 
 
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -54,14 +55,31 @@ def _coordinate_major(x: Tensor, a: int, b: int, dtype: torch.dtype) -> Tensor:
     return torch.empty(chunk.shape, dtype=dtype, device=x.device).copy_(chunk)
 
 
+def _token_major(x: Tensor, a: int, b: int, dtype: torch.dtype) -> Tensor:
+    """Tokens a:b of x (B, K, T, p), (B, K, L, p) in `dtype`: a view when x has that dtype."""
+    return x[:, :, a:b].to(dtype)
+
+
 def _coordinate_major_empty(like: Tensor, dtype: torch.dtype) -> Tensor:
     """An uninitialised (B, K, T, p) tensor stored as (B, K, p, T)."""
     B, K, T, p = like.shape
     return torch.empty(B, K, p, T, dtype=dtype, device=like.device).transpose(2, 3)
 
 
+def _token_major_empty(like: Tensor, dtype: torch.dtype) -> Tensor:
+    """An uninitialised (B, K, T, p) tensor stored as (B, T, K, p), as split_heads gives w."""
+    B, K, T, p = like.shape
+    return torch.empty(B, T, K, p, dtype=dtype, device=like.device).transpose(1, 2)
+
+
+def _empty_like_output(like: Tensor, causal: bool) -> Tensor:
+    """c's or dw's storage: coordinate-major for the causal scans, token-major otherwise."""
+    return (_coordinate_major_empty if causal else _token_major_empty)(like, like.dtype)
+
+
 def _suffix(x: Tensor, carry: Tensor) -> Tensor:
-    """carry + the suffix sums of x along its last dimension (sum over positions >= each one)."""
+    """carry + the suffix sums of x along its last dimension (sum over positions >= each one).
+    Flipped, not total - prefix + x: that loses a small suffix beside a large prefix."""
     return torch.cumsum(x.flip(-1), dim=-1).flip(-1).add_(carry)
 
 
@@ -85,8 +103,7 @@ def tssa_forward(
     B, K, T, p = w.shape
     f32 = _stats_dtype(w.dtype)
     temp = temp.to(f32)  # (K, 1)
-    c = _coordinate_major_empty(w, w.dtype)
-    c_t = c.transpose(2, 3)  # (B, K, p, T), contiguous
+    c = _empty_like_output(w, causal)
     pi = w.new_empty(B, K, T, dtype=f32)
     logits = w.new_empty(B, K, T, dtype=f32)
     spans = _chunks(T, chunk)
@@ -110,38 +127,40 @@ def tssa_forward(
             P = P_[..., -1:].clone()
             Q = P_.add_(MEMBERSHIP_EPS).unsqueeze(-2)
             # c = -pi w / (1 + M / Q) = w (-pi Q) / (Q + M)
-            torch.div(wc * (-pc.unsqueeze(-2) * Q), M_.add_(Q), out=c_t[..., a:b])
+            torch.div(wc * (-pc.unsqueeze(-2) * Q), M_.add_(Q), out=c.transpose(2, 3)[..., a:b])
             logits[:, :, a:b], pi[:, :, a:b] = lg, pc
         return c, pi, logits, S0, M0, P0
+    # Non-causal: totals, no scans, so chunks stay token-major (B, K, L, p), views of w.
+    S, M = S.transpose(2, 3), M.transpose(2, 3)  # (B, K, 1, p)
     for a, b in spans:
-        wc = _coordinate_major(w, a, b, f32)
-        S += (wc * wc).sum(-1, keepdim=True)
+        S += _token_major(w, a, b, f32).square().sum(2, keepdim=True)
     Sc = S.clamp_min(eps)
     for a, b in spans:
-        wc = _coordinate_major(w, a, b, f32)
-        w2 = wc * wc
-        lg = _with_prior((w2 / Sc).sum(-2), denom_bias, a, b, p)
+        w2 = _token_major(w, a, b, f32).square()
+        lg = _with_prior((w2 / Sc).sum(-1), denom_bias, a, b, p)
         pc = torch.softmax(temp * lg, dim=1)
-        M += w2.mul_(pc.unsqueeze(-2)).sum(-1, keepdim=True)
+        M += w2.mul_(pc.unsqueeze(-1)).sum(2, keepdim=True)
         P += pc.sum(-1, keepdim=True)
         logits[:, :, a:b], pi[:, :, a:b] = lg, pc
-    Q = (P + MEMBERSHIP_EPS).unsqueeze(-2)  # (B, K, 1, 1)
-    inv_QM = 1 / (Q + M)  # (B, K, p, 1)
+    Q = (P + MEMBERSHIP_EPS).unsqueeze(-1)  # (B, K, 1, 1)
+    inv_QM = 1 / (Q + M)  # (B, K, 1, p)
     for a, b in spans:
-        wc = _coordinate_major(w, a, b, f32)
-        torch.mul(wc * inv_QM, -pi[:, :, a:b].unsqueeze(-2) * Q, out=c_t[..., a:b])
-    return c, pi, logits, S[..., 0][None], M[..., 0][None], P[..., 0][None]
+        torch.mul(_token_major(w, a, b, f32) * inv_QM, -pi[:, :, a:b].unsqueeze(-1) * Q, out=c[:, :, a:b])
+    return c, pi, logits, S[:, :, 0][None], M[:, :, 0][None], P[..., 0][None]
 
 
-def _through_m(g: Tensor, wc: Tensor, inv_QM: Tensor, Q: Tensor, pc: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _through_m(
+    g: Tensor, wc: Tensor, inv_QM: Tensor, Q: Tensor, pc: Tensor, coord: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """A chunk's gradients through c = -pi w / (1 + M / Q): (g / (Q + M), the direct dL/dpi,
-    dL/dM, dL/dQ). Coordinate-major (B, K, p, L) tensors; Q and pc (B, K, L) (Q: or (B, K, 1))."""
+    dL/dM, dL/dQ). g, wc: (B, K, p, L) or (B, K, L, p), `coord` the coordinates' dimension; Q and
+    pc (B, K, L) (Q: or (B, K, 1))."""
     gA = g * inv_QM
     gwA = gA * wc
-    s1 = gwA.sum(-2)  # sum_j g w / (Q + M)
+    s1 = gwA.sum(coord)  # sum_j g w / (Q + M)
     dM = gwA.mul_(inv_QM)
-    s2 = dM.sum(-2)  # sum_j g w / (Q + M)^2
-    dM.mul_((pc * Q).unsqueeze(-2))  # g pi w Q / (Q + M)^2
+    s2 = dM.sum(coord)  # sum_j g w / (Q + M)^2
+    dM.mul_((pc * Q).unsqueeze(coord))  # g pi w Q / (Q + M)^2
     return gA, -Q * s1, dM, pc * (Q * s2 - s1)
 
 
@@ -151,9 +170,9 @@ def _membership_grad(gpi: Tensor, pi: Tensor, logits: Tensor, temp: Tensor) -> t
     return gz * temp, (gz * logits).sum((0, 2)).unsqueeze(-1)
 
 
-def _input_grad(gA: Tensor, pcQ: Tensor, shrink: Tensor, wc: Tensor, out: Tensor) -> None:
+def _input_grad(gA: Tensor, pcQ: Tensor, shrink: Tensor, wc: Tensor, out: Tensor, coord: int) -> None:
     """dL/dw = -g pi Q / (Q + M) + 2 w * shrink, into out; shrink = dL/d(w^2) by every other path."""
-    torch.addcmul(gA.mul_(-pcQ.unsqueeze(-2)), shrink, wc, value=2, out=out)
+    torch.addcmul(gA.mul_(-pcQ.unsqueeze(coord)), shrink, wc, value=2, out=out)
 
 
 def tssa_backward(
@@ -177,8 +196,7 @@ def tssa_backward(
     B, K, T, p = w.shape
     f32 = _stats_dtype(w.dtype)
     temp32 = temp.to(f32)
-    dw = _coordinate_major_empty(w, w.dtype)
-    dw_t = dw.transpose(2, 3)
+    dw = _empty_like_output(w, causal)
     dtemp = torch.zeros_like(temp32)
     dlogits = torch.empty_like(logits)
     spans = _chunks(T, chunk)
@@ -195,7 +213,7 @@ def tssa_backward(
             M_ = torch.cumsum(w2 * pc.unsqueeze(-2), -1).add_(M0[i].unsqueeze(-1))
             Q = torch.cumsum(pc, -1).add_(P0[i].unsqueeze(-1)).add_(MEMBERSHIP_EPS)  # (B, K, L)
             inv_QM = M_.add_(Q.unsqueeze(-2)).reciprocal_()
-            gA, gpi, dM, dQ = _through_m(g, wc, inv_QM, Q, pc)
+            gA, gpi, dM, dQ = _through_m(g, wc, inv_QM, Q, pc, coord=-2)
             RM_ = _suffix(dM, RM)
             RQ_ = _suffix(dQ, RQ)
             gpi += (RM_ * w2).sum(-2) + RQ_
@@ -213,45 +231,44 @@ def tssa_backward(
             RS_ = _suffix(dS, RS)
             RM, RQ, RS = RM_[..., :1].clone(), RQ_[..., :1].clone(), RS_[..., :1].clone()
             shrink = RM_.mul_(pc.unsqueeze(-2)).add_(d_energy).sub_(RS_)
-            _input_grad(gA, pc * Q, shrink, wc, dw_t[..., a:b])
+            _input_grad(gA, pc * Q, shrink, wc, dw.transpose(2, 3)[..., a:b], coord=-2)
             if c_out is not None:
                 torch.mul(wc * inv_QM, -(pc * Q).unsqueeze(-2), out=c_out.transpose(2, 3)[..., a:b])
-    else:
-        S, M, P = S0[0].unsqueeze(-1), M0[0].unsqueeze(-1), P0[0].unsqueeze(-1)
+    else:  # token-major chunks, (B, K, L, p); the statistics are totals (B, K, 1, p)
+        S, M, P = S0[0].unsqueeze(2), M0[0].unsqueeze(2), P0[0].unsqueeze(-1)
         Q = P + MEMBERSHIP_EPS  # (B, K, 1)
-        inv_QM = 1 / (M + Q.unsqueeze(-2))
+        inv_QM = 1 / (M + Q.unsqueeze(-1))
         RM = torch.zeros_like(M)
         RQ = torch.zeros_like(Q)
         gpi = torch.empty_like(pi)
         for a, b in spans:
-            wc = _coordinate_major(w, a, b, f32)
-            g = _coordinate_major(grad_c, a, b, f32)
-            _, gpi[:, :, a:b], dM, dQ = _through_m(g, wc, inv_QM, Q, pi[:, :, a:b])
-            RM += dM.sum(-1, keepdim=True)
+            g = _token_major(grad_c, a, b, f32)
+            _, gpi[:, :, a:b], dM, dQ = _through_m(g, _token_major(w, a, b, f32), inv_QM, Q, pi[:, :, a:b], coord=-1)
+            RM += dM.sum(2, keepdim=True)
             RQ += dQ.sum(-1, keepdim=True)
         if grad_pi is not None:
             gpi += grad_pi
         inv_S = S.clamp_min(eps).reciprocal_()
         RS = torch.zeros_like(S)  # -dL/dS summed over tokens
         for a, b in spans:
-            w2 = _coordinate_major(w, a, b, f32).square()
-            gpi_c = gpi[:, :, a:b] + (RM * w2).sum(-2) + RQ
+            w2 = _token_major(w, a, b, f32).square()
+            gpi_c = gpi[:, :, a:b] + (RM * w2).sum(-1) + RQ
             dlg, dt = _membership_grad(gpi_c, pi[:, :, a:b], logits[:, :, a:b], temp32)
             dtemp += dt
             dlogits[:, :, a:b] = dlg
-            RS += (w2 * dlg.unsqueeze(-2)).sum(-1, keepdim=True)
+            RS += (w2 * dlg.unsqueeze(-1)).sum(2, keepdim=True)
         RS *= inv_S * inv_S
-        below = _below(S, eps)
+        below = _below(S.transpose(2, 3), eps)
         if below is not None:
-            RS.masked_fill_(below, 0)
+            RS.masked_fill_(below.transpose(2, 3), 0)
         for a, b in spans:
-            wc = _coordinate_major(w, a, b, f32)
-            g = _coordinate_major(grad_c, a, b, f32)
+            wc = _token_major(w, a, b, f32)
             pc = pi[:, :, a:b]
-            shrink = (inv_S * dlogits[:, :, a:b].unsqueeze(-2)).addcmul_(RM, pc.unsqueeze(-2)).sub_(RS)
-            _input_grad(g * inv_QM, pc * Q, shrink, wc, dw_t[..., a:b])
+            shrink = (inv_S * dlogits[:, :, a:b].unsqueeze(-1)).addcmul_(RM, pc.unsqueeze(-1)).sub_(RS)
+            gA = _token_major(grad_c, a, b, f32) * inv_QM
+            _input_grad(gA, pc * Q, shrink, wc, dw[:, :, a:b], coord=-1)
             if c_out is not None:
-                torch.mul(wc * inv_QM, -(pc * Q).unsqueeze(-2), out=c_out.transpose(2, 3)[..., a:b])
+                torch.mul(wc * inv_QM, -(pc * Q).unsqueeze(-1), out=c_out[:, :, a:b])
     ddenom_bias = None
     if denom_bias is not None:
         ddenom_bias = torch.zeros_like(denom_bias)
@@ -266,11 +283,15 @@ def tssa_backward(
 # out_proj's weight gradient, so a TSSA layer stores one (B, T, D) activation fewer.
 
 
-def _project(c: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """out_proj(merge_heads(c)) for a coordinate-major c (B, K, T, p): (B, T, D)."""
+def _merged(c: Tensor) -> Tensor:
+    """merge_heads(c): (B, T, D), a view for c stored coordinate- or token-major."""
     B, K, T, p = c.shape
-    c_rows = c.transpose(2, 3).reshape(B, K * p, T).transpose(1, 2)  # (B, T, D), a view
-    y = torch.matmul(c_rows, weight.t())
+    return c.transpose(1, 2).reshape(B, T, K * p)
+
+
+def _project(c: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """out_proj(merge_heads(c)): (B, T, D)."""
+    y = torch.matmul(_merged(c), weight.t())
     return y if bias is None else y.add_(bias)
 
 
@@ -288,9 +309,9 @@ def _forward(
     return (c if weight is None else _project(c, weight, bias), *rest)
 
 
-def _output_like(w: Tensor, weight: Tensor | None) -> Tensor:
+def _output_like(w: Tensor, weight: Tensor | None, causal: bool) -> Tensor:
     B, K, T, p = w.shape
-    return _coordinate_major_empty(w, w.dtype) if weight is None else w.new_empty(B, T, K * p)
+    return _empty_like_output(w, causal) if weight is None else w.new_empty(B, T, K * p)
 
 
 @torch.library.custom_op("whitebox::tssa", mutates_args=())
@@ -322,7 +343,7 @@ def _tssa_op_fake(
     f32 = _stats_dtype(w.dtype)
     n_chunks = (T + chunk - 1) // chunk if causal else 1
     return (
-        _output_like(w, weight),
+        _output_like(w, weight, causal),
         w.new_empty(B, K, T, dtype=f32),
         w.new_empty(B, K, T, dtype=f32),
         w.new_empty(n_chunks, B, K, p, dtype=f32),
@@ -362,15 +383,15 @@ def _tssa_backward_op(
         )
         return dw, dtemp, _or_empty(ddenom_bias, temp), temp.new_empty(0)
     grad_c = torch.matmul(grad_out, weight).view(B, T, K, p).transpose(1, 2)
-    c = _coordinate_major_empty(w, w.dtype)
+    c = _empty_like_output(w, causal)
     dw, dtemp, ddenom_bias = tssa_backward(
         grad_c, grad_pi, w, temp, denom_bias, pi, logits, S0, M0, P0, causal, eps, chunk, c_out=c
     )
     del grad_c
-    c_cols = c.transpose(2, 3).reshape(B, K * p, T)  # (B, D, T): merge_heads(c), transposed
+    c_rows = _merged(c)  # (B, T, D)
     dweight = torch.zeros_like(weight)
     for b in range(B):
-        dweight.addmm_(grad_out[b].t(), c_cols[b].t())
+        dweight.addmm_(grad_out[b].t(), c_rows[b])
     return dw, dtemp, _or_empty(ddenom_bias, temp), dweight
 
 
@@ -392,7 +413,7 @@ def _tssa_backward_op_fake(
     chunk: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return (
-        _coordinate_major_empty(w, w.dtype),
+        _empty_like_output(w, causal),
         torch.empty_like(temp),
         _or_empty(None if denom_bias is None else torch.empty_like(denom_bias), temp),
         _or_empty(None if weight is None else torch.empty_like(weight), temp),
@@ -409,7 +430,7 @@ def _setup_context(ctx, inputs: tuple, output: tuple) -> None:  # noqa: ANN001 (
 def _backward(ctx, grad_out: Tensor | None, grad_pi: Tensor | None, *unused: Tensor | None) -> tuple:  # noqa: ANN001
     w, temp, denom_bias, weight, pi, logits, S0, M0, P0 = ctx.saved_tensors
     if grad_out is None:
-        grad_out = _output_like(w, weight).zero_()
+        grad_out = _output_like(w, weight, ctx.causal).zero_()
     dw, dtemp, ddenom_bias, dweight = _tssa_backward_op(
         grad_out, grad_pi, w, temp, denom_bias, weight, pi, logits, S0, M0, P0, ctx.causal, ctx.eps, ctx.chunk
     )
