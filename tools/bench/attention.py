@@ -58,7 +58,8 @@ from common import add_write_doc_flag, device_name, heading, publish
 from pretrain.config import ModelConfig
 from pretrain.errors import UserError
 from pretrain.models.attention import SelfAttention
-from pretrain.models.tost import TSSA, CausalTSSA, ToSTLM, resolve_impl
+from pretrain.models.layers import split_heads
+from pretrain.models.tost import TSSA, CausalTSSA, ToSTLM, resolve_impl, statistics_impl
 
 # name -> (label, layer kind, model.tssa_impl); the order of the tables' columns.
 VARIANTS = {
@@ -70,13 +71,21 @@ VARIANTS = {
     "tssa_causal_fused": ("causal TSSA fused", "tssa_causal", "fused"),
     "tssa_causal_triton": ("causal TSSA triton", "tssa_causal", "triton"),
     "softmax_causal": ("causal softmax (SDPA)", "softmax_causal", None),
+    # The statistics alone (token_statistics on the heads of x, no U or out_proj): the operator itself.
+    "core_eager": ("TSSA core eager", "core", "eager"),
+    "core_fused": ("TSSA core fused", "core", "fused"),
+    "core_triton": ("TSSA core triton", "core", "triton"),
+    "core_causal_eager": ("causal TSSA core eager", "core_causal", "eager"),
+    "core_causal_fused": ("causal TSSA core fused", "core_causal", "fused"),
+    "core_causal_triton": ("causal TSSA core triton", "core_causal", "triton"),
 }
-GPU_ONLY = {"tssa_triton", "tssa_causal_triton"}
+GPU_ONLY = {"tssa_triton", "tssa_causal_triton", "core_triton", "core_causal_triton"}
 # Per form (a key of report["targets"]): (the eager TSSA variant, the SDPA variant, {impl: TSSA variant}).
 FORMS = {
     "non_causal": ("tssa_eager", "softmax", {"fused": "tssa_fused", "triton": "tssa_triton"}),
     "causal": ("tssa_causal_eager", "softmax_causal", {"fused": "tssa_causal_fused", "triton": "tssa_causal_triton"}),
 }
+CORES = {"non_causal": "core", "causal": "core_causal"}  # per form, the prefix of its core variants
 WIDTH, HEADS = 768, 12  # on CPU and GPU alike
 PRECISION = {"cpu": "fp32", "cuda": "bf16"}
 DEFAULT_TOKENS = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
@@ -264,9 +273,26 @@ def layer_config(width: int, heads: int, seq_len: int, tssa_impl: str = "eager")
     return ModelConfig(n_embd=width, n_head=heads, seq_len=seq_len, bias=False, dropout=0.0, tssa_impl=tssa_impl)
 
 
+class TSSACore(torch.nn.Module):
+    """The TSSA statistics alone, as model.tssa_impl computes them: x (B, T, D), read as the heads'
+    projected tokens w, -> c (B, K, T, p). A TSSA layer less its two projections."""
+
+    def __init__(self, cfg: ModelConfig, causal: bool) -> None:
+        super().__init__()
+        self.n_head, self.causal, self.tssa_impl = cfg.n_head, causal, cfg.tssa_impl
+        self.temp = torch.nn.Parameter(torch.ones(cfg.n_head, 1))
+        self.denom_bias = torch.nn.Parameter(torch.zeros(cfg.n_head, cfg.seq_len)) if causal else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        statistics = statistics_impl(self.tssa_impl, x.device)
+        return statistics(split_heads(x, self.n_head), self.temp, causal=self.causal, denom_bias=self.denom_bias)[0]
+
+
 def build_layer(variant: str, width: int, heads: int, n: int) -> torch.nn.Module:
     _label, kind, impl = VARIANTS[variant]
     cfg = layer_config(width, heads, n, impl or "eager")
+    if kind.startswith("core"):
+        return TSSACore(cfg, causal=kind == "core_causal")
     if kind == "tssa":
         return TSSA(cfg)
     if kind == "tssa_causal":
@@ -715,15 +741,19 @@ def targets(layers: dict) -> dict:
 
     for form, (eager, sdpa, impls) in FORMS.items():
         entry = {}
+        core = CORES[form]
         for impl, variant in impls.items():
             if variant in layers:
                 entry[impl] = {
                     "time_over_eager": ratio(case(variant), case(eager), "ms"),
+                    "core_time_over_eager": ratio(case(f"{core}_{impl}"), case(f"{core}_eager"), "ms"),
                     "time_over_sdpa": ratio(case(variant), case(sdpa), "ms"),
                     "saved_over_sdpa": ratio(case(variant), case(sdpa), "saved_bytes"),
                 }
         if "fused" not in entry:
-            entry["fused"] = {"time_over_eager": None, "time_over_sdpa": None, "saved_over_sdpa": None}
+            entry["fused"] = dict.fromkeys(
+                ("time_over_eager", "core_time_over_eager", "time_over_sdpa", "saved_over_sdpa")
+            )
         names = {"eager": eager, **{impl: v for impl, v in impls.items() if impl in entry}, "sdpa": sdpa}
         entry["time_exponent_from_4k"] = {
             impl: layers[v]["exponents"]["time_from_4k"] if v in layers else None for impl, v in names.items()
@@ -898,7 +928,8 @@ def targets_lines(report: dict) -> list[str]:
                 continue
             r = entry[impl]
             rows.append(
-                f"| {VARIANTS[variant][0]} | {fmt_ratio(r['time_over_eager'])} | {fmt_ratio(r['time_over_sdpa'])} "
+                f"| {VARIANTS[variant][0]} | {fmt_ratio(r['core_time_over_eager'])} "
+                f"| {fmt_ratio(r['time_over_eager'])} | {fmt_ratio(r['time_over_sdpa'])} "
                 f"| {fmt_ratio(r['saved_over_sdpa'])} | {fmt_exp(exps[impl])} | {fmt_exp(exps['eager'])} "
                 f"| {fmt_exp(exps['sdpa'])} |"
             )
@@ -907,13 +938,15 @@ def targets_lines(report: dict) -> list[str]:
     return [
         f"Targets at {tg['tokens']:,} tokens"
         + ("" if tg["tokens"] == TARGET_TOKENS else f" (the measured length nearest {TARGET_TOKENS:,})")
-        + ": each TSSA implementation's forward + backward time over eager TSSA's and over the softmax "
+        + ": forward + backward time of each TSSA implementation's core (the statistics alone, no "
+        "projections) over eager's core, and of its layer over eager TSSA's layer and over the softmax "
         "layer's of the same form (causal or not), its bytes saved for backward over the softmax layer's, "
         f"and the time exponents over the lengths from {FIT_FROM_TOKENS:,} up (- where a case or a fit is "
         "missing" + (f"; not run: {', '.join(absent)}" if absent else "") + "):",
         "",
-        "| layer | time / eager's | time / SDPA's | saved / SDPA's | time exponent, >= 4k | eager's | SDPA's |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| layer | core time / eager's | time / eager's | time / SDPA's | saved / SDPA's | time exponent, >= 4k "
+        "| eager's | SDPA's |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
         *rows,
         "",
     ]
