@@ -12,7 +12,10 @@ import pytest
 from helpers import REPO
 
 BENCH = REPO / "tools" / "bench" / "attention.py"
-CPU_VARIANTS = ["tssa_eager", "tssa_fused", "softmax", "tssa_causal_eager", "tssa_causal_fused", "softmax_causal"]
+CPU_VARIANTS = [
+    *("tssa_eager", "tssa_fused", "softmax", "tssa_causal_eager", "tssa_causal_fused", "softmax_causal"),
+    *("core_eager", "core_fused", "core_causal_eager", "core_causal_fused"),
+]
 
 
 @pytest.mark.slow
@@ -69,6 +72,7 @@ def test_attention_bench_tiny(tmp_path) -> None:
     for n in range(2):
         assert saved["tssa_causal_fused"][n] < saved["tssa_causal_eager"][n]
         assert saved["tssa_fused"][n] < saved["tssa_eager"][n]
+        assert saved["core_causal_fused"][n] < saved["core_causal_eager"][n]
         # The input (1, N, D) fp32 is counted: at least N * D * 4 bytes for every layer.
         assert all(saved[v][n] >= [256, 512][n] * 64 * 4 for v in saved)
 
@@ -76,7 +80,7 @@ def test_attention_bench_tiny(tmp_path) -> None:
     assert targets["tokens"] == 512  # the measured length nearest 8k
     for form in ("causal", "non_causal"):
         fused = targets[form]["fused"]
-        assert set(fused) == {"time_over_eager", "time_over_sdpa", "saved_over_sdpa"}
+        assert set(fused) == {"time_over_eager", "core_time_over_eager", "time_over_sdpa", "saved_over_sdpa"}
         assert all(value is not None and value > 0 for value in fused.values())
         assert set(targets[form]["time_exponent_from_4k"]) == {"eager", "fused", "sdpa"}
     assert targets["causal"]["fused"]["saved_over_sdpa"] == pytest.approx(
