@@ -127,3 +127,20 @@ def test_dispatch_and_its_one_line_refusals() -> None:
     assert statistics_impl("eager", cpu) is token_statistics
     with pytest.raises(UserError, match=r"model\.tssa_impl='flash' is not one of auto, eager, fused, triton"):
         build_model(ModelConfig(tssa_impl="flash"))
+
+
+def test_a_checkpoint_does_not_depend_on_the_implementation() -> None:
+    """The same parameters under the same names whatever model.tssa_impl is: a fused model's state
+    dict loads into an eager one (strictly) and gives its outputs."""
+    models = {}
+    for impl in ("fused", "eager"):
+        torch.manual_seed(0)
+        models[impl] = build_model(
+            ModelConfig(name="tost", n_layer=2, n_head=4, n_embd=32, vocab_size=100, seq_len=24, tssa_impl=impl)
+        )
+    with torch.no_grad():
+        for block in models["fused"].blocks:
+            block.attn.denom_bias.normal_(0, 0.3)
+    models["eager"].load_state_dict(models["fused"].state_dict(), strict=True)
+    ids = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(models["eager"](ids), models["fused"](ids), atol=1e-5, rtol=1e-5)
