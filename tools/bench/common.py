@@ -49,10 +49,8 @@ def write_section(path: Path, key: str, text: str) -> None:
     """Put `text` in the file as the section named `key`, keeping every other section."""
     old = path.read_text() if path.exists() else ""
     markers = list(SECTION_MARKER.finditer(old))
-    sections = {
-        m.group(1): old[m.start() : n.start() if n else len(old)].rstrip() + "\n"
-        for m, n in zip(markers, [*markers[1:], None], strict=True)
-    }
+    ends = [n.start() for n in markers[1:]] + ([len(old)] if markers else [])
+    sections = {m.group(1): old[m.start() : end].rstrip() + "\n" for m, end in zip(markers, ends, strict=True)}
     sections[key] = f"<!-- bench: {key} -->\n{text.rstrip()}\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join([HEADER, *sections.values()]))
