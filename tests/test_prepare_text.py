@@ -138,6 +138,33 @@ def test_s3_jsonl_and_parquet_round_trip_through_the_cli(s3):
     )  # no progress file or partial shard left behind
 
 
+def save_dataset(path: Path, columns: dict, num_shards: int = 1) -> Path:
+    """A Hugging Face `datasets` directory, written by save_to_disk as a user would."""
+    datasets = pytest.importorskip("datasets")
+    datasets.disable_progress_bars()
+    datasets.Dataset.from_dict(columns).save_to_disk(str(path), num_shards=num_shards)
+    return path
+
+
+def test_a_saved_datasets_directory_round_trips_through_the_cli_in_its_row_order(tmp_path):
+    """save_to_disk in 3 Arrow files (and a stray cache file, which is not a row of the dataset);
+    --text-field names the column."""
+    ids = list(range(len(DOCS)))
+    dataset = save_dataset(tmp_path / "ds", {"id": ids, "body": DOCS}, num_shards=3)
+    pq.write_table(pa.table({"body": ["cached, not a row"]}), tmp_path / "cache.parquet")
+    (dataset / "cache-0123.arrow").write_bytes((tmp_path / "cache.parquet").read_bytes())
+    files = find_input_files([str(dataset)])
+    assert [Path(f.path).name for f in files] == [f"data-0000{i}-of-00003.arrow" for i in range(3)]
+    assert list(input_documents(files, "body")) == DOCS
+    out = tmp_path / "out"
+    options = ["--block-len", str(BLOCK_LEN), "--blocks-per-shard", str(BLOCKS_PER_SHARD), "--text-field", "body"]
+    assert load_cli().main([str(dataset), "--output", str(out), *options, "--workers", "1", "--no-progress"]) == 0
+    fs = fsspec.filesystem("file")
+    index = json.loads((out / INDEX_NAME).read_text())
+    assert shard_tokens(fs, str(out), index) == expected_blocks(DOCS)
+    assert index["documents"] == len(DOCS)
+
+
 def test_parquet_is_read_in_record_batches(tmp_path):
     pq.write_table(pa.table({"text": DOCS}), tmp_path / "docs.parquet", row_group_size=7)
     files = find_input_files([str(tmp_path / "docs.parquet")])
@@ -308,7 +335,24 @@ def write_bad_jsonl(tmp_path, third_line):
         ),
         (lambda p: (p / "t.parquet").write_bytes(b"not parquet") and p / "t.parquet", "cannot read {} as Parquet"),
         (lambda p: (p / "t.txt").write_bytes(b"\xff\xfe bad utf-8") and p / "t.txt", "cannot read {} as UTF-8"),
-        (lambda p: (p / "t.csv").write_text("a,b") and p / "t.csv", "input {} is not a .txt, .jsonl or .parquet file"),
+        (
+            lambda p: (p / "t.csv").write_text("a,b") and p / "t.csv",
+            "input {} is not a .txt, .jsonl, .parquet or .arrow",
+        ),
+        (
+            lambda p: save_dataset(p / "ds", {"body": ["x"]}),
+            "data-00000-of-00001.arrow has no column 'text' (it has: body)",
+        ),
+        (lambda p: (p / "t.arrow").write_bytes(b"not arrow") and p / "t.arrow", "cannot read {} as an Arrow stream"),
+        (
+            lambda p: (
+                save_dataset(p / "dd" / "train", {"text": ["x"]})
+                .parent.joinpath("dataset_dict.json")
+                .write_text('{"splits": ["train"]}')
+                and p / "dd"
+            ),
+            "input {} is a datasets DatasetDict (splits: train): pass one split's directory, e.g. {}/train",
+        ),
         (lambda p: p / "missing.jsonl", "input {} does not exist"),
         (lambda p: (p / "empty").mkdir() or p / "empty", "input {} holds or matches no"),
         (lambda p: p / "*.jsonl", "input {} holds or matches no"),
@@ -322,6 +366,9 @@ def write_bad_jsonl(tmp_path, third_line):
         "bad-parquet",
         "bad-utf8",
         "suffix",
+        "arrow-no-column",
+        "bad-arrow",
+        "dataset-dict",
         "missing",
         "empty-dir",
         "empty-glob",
@@ -331,7 +378,7 @@ def test_bad_input_is_named(tmp_path, make, message):
     path = make(tmp_path)
     with pytest.raises(UserError) as err:
         prepare_text_files([str(path)], str(tmp_path / "out"), BLOCK_LEN, BLOCKS_PER_SHARD)
-    assert message.format(path) in str(err.value) and "\n" not in str(err.value)
+    assert message.format(path, path) in str(err.value) and "\n" not in str(err.value)
 
 
 def test_missing_s3_input_is_named(s3):

@@ -6,10 +6,11 @@
     python tools/prepare_text.py --stdlib-mb 4 --output data/stdlib --block-len 1025
 
 INPUTs are local paths or fsspec URLs: files, directories (searched recursively) or glob
-patterns. A .txt file is one document; a .jsonl line and a .parquet row are one document each,
-the text taken from --text-field. Re-running the same command resumes an interrupted run:
-finished shards are kept, not rewritten. Train on the result with
-+exp=... 'data.urls="<output>/shard-{000000..NNNNNN}.tar"'.
+patterns. A .txt file is one document; a .jsonl line and a .parquet or .arrow row are one document
+each, the text taken from --text-field. A directory written by Hugging Face datasets'
+`save_to_disk` (one split) is read as its Arrow files, in the dataset's row order. Re-running the
+same command resumes an interrupted run: finished shards are kept, not rewritten. Train on the
+result with +exp=... 'data.urls="<output>/shard-{000000..NNNNNN}.tar"'.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "inputs",
         nargs="*",
         metavar="INPUT",
-        help=".txt/.jsonl/.parquet files, directories or glob patterns; local or fsspec URLs",
+        help=".txt/.jsonl/.parquet/.arrow files, directories (a datasets save_to_disk split too) or glob "
+        "patterns; local or fsspec URLs",
     )
     p.add_argument("--output", required=True, help="directory or fsspec URL for the shards and index.json")
     p.add_argument("--block-len", type=int, required=True, help="tokens per block: model.seq_len + 1")
@@ -58,7 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--text-field",
         default=DEFAULT_TEXT_FIELD,
-        help=f"the .jsonl field / .parquet column holding the text (default: {DEFAULT_TEXT_FIELD})",
+        help=f"the .jsonl field / .parquet or .arrow column holding the text (default: {DEFAULT_TEXT_FIELD})",
     )
     p.add_argument(
         "--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes (default: the number of CPUs)"

@@ -1,6 +1,7 @@
-"""The documents of a text preparation: .txt, .jsonl and .parquet files, local or on any
-fsspec filesystem, found from paths, directories and glob patterns, and streamed in a fixed
-order so the same inputs always give the same token stream."""
+"""The documents of a text preparation: .txt, .jsonl, .parquet and .arrow files (a directory that
+Hugging Face `datasets` wrote with `save_to_disk` is read as its Arrow files, in its own order),
+local or on any fsspec filesystem, found from paths, directories and glob patterns, and streamed
+in a fixed order so the same inputs always give the same token stream."""
 
 from __future__ import annotations
 
@@ -12,14 +13,18 @@ from typing import IO
 
 import fsspec
 import pyarrow as pa
+import pyarrow.ipc
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from pretrain.data.storage import url_to_fs
 from pretrain.errors import UserError
 
-INPUT_SUFFIXES = (".txt", ".jsonl", ".parquet")
-INPUT_KINDS = ".txt, .jsonl or .parquet"
+INPUT_SUFFIXES = (".txt", ".jsonl", ".parquet", ".arrow")
+INPUT_KINDS = ".txt, .jsonl, .parquet or .arrow"
+# What `datasets`' save_to_disk writes beside the Arrow files of one split: their order
+# (state.json, "_data_files"), or, for several splits, their names (dataset_dict.json).
+DATASET_STATE, DATASET_DICT = "state.json", "dataset_dict.json"
 GLOB_CHARS = frozenset("*?[")
 DEFAULT_TEXT_FIELD = "text"
 DEFAULT_PARQUET_BATCH_ROWS = 1024
@@ -75,6 +80,15 @@ def _expand_input(item: str, storage_options: dict) -> list[InputFile]:
 
 def _files_under(fs: fsspec.AbstractFileSystem, path: str) -> list[InputFile]:
     info = fs.info(path)
+    if info["type"] == "directory" and fs.isfile(posixpath.join(path, DATASET_DICT)):
+        splits = _read_json(fs, posixpath.join(path, DATASET_DICT)).get("splits", [])
+        example = posixpath.join(path, splits[0]) if splits else f"{path}/<split>"
+        raise UserError(
+            f"input {path} is a datasets DatasetDict (splits: {', '.join(splits)}): pass one split's "
+            f"directory, e.g. {example}"
+        )
+    if info["type"] == "directory" and fs.isfile(posixpath.join(path, DATASET_STATE)):
+        return _saved_dataset_files(fs, path)
     if info["type"] == "directory":
         found = fs.find(path, detail=True)
         return [InputFile(fs, p, i["size"]) for p, i in sorted(found.items()) if _suffix(p) in INPUT_SUFFIXES]
@@ -85,6 +99,30 @@ def _suffix(path: str) -> str:
     return posixpath.splitext(path)[1].lower()
 
 
+def _read_json(fs: fsspec.AbstractFileSystem, path: str) -> dict:
+    try:
+        with fs.open(path, "rb") as f:
+            return json.load(f)
+    except ValueError as exc:
+        raise UserError(f"{path} is not valid JSON ({exc}): save the dataset again") from None
+
+
+def _saved_dataset_files(fs: fsspec.AbstractFileSystem, path: str) -> list[InputFile]:
+    """The Arrow files of a `save_to_disk` directory in the dataset's row order, as its state.json
+    lists them (the directory may hold other .arrow files, e.g. caches, that are not rows of it)."""
+    state = _read_json(fs, posixpath.join(path, DATASET_STATE))
+    names = [entry.get("filename") for entry in state.get("_data_files", []) if isinstance(entry, dict)]
+    if not names or None in names:
+        raise UserError(f"{path}/{DATASET_STATE} lists no data files: save the dataset again with save_to_disk")
+    files = []
+    for name in names:
+        file_path = posixpath.join(path, name)
+        if not fs.isfile(file_path):
+            raise UserError(f"{file_path}, listed in {path}/{DATASET_STATE}, is missing: copy the whole dataset")
+        files.append(InputFile(fs, file_path, fs.info(file_path)["size"]))
+    return files
+
+
 def input_documents(
     files: Iterable[InputFile],
     text_field: str = DEFAULT_TEXT_FIELD,
@@ -92,14 +130,16 @@ def input_documents(
     parquet_batch_rows: int = DEFAULT_PARQUET_BATCH_ROWS,
     read_bytes: int = DEFAULT_READ_BYTES,
 ) -> Iterator[str]:
-    """Documents in file order: a .txt file is one, a .jsonl line or a Parquet row is one (its
-    `text_field`). Files are streamed, never read whole, except .txt (one document anyway)."""
+    """Documents in file order: a .txt file is one, a .jsonl line or a Parquet or Arrow row is one
+    (its `text_field`). Files are streamed, never read whole, except .txt (one document anyway)."""
     for file in files:
         try:
             if file.suffix == ".txt":
                 yield _text_document(file)
             elif file.suffix == ".jsonl":
                 yield from _jsonl_documents(file, text_field, read_bytes)
+            elif file.suffix == ".arrow":
+                yield from _arrow_documents(file, text_field)
             else:
                 yield from _parquet_documents(file, text_field, parquet_batch_rows)
         except OSError as exc:
@@ -156,18 +196,35 @@ def _parquet_documents(file: InputFile, column: str, batch_rows: int) -> Iterato
         try:
             parquet = pq.ParquetFile(f)
             _check_text_column(parquet.schema_arrow, column, file.name)
-            row = 0
-            for batch in parquet.iter_batches(batch_size=batch_rows, columns=[column]):
-                texts = batch.column(0).to_pylist()
-                if None in texts:
-                    raise UserError(
-                        f"{file.name} row {row + texts.index(None) + 1}: column {column!r} is null: "
-                        "drop or fill such rows"
-                    )
-                row += len(texts)
-                yield from texts
+            yield from _column_texts(parquet.iter_batches(batch_size=batch_rows, columns=[column]), column, file.name)
         except pa.ArrowException as exc:
             raise UserError(f"cannot read {file.name} as Parquet ({exc}): check or rewrite the file") from None
+
+
+def _arrow_documents(file: InputFile, column: str) -> Iterator[str]:
+    """The column's values from an Arrow IPC stream (what `datasets` writes), a record batch at a
+    time as its writer made them."""
+    with file.fs.open(file.path, "rb") as f:
+        try:
+            stream = pyarrow.ipc.open_stream(f)
+            _check_text_column(stream.schema, column, file.name)
+            yield from _column_texts(stream, column, file.name)
+        except pa.ArrowException as exc:
+            raise UserError(
+                f"cannot read {file.name} as an Arrow stream ({exc}): save the dataset again with save_to_disk"
+            ) from None
+
+
+def _column_texts(batches: Iterable[pa.RecordBatch], column: str, name: str) -> Iterator[str]:
+    row = 0
+    for batch in batches:
+        texts = batch.column(column).to_pylist()
+        if None in texts:
+            raise UserError(
+                f"{name} row {row + texts.index(None) + 1}: column {column!r} is null: drop or fill such rows"
+            )
+        row += len(texts)
+        yield from texts
 
 
 def _check_text_column(schema: pa.Schema, column: str, name: str) -> None:
