@@ -10,7 +10,7 @@ from pretrain.models.contract import PretrainModel, check_model
 from pretrain.models.crate import CRATE
 from pretrain.models.gpt import GPT2LM
 from pretrain.models.lm import CausalLM
-from pretrain.models.tost import TSSA_IMPLS, ToSTLM
+from pretrain.models.tost import ToSTLM, check_impl
 from pretrain.models.tost_vision import tost_vision
 from pretrain.models.vision import ImageClassifier
 from pretrain.models.vit import ViT
@@ -34,8 +34,7 @@ def build_model(cfg: ModelConfig) -> PretrainModel:
     if cfg.gelu_approximate not in GELU_APPROXIMATIONS:
         choices = ", ".join(GELU_APPROXIMATIONS)
         raise UserError(f"model.gelu_approximate={cfg.gelu_approximate!r} is not one of {choices}")
-    if cfg.tssa_impl not in TSSA_IMPLS:
-        raise UserError(f"model.tssa_impl={cfg.tssa_impl!r} is not one of {', '.join(TSSA_IMPLS)}")
+    check_impl(cfg.tssa_impl)
     model = MODELS[cfg.name](cfg)
     check_model(model)
     return model

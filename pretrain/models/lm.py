@@ -47,13 +47,16 @@ class CausalLM(nn.Module):
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
 
-    def forward(self, input_ids: Tensor, labels: Tensor | None = None) -> Tensor:
-        """Logits (B, T, V), or given labels the mean cross-entropy in fp32 (-100 is ignored)."""
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """Token plus position embeddings (B, T, D) of input_ids (B, T), which fit the position table."""
         T = input_ids.size(1)
         if T > self.seq_len:
             raise ValueError(f"sequence of {T} tokens is longer than model.seq_len={self.seq_len}")
-        positions = torch.arange(T, device=input_ids.device)
-        x = self.drop(self.wte(input_ids) + self.wpe(positions))  # (B, T, D)
+        return self.wte(input_ids) + self.wpe(torch.arange(T, device=input_ids.device))
+
+    def forward(self, input_ids: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Logits (B, T, V), or given labels the mean cross-entropy in fp32 (-100 is ignored)."""
+        x = self.drop(self.embed(input_ids))  # (B, T, D)
         for block in self.blocks:
             x = block(x)
         logits = self.lm_head(self.ln_f(x))  # (B, T, V)

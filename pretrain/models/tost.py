@@ -31,13 +31,18 @@ TSSA_IMPLS = ("auto", "eager", "fused", "triton")  # model.tssa_impl
 Statistics = Callable[..., tuple[Tensor, Tensor]]  # token_statistics' signature
 
 
+def check_impl(impl: str) -> None:
+    """Refuses, in one line, a model.tssa_impl that names no implementation."""
+    if impl not in TSSA_IMPLS:
+        raise UserError(f"model.tssa_impl={impl!r} is not one of {', '.join(TSSA_IMPLS)}")
+
+
 def resolve_impl(impl: str, device: torch.device) -> str:
     """The implementation model.tssa_impl means for tensors on `device` (auto: triton on CUDA
     where the triton package imports, else fused); refuses, in one line, one that cannot run."""
+    check_impl(impl)
     if impl == "auto":
         return "triton" if device.type == "cuda" and _triton_reason() is None else "fused"
-    if impl not in TSSA_IMPLS:
-        raise UserError(f"model.tssa_impl={impl!r} is not one of {', '.join(TSSA_IMPLS)}")
     if impl == "triton":
         reason = _triton_reason()
         if reason is None and device.type != "cuda" and torch.cuda.is_available():
@@ -193,10 +198,9 @@ class ToSTLM(CausalLM):
     def prefill(self, prompt: Tensor) -> tuple[Tensor, list[TSSAState]]:
         """Next-token logits (B, V) after prompt (B, T0), and every layer's recurrent state after
         it, from one parallel forward: what T0 calls of `step` give, without T0 sequential steps."""
-        T = prompt.shape[1]
-        if not 0 < T <= self.seq_len:
-            raise ValueError(f"a prompt of {T} tokens; it needs 1 to model.seq_len={self.seq_len}")
-        x = self.wte(prompt) + self.wpe(torch.arange(T, device=prompt.device))  # (B, T, D)
+        if prompt.shape[1] == 0:
+            raise ValueError("an empty prompt: generation needs at least one token to start from")
+        x = self.embed(prompt)  # (B, T0, D)
         states = []
         for block in self.blocks:
             mixed, state = block.attn.prefill(block.ln_1(x))

@@ -3,13 +3,14 @@
 `token_statistics` in pretrain/models/tssa.py is the readable reference: a chain of full-length
 ops, each writing a (B, K, T, p) tensor that autograd keeps. This module computes the same
 function (docs/models.md, sections 2-3) chunk by chunk, so that no full-length temporary is
-held: the prefix sums S, M, P cross chunk boundaries as carries. A chunk is held coordinate-major,
-(B, K, p, L), because torch's cumsum along a contiguous last dimension is about 4x faster on CPU
-than along a strided one, and c is written in that layout too (merge_heads then needs no copy
-for batch 1). Backward keeps only the
-projected tokens w, the memberships pi and logits (per token and head), and the statistics at
-each chunk's start (T / chunk of them); it recomputes the rest, in one reverse sweep for the
-causal form (suffix sums of the gradients as carries) and in three sweeps for the non-causal one.
+held: the prefix sums S, M, P cross chunk boundaries as carries. A causal chunk is held
+coordinate-major, (B, K, p, L), because torch's cumsum along a contiguous last dimension is about
+4x faster on CPU than along a strided one, and c is written in that layout too; non-causal
+chunks need no scans and stay token-major views of w. Either way merge_heads(c) is a view.
+Backward keeps only the projected tokens w, the memberships pi and logits (per token and head),
+and the statistics at each chunk's start (T / chunk of them); it recomputes the rest, in one
+reverse sweep for the causal form (suffix sums of the gradients as carries) and in three sweeps
+for the non-causal one.
 
 The pair of passes is registered as torch custom ops (`whitebox::tssa`, `whitebox::tssa_backward`)
 with fake implementations, so torch.compile, activation checkpointing, FSDP2 and DeepSpeed see
@@ -94,6 +95,12 @@ def _below(S: Tensor, eps: float) -> Tensor | None:
     return (S < eps) if bool((S[..., 0].amin() < eps).item()) else None
 
 
+def _shrink_into(wc: Tensor, inv_QM: Tensor, pcQ: Tensor, coord: int, out: Tensor) -> None:
+    """c = -pi w / (1 + M / Q) = w (-pi Q) / (Q + M), into out; inv_QM = 1 / (Q + M). The one
+    formula for c, in forward and in backward's recomputation, so that both give the same bits."""
+    torch.mul(wc * inv_QM, -pcQ.unsqueeze(coord), out=out)
+
+
 def tssa_forward(
     w: Tensor, temp: Tensor, denom_bias: Tensor | None, causal: bool, eps: float, chunk: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -125,9 +132,9 @@ def tssa_forward(
             M = M_[..., -1:].clone()
             P_ = torch.cumsum(pc, -1).add_(P)
             P = P_[..., -1:].clone()
-            Q = P_.add_(MEMBERSHIP_EPS).unsqueeze(-2)
-            # c = -pi w / (1 + M / Q) = w (-pi Q) / (Q + M)
-            torch.div(wc * (-pc.unsqueeze(-2) * Q), M_.add_(Q), out=c.transpose(2, 3)[..., a:b])
+            Q = P_.add_(MEMBERSHIP_EPS)  # (B, K, L)
+            inv_QM = M_.add_(Q.unsqueeze(-2)).reciprocal_()
+            _shrink_into(wc, inv_QM, pc * Q, -2, c.transpose(2, 3)[..., a:b])
             logits[:, :, a:b], pi[:, :, a:b] = lg, pc
         return c, pi, logits, S0, M0, P0
     # Non-causal: totals, no scans, so chunks stay token-major (B, K, L, p), views of w.
@@ -142,10 +149,10 @@ def tssa_forward(
         M += w2.mul_(pc.unsqueeze(-1)).sum(2, keepdim=True)
         P += pc.sum(-1, keepdim=True)
         logits[:, :, a:b], pi[:, :, a:b] = lg, pc
-    Q = (P + MEMBERSHIP_EPS).unsqueeze(-1)  # (B, K, 1, 1)
-    inv_QM = 1 / (Q + M)  # (B, K, 1, p)
+    Q = P + MEMBERSHIP_EPS  # (B, K, 1)
+    inv_QM = 1 / (M + Q.unsqueeze(-1))  # (B, K, 1, p)
     for a, b in spans:
-        torch.mul(_token_major(w, a, b, f32) * inv_QM, -pi[:, :, a:b].unsqueeze(-1) * Q, out=c[:, :, a:b])
+        _shrink_into(_token_major(w, a, b, f32), inv_QM, pi[:, :, a:b] * Q, -1, c[:, :, a:b])
     return c, pi, logits, S[:, :, 0][None], M[:, :, 0][None], P[..., 0][None]
 
 
@@ -164,8 +171,9 @@ def _through_m(
     return gA, -Q * s1, dM, pc * (Q * s2 - s1)
 
 
-def _membership_grad(gpi: Tensor, pi: Tensor, logits: Tensor, temp: Tensor) -> tuple[Tensor, Tensor]:
-    """Through pi = softmax_heads(temp * logits): (dL/dlogits, dL/dtemp's per-head sum (K, 1))."""
+def membership_grad(gpi: Tensor, pi: Tensor, logits: Tensor, temp: Tensor) -> tuple[Tensor, Tensor]:
+    """Through pi = softmax_heads(temp * logits), (B, K, L) each, temp (K, 1): (dL/dlogits,
+    dL/dtemp (K, 1)). Shared with the Triton kernels' backward, which runs it between kernels."""
     gz = pi * (gpi - (pi * gpi).sum(1, keepdim=True))
     return gz * temp, (gz * logits).sum((0, 2)).unsqueeze(-1)
 
@@ -192,7 +200,7 @@ def tssa_backward(
     c_out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """(dw, dtemp, ddenom_bias) from the forward's saved tensors; see the module docstring. With
-    `c_out` (coordinate-major), the output c is recomputed into it on the way."""
+    `c_out` (laid out as forward lays out c), the output c is recomputed into it on the way."""
     B, K, T, p = w.shape
     f32 = _stats_dtype(w.dtype)
     temp32 = temp.to(f32)
@@ -219,7 +227,7 @@ def tssa_backward(
             gpi += (RM_ * w2).sum(-2) + RQ_
             if grad_pi is not None:
                 gpi += grad_pi[:, :, a:b]
-            dlg, dt = _membership_grad(gpi, pc, lg, temp32)
+            dlg, dt = membership_grad(gpi, pc, lg, temp32)
             dtemp += dt
             dlogits[:, :, a:b] = dlg
             below = _below(S_, eps)
@@ -233,7 +241,7 @@ def tssa_backward(
             shrink = RM_.mul_(pc.unsqueeze(-2)).add_(d_energy).sub_(RS_)
             _input_grad(gA, pc * Q, shrink, wc, dw.transpose(2, 3)[..., a:b], coord=-2)
             if c_out is not None:
-                torch.mul(wc * inv_QM, -(pc * Q).unsqueeze(-2), out=c_out.transpose(2, 3)[..., a:b])
+                _shrink_into(wc, inv_QM, pc * Q, -2, c_out.transpose(2, 3)[..., a:b])
     else:  # token-major chunks, (B, K, L, p); the statistics are totals (B, K, 1, p)
         S, M, P = S0[0].unsqueeze(2), M0[0].unsqueeze(2), P0[0].unsqueeze(-1)
         Q = P + MEMBERSHIP_EPS  # (B, K, 1)
@@ -253,7 +261,7 @@ def tssa_backward(
         for a, b in spans:
             w2 = _token_major(w, a, b, f32).square()
             gpi_c = gpi[:, :, a:b] + (RM * w2).sum(-1) + RQ
-            dlg, dt = _membership_grad(gpi_c, pi[:, :, a:b], logits[:, :, a:b], temp32)
+            dlg, dt = membership_grad(gpi_c, pi[:, :, a:b], logits[:, :, a:b], temp32)
             dtemp += dt
             dlogits[:, :, a:b] = dlg
             RS += (w2 * dlg.unsqueeze(-1)).sum(2, keepdim=True)
@@ -268,7 +276,7 @@ def tssa_backward(
             gA = _token_major(grad_c, a, b, f32) * inv_QM
             _input_grad(gA, pc * Q, shrink, wc, dw[:, :, a:b], coord=-1)
             if c_out is not None:
-                torch.mul(wc * inv_QM, -(pc * Q).unsqueeze(-1), out=c_out[:, :, a:b])
+                _shrink_into(wc, inv_QM, pc * Q, -1, c_out[:, :, a:b])
     ddenom_bias = None
     if denom_bias is not None:
         ddenom_bias = torch.zeros_like(denom_bias)
@@ -476,8 +484,8 @@ def token_statistics_fused(
     chunk: int = CHUNK_TOKENS,
 ) -> tuple[Tensor, Tensor]:
     """`token_statistics` (pretrain/models/tssa.py) as one operator: (c (B, K, N, p), pi (B, K, N)),
-    equal to the reference to rounding, with a fraction of its time and saved memory. c is stored
-    coordinate-major (its transpose(2, 3) is contiguous)."""
+    equal to the reference to rounding, with a fraction of its time and saved memory. Causal, c is
+    stored coordinate-major (its transpose(2, 3) is contiguous); else token-major, like w."""
     c, pi, *_ = _tssa_op(w, temp, denom_bias, None, None, causal, eps, chunk)
     return c, pi
 

@@ -31,6 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from pretrain.models.tssa import ENERGY_EPS, MEMBERSHIP_EPS
+from pretrain.models.tssa_fused import membership_grad
 
 # Tokens per program. Not timed on a GPU: chosen so that the largest kernel (dL/dw, some seven
 # CHUNK x p fp32 tiles) does not spill at p = 64 with Triton's default 4 warps. ptxas for sm_90
@@ -457,9 +458,8 @@ def _tssa_backward(
     )
     if grad_pi is not None:
         gpi += grad_pi
-    gz = pi * (gpi - (pi * gpi).sum(1, keepdim=True))  # through the softmax over heads: dL/d(temp logits)
-    dlogits = gz * temp.float()
-    dtemp = (gz * logits).sum((0, 2)).unsqueeze(-1).to(temp.dtype)
+    dlogits, dtemp = membership_grad(gpi, pi, logits, temp.float())
+    dtemp = dtemp.to(temp.dtype)
     dS_sums = torch.empty_like(dM_sums)
     _energy_grad_sums_kernel[grid](w, S_start, dlogits, dS_sums, eps, *dims, CAUSAL=causal, **meta)
     RS_start = _carries(dS_sums, causal, reverse=True)
