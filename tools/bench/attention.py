@@ -409,7 +409,7 @@ def last_logits(model: ToSTLM, ids: torch.Tensor) -> torch.Tensor:
     """The next-token logits (B, V) after `ids` (B, T) by the parallel forward over the whole
     prefix, as CausalLM.forward computes it, but with the head applied to the last position only
     (all a generator needs)."""
-    x = model.wte(ids) + model.wpe(torch.arange(ids.shape[1], device=ids.device))
+    x = model.embed(ids)
     for block in model.blocks:
         x = block(x)
     return model.lm_head(model.ln_f(x[:, -1]))
