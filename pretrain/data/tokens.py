@@ -88,3 +88,12 @@ def split_tokens(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     """A batch of blocks (B, seq_len + 1) -> input_ids = blocks[:, :-1], labels = blocks[:, 1:] (int64)."""
     tokens = torch.from_numpy(batch["tokens"].astype(np.int64))
     return {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
+
+
+def document_ids(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Which document of its block each token belongs to: (B, T) int64, 0 for the block's first
+    document, +1 after each EOS (the EOS ends its document; the token after it starts the next).
+    The models' `document_ids` batch key, with which no token attends across a document boundary."""
+    after_eos = torch.zeros_like(input_ids, dtype=torch.int64)
+    after_eos[:, 1:] = input_ids[:, :-1] == eos_id
+    return after_eos.cumsum(dim=1)

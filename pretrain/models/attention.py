@@ -20,11 +20,19 @@ class SelfAttention(TokenMixer):
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.out_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, document_ids: Tensor | None = None) -> Tensor:
+        """x (B, N, D); with document_ids (B, N), a token attends to its own document only."""
         q, k, v = (split_heads(t, self.n_head) for t in self.qkv(x).split(self.n_embd, dim=2))
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=self.causal
-        )  # (B, K, N, p)
+        dropout_p = self.dropout if self.training else 0.0
+        if document_ids is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=self.causal)  # (B, K, N, p)
+        else:
+            # Block-diagonal (and causal) mask. An explicit mask takes SDPA off its flash kernel
+            # (onto the memory-efficient or math one): the price of document masking here.
+            mask = document_ids[:, None, :, None] == document_ids[:, None, None, :]  # (B, 1, N, N)
+            if self.causal:
+                mask = mask.tril()
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         return self.out_proj(merge_heads(y))
 
     def flops_per_token(self) -> float:

@@ -15,7 +15,8 @@ class PretrainModel(Protocol):
 
     - `blocks`: the repeated layers, in order. Engines shard, wrap, checkpoint and compile each
       one as a unit; whatever is outside them (embeddings, head) is the root's.
-    - `forward(inputs, labels)`: the scalar training loss; without labels, the logits.
+    - `forward(inputs, labels)`: the scalar training loss; without labels, the logits. A batch
+      is the dict of forward's keyword arguments (language models also take `document_ids`).
     - `flops_per_token()`: training FLOPs per token (forward + backward), for MFU.
     - `num_params()`: the parameter count to report (papers' convention).
     - `no_weight_decay()`: names of matrix-shaped parameters the optimizer must not decay.

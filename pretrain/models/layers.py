@@ -90,9 +90,14 @@ class Block(nn.Module):
         self.ls_2 = layer_scale(cfg)
         self.drop = nn.Dropout(cfg.dropout)  # residual dropout, on both branches
 
-    def forward(self, x: Tensor, state: Any = None) -> Tensor:
-        """With a mixer's recurrent `state`, x is the next token (B, 1, D) and the mixer steps."""
-        mixed = self.attn(self.ln_1(x)) if state is None else self.attn.step(self.ln_1(x), state)
+    def forward(self, x: Tensor, state: Any = None, document_ids: Tensor | None = None) -> Tensor:
+        """With a mixer's recurrent `state`, x is the next token (B, 1, D) and the mixer steps.
+        With document_ids (B, T), the mixer lets no token see an earlier document of the block."""
+        h = self.ln_1(x)
+        if state is not None:
+            mixed = self.attn.step(h, state)
+        else:
+            mixed = self.attn(h) if document_ids is None else self.attn(h, document_ids=document_ids)
         return self.after_mixer(x, mixed)
 
     def after_mixer(self, x: Tensor, mixed: Tensor) -> Tensor:

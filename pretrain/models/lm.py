@@ -54,11 +54,15 @@ class CausalLM(nn.Module):
             raise ValueError(f"sequence of {T} tokens is longer than model.seq_len={self.seq_len}")
         return self.wte(input_ids) + self.wpe(torch.arange(T, device=input_ids.device))
 
-    def forward(self, input_ids: Tensor, labels: Tensor | None = None) -> Tensor:
-        """Logits (B, T, V), or given labels the mean cross-entropy in fp32 (-100 is ignored)."""
+    def forward(self, input_ids: Tensor, labels: Tensor | None = None, document_ids: Tensor | None = None) -> Tensor:
+        """Logits (B, T, V), or given labels the mean cross-entropy in fp32 (-100 is ignored).
+
+        document_ids (B, T) (pretrain.data.tokens.document_ids) keep the documents packed into a
+        block apart: no token's output depends on an earlier document's tokens. The loss still
+        covers every token; position embeddings stay those of the block."""
         x = self.drop(self.embed(input_ids))  # (B, T, D)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, document_ids=document_ids)
         logits = self.lm_head(self.ln_f(x))  # (B, T, V)
         if labels is None:
             return logits

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from pretrain.config import ModelConfig
+from pretrain.data.tokens import document_ids
 from pretrain.errors import UserError
 from pretrain.models.layers import TokenMixer, merge_heads, split_heads
 from pretrain.models.lm import CausalLM
@@ -101,13 +102,15 @@ class TSSAOutput(nn.Linear):
         *,
         causal: bool = False,
         impl: str = "eager",
+        document_ids: Tensor | None = None,
     ) -> Tensor:
         if temp is None:
             return super().forward(x)
         impl = resolve_impl(impl, x.device)
+        stats = {"causal": causal, "denom_bias": denom_bias, "document_ids": document_ids}
         if impl == "fused":
-            return projected_token_statistics_fused(x, temp, self, causal=causal, denom_bias=denom_bias)
-        c, _ = statistics_impl(impl, x.device)(x, temp, causal=causal, denom_bias=denom_bias)
+            return projected_token_statistics_fused(x, temp, self, **stats)
+        c, _ = statistics_impl(impl, x.device)(x, temp, **stats)
         return super().forward(merge_heads(c))
 
 
@@ -146,17 +149,19 @@ class CausalTSSA(TSSA):
         super().__init__(cfg, out_bias=cfg.bias)
         self.denom_bias = nn.Parameter(torch.zeros(cfg.n_head, cfg.seq_len))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, document_ids: Tensor | None = None) -> Tensor:
+        """x (B, T, D); with document_ids (B, T), the statistics restart at each document."""
         w = split_heads(self.U(x), self.n_head)  # (B, K, T, p)
-        return self.out_proj(w, self.temp, self.denom_bias, causal=True, impl=self.tssa_impl)
+        return self.out_proj(w, self.temp, self.denom_bias, causal=True, impl=self.tssa_impl, document_ids=document_ids)
 
-    def prefill(self, x: Tensor) -> tuple[Tensor, TSSAState]:
+    def prefill(self, x: Tensor, document_ids: Tensor | None = None) -> tuple[Tensor, TSSAState]:
         """`forward` on a whole prompt x (B, T, D), and the recurrent state after it: what T calls
-        of `step` would give, in one parallel pass."""
+        of `step` would give, in one parallel pass; with document_ids, the state of each row's
+        last document."""
         w = split_heads(self.U(x), self.n_head)  # (B, K, T, p)
         statistics = statistics_impl(self.tssa_impl, w.device)
-        c, pi = statistics(w, self.temp, causal=True, denom_bias=self.denom_bias)
-        return self.out_proj(merge_heads(c)), prefix_state(w, pi)
+        c, pi = statistics(w, self.temp, causal=True, denom_bias=self.denom_bias, document_ids=document_ids)
+        return self.out_proj(merge_heads(c)), prefix_state(w, pi, document_ids)
 
     def init_state(self, batch: int, device: torch.device) -> TSSAState:
         p = self.n_embd // self.n_head
@@ -174,6 +179,12 @@ class CausalTSSA(TSSA):
         return super().no_weight_decay() | {"denom_bias"}
 
 
+def restart_after_eos(states: list[TSSAState], tokens: Tensor, eos_id: int) -> None:
+    """Every layer's state restarts in the rows whose last token (tokens (B,)) is EOS."""
+    for state in states:
+        state.restart(tokens == eos_id)
+
+
 class ToSTLM(CausalLM):
     """ToST language model: the GPT-2 skeleton with causal TSSA as the token mixer."""
 
@@ -184,28 +195,36 @@ class ToSTLM(CausalLM):
         device = self.wte.weight.device
         return [block.attn.init_state(batch, device) for block in self.blocks]
 
-    def step(self, tokens: Tensor, states: list[TSSAState]) -> Tensor:
+    def step(self, tokens: Tensor, states: list[TSSAState], eos_id: int | None = None) -> Tensor:
         """Next-token logits (B, V) after `tokens` (B,), at position states[0].t, in O(D) per
-        layer: no earlier token is looked at again."""
+        layer: no earlier token is looked at again. With eos_id, a row whose token is EOS starts a
+        new document at the next token (its states restart), as `document_ids` has it in forward."""
         t = states[0].t
         if t >= self.seq_len:
             raise ValueError(f"position {t} is past model.seq_len={self.seq_len} (the position table)")
         x = self.wte(tokens)[:, None] + self.wpe.weight[t]  # (B, 1, D)
         for block, state in zip(self.blocks, states, strict=True):
             x = block(x, state)
+        if eos_id is not None:
+            restart_after_eos(states, tokens, eos_id)
         return self.lm_head(self.ln_f(x))[:, 0]
 
-    def prefill(self, prompt: Tensor) -> tuple[Tensor, list[TSSAState]]:
+    def prefill(self, prompt: Tensor, eos_id: int | None = None) -> tuple[Tensor, list[TSSAState]]:
         """Next-token logits (B, V) after prompt (B, T0), and every layer's recurrent state after
-        it, from one parallel forward: what T0 calls of `step` give, without T0 sequential steps."""
+        it, from one parallel forward: what T0 calls of `step` give, without T0 sequential steps.
+        With eos_id, the prompt's documents are kept apart (`document_ids`) and the states are
+        those of each row's last document (restarted if the prompt ends with EOS)."""
         if prompt.shape[1] == 0:
             raise ValueError("an empty prompt: generation needs at least one token to start from")
+        ids = None if eos_id is None else document_ids(prompt, eos_id)
         x = self.embed(prompt)  # (B, T0, D)
         states = []
         for block in self.blocks:
-            mixed, state = block.attn.prefill(block.ln_1(x))
+            mixed, state = block.attn.prefill(block.ln_1(x), ids)
             x = block.after_mixer(x, mixed)
             states.append(state)
+        if eos_id is not None:
+            restart_after_eos(states, prompt[:, -1], eos_id)
         return self.lm_head(self.ln_f(x[:, -1])), states
 
     @torch.no_grad()
@@ -216,11 +235,13 @@ class ToSTLM(CausalLM):
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        eos_id: int | None = None,
     ) -> Tensor:
         """prompt (B, T0) followed by `max_new_tokens` sampled tokens (B, T0 + new). The prompt
         is read by one parallel forward (`prefill`), then each new token by `step`; temperature 0
-        takes the most likely token."""
-        logits, states = self.prefill(prompt)
+        takes the most likely token. With eos_id, each EOS ends a document: what follows it sees
+        nothing before it (the model trained with data.document_mask)."""
+        logits, states = self.prefill(prompt, eos_id)
         out = [prompt]
         for _ in range(max_new_tokens):
             if temperature == 0:
@@ -232,5 +253,5 @@ class ToSTLM(CausalLM):
                     logits = logits.masked_fill(logits < kth, float("-inf"))
                 token = torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
             out.append(token[:, None])
-            logits = self.step(token, states)
+            logits = self.step(token, states, eos_id)
         return torch.cat(out, dim=1)

@@ -16,6 +16,12 @@ The pair of passes is registered as torch custom ops (`whitebox::tssa`, `whitebo
 with fake implementations, so torch.compile, activation checkpointing, FSDP2 and DeepSpeed see
 one opaque op with known output shapes.
 
+With document ids (B, T) (causal only), the prefix sums restart at each document start: a chunk's
+scan is a plain cumsum, overwritten in the rows where a document starts inside the chunk by the
+cumsum of each such document's run (exact: no bit of an earlier document reaches it), and a
+carry crosses into a chunk only in the rows whose document goes on; the backward's suffix sums
+likewise. The prior denom_bias is read at each token's position within its document.
+
 Backward, per head, with r = 1 / (1 + m), Q = P + eps_M, m = M / Q, Sc = max(S, eps), g = dL/dc:
     dL/dm = g pi w r^2 = gm;  dL/dM = gm / Q;  dL/dQ = -sum_j gm m / Q
     dL/dpi = -sum_j g w r + sum_j R_M w^2 + R_Q    (R_X: the suffix sum of dL/dX, or its total)
@@ -26,11 +32,14 @@ Backward, per head, with r = 1 / (1 + m), Q = P + eps_M, m = M / Q, Sc = max(S, 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from itertools import pairwise
+
 import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from pretrain.models.tssa import ENERGY_EPS, MEMBERSHIP_EPS
+from pretrain.models.tssa import ENERGY_EPS, MEMBERSHIP_EPS, document_positions, positional_prior
 
 # Tokens per chunk. A chunk's temporaries are a dozen (B, K, p, CHUNK) fp32 tensors, 0.8 MiB each
 # at D = 768, so its work stays in the CPU's caches; fewer, longer chunks pay less for launching
@@ -78,21 +87,97 @@ def _empty_like_output(like: Tensor, causal: bool) -> Tensor:
     return (_coordinate_major_empty if causal else _token_major_empty)(like, like.dtype)
 
 
-def _suffix(x: Tensor, carry: Tensor) -> Tensor:
-    """carry + the suffix sums of x along its last dimension (sum over positions >= each one).
-    Flipped, not total - prefix + x: that loses a small suffix beside a large prefix."""
-    return torch.cumsum(x.flip(-1), dim=-1).flip(-1).add_(carry)
+@dataclass
+class _ChunkDocuments:
+    """Where the documents of a chunk of tokens begin and end, for its segmented scans."""
+
+    continues: Tensor  # (B,) 1.0 where the chunk's first token is in the document of the token before it
+    continued: Tensor  # (B,) 1.0 where the token after the chunk is in the document of the chunk's last token
+    runs: list[tuple[int, int, int]]  # (row, s, e), chunk-local, of each document in rows where one starts inside
 
 
-def _with_prior(logits: Tensor, denom_bias: Tensor | None, a: int, b: int, p: int) -> Tensor:
-    """Adds the learned positional prior p * denom_bias[:, a:b] to logits (B, K, L) in place."""
-    return logits if denom_bias is None else logits.add_(denom_bias[:, a:b].to(logits.dtype), alpha=p)
+def _chunk_documents(document_ids: Tensor | None, spans: list[tuple[int, int]]) -> list[_ChunkDocuments | None]:
+    """Per chunk, its documents (or None for each chunk, without document ids); one host sync."""
+    if document_ids is None:
+        return [None] * len(spans)
+    B, T = document_ids.shape
+    goes_on = (document_ids[:, 1:] == document_ids[:, :-1]).to(torch.float32)  # (B, T - 1): t + 1 in t's document
+    chunk = spans[0][1]
+    starts: dict[tuple[int, int], list[int]] = {}  # (chunk, row) -> document starts inside the chunk
+    for row, t in (goes_on == 0).nonzero().tolist():
+        if (t + 1) % chunk != 0:
+            starts.setdefault(((t + 1) // chunk, row), []).append(t + 1)
+    documents = []
+    for i, (a, b) in enumerate(spans):
+        runs = []
+        for row in range(B):
+            if (i, row) in starts:
+                runs += [(row, s - a, e - a) for s, e in pairwise([a, *starts[i, row], b])]
+        continues = goes_on[:, a - 1] if a > 0 else goes_on.new_zeros(B)
+        continued = goes_on[:, b - 1] if b < T else goes_on.new_zeros(B)
+        documents.append(_ChunkDocuments(continues, continued, runs))
+    return documents
 
 
-def _below(S: Tensor, eps: float) -> Tensor | None:
+def _carried(carry: Tensor, goes_on: Tensor | None) -> Tensor:
+    """The carry (B, ...) into a chunk, zero in the rows where the document does not go on."""
+    return carry if goes_on is None else carry * goes_on.view(-1, *[1] * (carry.dim() - 1))
+
+
+def _prefix(x: Tensor, carry: Tensor, documents: _ChunkDocuments | None) -> Tensor:
+    """carry + the prefix sums of x along its last dimension, both restarting at each document start."""
+    out = torch.cumsum(x, -1).add_(_carried(carry, documents and documents.continues))
+    for row, s, e in documents.runs if documents else ():
+        if s > 0:
+            out[row, ..., s:e] = torch.cumsum(x[row, ..., s:e], -1)
+    return out
+
+
+def _suffix_sums(x: Tensor) -> Tensor:
+    """The suffix sums of x along its last dimension (sum over positions >= each one). Flipped,
+    not total - prefix + x: that loses a small suffix beside a large prefix."""
+    return torch.cumsum(x.flip(-1), dim=-1).flip(-1)
+
+
+def _suffix(x: Tensor, carry: Tensor, documents: _ChunkDocuments | None) -> Tensor:
+    """carry + the suffix sums of x along its last dimension, both stopping at each document end."""
+    out = _suffix_sums(x).add_(_carried(carry, documents and documents.continued))
+    for row, s, e in documents.runs if documents else ():
+        if e < x.shape[-1]:
+            out[row, ..., s:e] = _suffix_sums(x[row, ..., s:e])
+    return out
+
+
+def _with_prior(logits: Tensor, prior: Tensor | None, a: int, b: int, p: int) -> Tensor:
+    """Adds the learned positional prior p * prior[..., a:b] ((K, T) or (B, K, T)) to logits (B, K, L) in place."""
+    return logits if prior is None else logits.add_(prior[..., a:b].to(logits.dtype), alpha=p)
+
+
+def _prior(denom_bias: Tensor | None, T: int, document_ids: Tensor | None) -> Tensor | None:
+    """denom_bias at each token's position (within its document, given document ids)."""
+    if denom_bias is None:
+        return None
+    return positional_prior(denom_bias, T, None if document_ids is None else document_positions(document_ids))
+
+
+def prior_grad(dlogits: Tensor, p: int, shape: torch.Size, dtype: torch.dtype, document_ids: Tensor | None) -> Tensor:
+    """dL/ddenom_bias (shape, dtype) from dL/dlogits (B, K, T): each logit holds p * denom_bias at
+    its position (within its document, given document ids). Shared with the Triton kernels' backward."""
+    B, K, T = dlogits.shape
+    grad = torch.zeros(shape, dtype=dtype, device=dlogits.device)
+    if document_ids is None:
+        grad[:, :T] = p * dlogits.sum(0)
+    else:
+        positions = document_positions(document_ids).flatten()  # (B * T,)
+        grad.index_add_(1, positions, (p * dlogits).transpose(0, 1).reshape(K, B * T).to(dtype))
+    return grad
+
+
+def _below(S: Tensor, eps: float, documents: _ChunkDocuments | None) -> Tensor | None:
     """Where S (B, K, p, L) < eps, so that the clamp passes no gradient, or None in the usual case
-    of nowhere. S never decreases along tokens, so its first token tells."""
-    return (S < eps) if bool((S[..., 0].amin() < eps).item()) else None
+    of nowhere. S never decreases along a document's tokens, so the first token of each tells."""
+    first = S if documents is not None else S[..., 0]
+    return (S < eps) if bool((first.amin() < eps).item()) else None
 
 
 def _shrink_into(wc: Tensor, inv_QM: Tensor, pcQ: Tensor, coord: int, out: Tensor) -> None:
@@ -102,12 +187,19 @@ def _shrink_into(wc: Tensor, inv_QM: Tensor, pcQ: Tensor, coord: int, out: Tenso
 
 
 def tssa_forward(
-    w: Tensor, temp: Tensor, denom_bias: Tensor | None, causal: bool, eps: float, chunk: int
+    w: Tensor,
+    temp: Tensor,
+    denom_bias: Tensor | None,
+    causal: bool,
+    eps: float,
+    chunk: int,
+    document_ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(c, pi, logits, S0, M0, P0): the output, the per-token scalars, and the statistics at each
     chunk's start (causal: (n_chunks, B, K, p) and (n_chunks, B, K)) or their totals (non-causal:
-    one 'chunk')."""
+    one 'chunk'). A chunk's start statistics are those of the document of the token before it."""
     B, K, T, p = w.shape
+    prior = _prior(denom_bias, T, document_ids)
     f32 = _stats_dtype(w.dtype)
     temp = temp.to(f32)  # (K, 1)
     c = _empty_like_output(w, causal)
@@ -120,17 +212,17 @@ def tssa_forward(
     if causal:
         S0 = w.new_empty(len(spans), B, K, p, dtype=f32)
         M0, P0 = torch.empty_like(S0), w.new_empty(len(spans), B, K, dtype=f32)
-        for i, (a, b) in enumerate(spans):
+        for i, ((a, b), documents) in enumerate(zip(spans, _chunk_documents(document_ids, spans), strict=True)):
             S0[i], M0[i], P0[i] = S[..., 0], M[..., 0], P[..., 0]
             wc = _coordinate_major(w, a, b, f32)  # (B, K, p, L)
             w2 = wc * wc
-            S_ = torch.cumsum(w2, -1).add_(S)
+            S_ = _prefix(w2, S, documents)
             S = S_[..., -1:].clone()
-            lg = _with_prior((w2 / S_.clamp_min_(eps)).sum(-2), denom_bias, a, b, p)  # (B, K, L)
+            lg = _with_prior((w2 / S_.clamp_min_(eps)).sum(-2), prior, a, b, p)  # (B, K, L)
             pc = torch.softmax(temp * lg, dim=1)  # over heads
-            M_ = torch.cumsum(w2.mul_(pc.unsqueeze(-2)), -1).add_(M)
+            M_ = _prefix(w2.mul_(pc.unsqueeze(-2)), M, documents)
             M = M_[..., -1:].clone()
-            P_ = torch.cumsum(pc, -1).add_(P)
+            P_ = _prefix(pc, P, documents)
             P = P_[..., -1:].clone()
             Q = P_.add_(MEMBERSHIP_EPS)  # (B, K, L)
             inv_QM = M_.add_(Q.unsqueeze(-2)).reciprocal_()
@@ -144,7 +236,7 @@ def tssa_forward(
     Sc = S.clamp_min(eps)
     for a, b in spans:
         w2 = _token_major(w, a, b, f32).square()
-        lg = _with_prior((w2 / Sc).sum(-1), denom_bias, a, b, p)
+        lg = _with_prior((w2 / Sc).sum(-1), prior, a, b, p)
         pc = torch.softmax(temp * lg, dim=1)
         M += w2.mul_(pc.unsqueeze(-1)).sum(2, keepdim=True)
         P += pc.sum(-1, keepdim=True)
@@ -198,6 +290,7 @@ def tssa_backward(
     eps: float,
     chunk: int,
     c_out: Tensor | None = None,
+    document_ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """(dw, dtemp, ddenom_bias) from the forward's saved tensors; see the module docstring. With
     `c_out` (laid out as forward lays out c), the output c is recomputed into it on the way."""
@@ -212,31 +305,33 @@ def tssa_backward(
         RM = w.new_zeros(B, K, p, 1, dtype=f32)  # suffix sums of dL/dM, dL/dQ and -dL/dS past the chunk
         RQ = w.new_zeros(B, K, 1, dtype=f32)
         RS = w.new_zeros(B, K, p, 1, dtype=f32)
+        chunk_documents = _chunk_documents(document_ids, spans)
         for i, (a, b) in reversed(list(enumerate(spans))):
+            documents = chunk_documents[i]
             wc = _coordinate_major(w, a, b, f32)
             g = _coordinate_major(grad_c, a, b, f32)
             pc, lg = pi[:, :, a:b], logits[:, :, a:b]
             w2 = wc * wc
-            S_ = torch.cumsum(w2, -1).add_(S0[i].unsqueeze(-1))
-            M_ = torch.cumsum(w2 * pc.unsqueeze(-2), -1).add_(M0[i].unsqueeze(-1))
-            Q = torch.cumsum(pc, -1).add_(P0[i].unsqueeze(-1)).add_(MEMBERSHIP_EPS)  # (B, K, L)
+            S_ = _prefix(w2, S0[i].unsqueeze(-1), documents)
+            M_ = _prefix(w2 * pc.unsqueeze(-2), M0[i].unsqueeze(-1), documents)
+            Q = _prefix(pc, P0[i].unsqueeze(-1), documents).add_(MEMBERSHIP_EPS)  # (B, K, L)
             inv_QM = M_.add_(Q.unsqueeze(-2)).reciprocal_()
             gA, gpi, dM, dQ = _through_m(g, wc, inv_QM, Q, pc, coord=-2)
-            RM_ = _suffix(dM, RM)
-            RQ_ = _suffix(dQ, RQ)
+            RM_ = _suffix(dM, RM, documents)
+            RQ_ = _suffix(dQ, RQ, documents)
             gpi += (RM_ * w2).sum(-2) + RQ_
             if grad_pi is not None:
                 gpi += grad_pi[:, :, a:b]
             dlg, dt = membership_grad(gpi, pc, lg, temp32)
             dtemp += dt
             dlogits[:, :, a:b] = dlg
-            below = _below(S_, eps)
+            below = _below(S_, eps, documents)
             inv_S = S_.clamp_min_(eps).reciprocal_()
             d_energy = inv_S * dlg.unsqueeze(-2)  # dL/dlogits / Sc
             dS = d_energy * w2 * inv_S  # -dL/dS
             if below is not None:
                 dS.masked_fill_(below, 0)
-            RS_ = _suffix(dS, RS)
+            RS_ = _suffix(dS, RS, documents)
             RM, RQ, RS = RM_[..., :1].clone(), RQ_[..., :1].clone(), RS_[..., :1].clone()
             shrink = RM_.mul_(pc.unsqueeze(-2)).add_(d_energy).sub_(RS_)
             _input_grad(gA, pc * Q, shrink, wc, dw.transpose(2, 3)[..., a:b], coord=-2)
@@ -266,7 +361,7 @@ def tssa_backward(
             dlogits[:, :, a:b] = dlg
             RS += (w2 * dlg.unsqueeze(-1)).sum(2, keepdim=True)
         RS *= inv_S * inv_S
-        below = _below(S.transpose(2, 3), eps)
+        below = _below(S.transpose(2, 3), eps, None)
         if below is not None:
             RS.masked_fill_(below.transpose(2, 3), 0)
         for a, b in spans:
@@ -279,8 +374,7 @@ def tssa_backward(
                 _shrink_into(wc, inv_QM, pc * Q, -1, c_out[:, :, a:b])
     ddenom_bias = None
     if denom_bias is not None:
-        ddenom_bias = torch.zeros_like(denom_bias)
-        ddenom_bias[:, :T] = p * dlogits.sum(0)
+        ddenom_bias = prior_grad(dlogits, p, denom_bias.shape, denom_bias.dtype, document_ids)
     return dw, dtemp.to(temp.dtype), ddenom_bias
 
 
@@ -312,8 +406,9 @@ def _forward(
     causal: bool,
     eps: float,
     chunk: int,
+    document_ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    c, *rest = tssa_forward(w, temp, denom_bias, causal, eps, chunk)
+    c, *rest = tssa_forward(w, temp, denom_bias, causal, eps, chunk, document_ids)
     return (c if weight is None else _project(c, weight, bias), *rest)
 
 
@@ -332,8 +427,9 @@ def _tssa_op(
     causal: bool,
     eps: float,
     chunk: int,
+    document_ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _forward(w, temp, denom_bias, weight, bias, causal, eps, chunk)
+    return _forward(w, temp, denom_bias, weight, bias, causal, eps, chunk, document_ids)
 
 
 @_tssa_op.register_fake
@@ -346,6 +442,7 @@ def _tssa_op_fake(
     causal: bool,
     eps: float,
     chunk: int,
+    document_ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     B, K, T, p = w.shape
     f32 = _stats_dtype(w.dtype)
@@ -381,19 +478,20 @@ def _tssa_backward_op(
     causal: bool,
     eps: float,
     chunk: int,
+    document_ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dw, dtemp, ddenom_bias or empty, dweight or empty); grad_out is dL/dc, or dL/dy with a
     projection. The bias's gradient, grad_out summed, is left to the autograd function."""
     B, K, T, p = w.shape
     if weight is None:
         dw, dtemp, ddenom_bias = tssa_backward(
-            grad_out, grad_pi, w, temp, denom_bias, pi, logits, S0, M0, P0, causal, eps, chunk
+            grad_out, grad_pi, w, temp, denom_bias, pi, logits, S0, M0, P0, causal, eps, chunk, None, document_ids
         )
         return dw, dtemp, _or_empty(ddenom_bias, temp), temp.new_empty(0)
     grad_c = torch.matmul(grad_out, weight).view(B, T, K, p).transpose(1, 2)
     c = _empty_like_output(w, causal)
     dw, dtemp, ddenom_bias = tssa_backward(
-        grad_c, grad_pi, w, temp, denom_bias, pi, logits, S0, M0, P0, causal, eps, chunk, c_out=c
+        grad_c, grad_pi, w, temp, denom_bias, pi, logits, S0, M0, P0, causal, eps, chunk, c, document_ids
     )
     del grad_c
     c_rows = _merged(c)  # (B, T, D)
@@ -419,6 +517,7 @@ def _tssa_backward_op_fake(
     causal: bool,
     eps: float,
     chunk: int,
+    document_ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return (
         _empty_like_output(w, causal),
@@ -429,18 +528,32 @@ def _tssa_backward_op_fake(
 
 
 def _setup_context(ctx, inputs: tuple, output: tuple) -> None:  # noqa: ANN001 (torch's ctx)
-    w, temp, denom_bias, weight, bias, causal, eps, chunk = inputs
+    w, temp, denom_bias, weight, bias, causal, eps, chunk, document_ids = inputs
     _, pi, logits, S0, M0, P0 = output
-    ctx.save_for_backward(w, temp, denom_bias, weight, pi, logits, S0, M0, P0)
+    ctx.save_for_backward(w, temp, denom_bias, weight, pi, logits, S0, M0, P0, document_ids)
     ctx.has_bias, ctx.causal, ctx.eps, ctx.chunk = bias is not None, causal, eps, chunk
 
 
 def _backward(ctx, grad_out: Tensor | None, grad_pi: Tensor | None, *unused: Tensor | None) -> tuple:  # noqa: ANN001
-    w, temp, denom_bias, weight, pi, logits, S0, M0, P0 = ctx.saved_tensors
+    w, temp, denom_bias, weight, pi, logits, S0, M0, P0, document_ids = ctx.saved_tensors
     if grad_out is None:
         grad_out = _output_like(w, weight, ctx.causal).zero_()
     dw, dtemp, ddenom_bias, dweight = _tssa_backward_op(
-        grad_out, grad_pi, w, temp, denom_bias, weight, pi, logits, S0, M0, P0, ctx.causal, ctx.eps, ctx.chunk
+        grad_out,
+        grad_pi,
+        w,
+        temp,
+        denom_bias,
+        weight,
+        pi,
+        logits,
+        S0,
+        M0,
+        P0,
+        ctx.causal,
+        ctx.eps,
+        ctx.chunk,
+        document_ids,
     )
     dbias = grad_out.sum((0, 1)) if ctx.has_bias else None
     return (
@@ -449,6 +562,7 @@ def _backward(ctx, grad_out: Tensor | None, grad_pi: Tensor | None, *unused: Ten
         None if denom_bias is None else ddenom_bias,
         None if weight is None else dweight,
         dbias,
+        None,
         None,
         None,
         None,
@@ -482,11 +596,13 @@ def token_statistics_fused(
     denom_bias: Tensor | None = None,
     eps: float = ENERGY_EPS,
     chunk: int = CHUNK_TOKENS,
+    document_ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`token_statistics` (pretrain/models/tssa.py) as one operator: (c (B, K, N, p), pi (B, K, N)),
     equal to the reference to rounding, with a fraction of its time and saved memory. Causal, c is
     stored coordinate-major (its transpose(2, 3) is contiguous); else token-major, like w."""
-    c, pi, *_ = _tssa_op(w, temp, denom_bias, None, None, causal, eps, chunk)
+    _check_documents(causal, document_ids)
+    c, pi, *_ = _tssa_op(w, temp, denom_bias, None, None, causal, eps, chunk, document_ids)
     return c, pi
 
 
@@ -499,11 +615,18 @@ def projected_token_statistics_fused(
     denom_bias: Tensor | None = None,
     eps: float = ENERGY_EPS,
     chunk: int = CHUNK_TOKENS,
+    document_ids: Tensor | None = None,
 ) -> Tensor:
     """out_proj(merge_heads(c)) (B, N, D) in one operator that keeps w, not c, for backward.
     Under autocast, out_proj's weight is cast as autocast would cast it for a Linear."""
+    _check_documents(causal, document_ids)
     weight, bias = out_proj.weight, out_proj.bias
     if torch.is_autocast_enabled(w.device.type):
         dtype = torch.get_autocast_dtype(w.device.type)
         weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
-    return _tssa_op(w, temp, denom_bias, weight, bias, causal, eps, chunk)[0]
+    return _tssa_op(w, temp, denom_bias, weight, bias, causal, eps, chunk, document_ids)[0]
+
+
+def _check_documents(causal: bool, document_ids: Tensor | None) -> None:
+    if document_ids is not None and not causal:
+        raise ValueError("document_ids need causal TSSA: non-causal statistics have no document masking")
