@@ -8,6 +8,7 @@ each knob are documented in the YAML files; the schemas only fix names and types
 from __future__ import annotations
 
 import math
+import posixpath
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -68,9 +69,18 @@ class ImageConfig:
 
 
 @dataclass
+class SourceConfig:
+    name: Optional[str] = None
+    urls: Any = MISSING
+    weight: float = MISSING
+    storage_options: Optional[dict] = None
+
+
+@dataclass
 class DataConfig:
     source: str = "shards"
     urls: Any = MISSING
+    sources: Optional[list[SourceConfig]] = None
     val_urls: Any = None
     storage_options: dict = field(default_factory=dict)
     cache_dir: str = "~/.cache/whitebox-pretrain"
@@ -188,6 +198,8 @@ def redacted(cfg: Config) -> dict:
     place a config is written or logged (run_dir/config.yaml, MLflow params)."""
 
     def mask(tree: Any, in_storage_options: bool = False) -> Any:
+        if isinstance(tree, list):  # data.sources: each source may have storage_options
+            return [mask(item, in_storage_options) for item in tree]
         if not isinstance(tree, dict):
             return tree
         return {
@@ -340,6 +352,8 @@ def config_from_dict(resolved: dict[str, Any]) -> Config:
 def _checked(cfg: DictConfig) -> Config:
     _check_bounds(cfg)
     _check_embedded_source(cfg)
+    if cfg.data.source == "shards":
+        source_names(cfg.data)
     return OmegaConf.to_object(cfg)
 
 
@@ -373,13 +387,51 @@ def _check_embedded_source(cfg: DictConfig) -> None:
     config.yaml records them: refused, not silently dropped and not silently switched to."""
     if cfg.data.source == "shards":
         return
-    for key in ("urls", "val_urls"):
+    for key in ("urls", "sources", "val_urls"):
         if cfg.data[key] is not None:
             raise UserError(
                 f"data.{key} is set, but data.source={cfg.data.source} reads the embedded default and would ignore "
                 f"it: add data=shards (data=image_shards for images) to train on your shards, "
                 f"or leave data.{key} out"
             )
+
+
+def source_names(data: DataConfig | DictConfig) -> list[str]:
+    """The names of `data.sources` (a source's own, else its directory's; none for data.urls),
+    once the shards are given right: data.urls or data.sources (one of them), weights finite and
+    > 0, names distinct."""
+    urls_set = data.urls not in (None, MISSING)
+    if data.sources is None:
+        if not urls_set:
+            raise UserError(
+                "data.urls is required when data.source=shards: set it to the shard URLs, e.g. "
+                """'data.urls="s3://bucket/dir/shard-{000000..000099}.tar"', """
+                "or give a weighted mixture as data.sources"
+            )
+        return []
+    if urls_set:
+        raise UserError(
+            "data.urls and data.sources are both set: give one shard set as data.urls, or a weighted "
+            "mixture as data.sources (set data.urls=null)"
+        )
+    if not data.sources:
+        raise UserError("data.sources is an empty list: give it at least one {urls, weight}, or use data.urls")
+    names: dict[str, int] = {}
+    for i, source in enumerate(data.sources):
+        weight = source.weight
+        if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
+            raise UserError(f"data.sources[{i}].weight={weight} must be a finite number > 0")
+        if source.urls in (None, MISSING):
+            raise UserError(f"data.sources[{i}].urls is required: set it to a brace pattern or a list of shard URLs")
+        first = source.urls if isinstance(source.urls, str) else next(iter(source.urls), "")
+        name = source.name or posixpath.basename(posixpath.dirname(str(first)).rstrip("/")) or f"source{i}"
+        if name in names:
+            raise UserError(
+                f"data.sources[{i}] and data.sources[{names[name]}] are both named {name!r}"
+                f"{'' if source.name else ' (from their directories)'}: give each a distinct data.sources[i].name"
+            )
+        names[name] = i
+    return list(names)
 
 
 def _check_bounds(cfg: DictConfig) -> None:

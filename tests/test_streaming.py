@@ -327,7 +327,7 @@ def test_bad_data_raises_naming_the_shard_or_is_skipped_and_counted(case, worker
     take(iter(skipping), 32 - (lost or 4))  # what one epoch holds besides the bad samples
     skipped = skipping.skipped_samples()
     assert skipped == lost if lost else skipped >= 1
-    assert skipping.state_dict()["positions"]["0"]["epoch"] == 0
+    assert skipping.state_dict()["positions"]["0"][0]["epoch"] == 0
 
 
 def test_a_shard_with_more_samples_than_its_index_lists_is_refused(local_shards, tmp_path):

@@ -1,5 +1,6 @@
-"""A rank's loader from `data.*`: `data.source` picks where the shards come from, the loader
-kind what a sample is (token blocks for language models, labelled images for vision models)."""
+"""A rank's loader from `data.*`: `data.source` picks where the shards come from (and
+`data.urls` or the weighted mixture `data.sources` which they are), the loader kind what a sample
+is (token blocks for language models, labelled images for vision models)."""
 
 from __future__ import annotations
 
@@ -10,16 +11,25 @@ import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 from omegaconf import MISSING
 
 from pretrain.batch import Batch
-from pretrain.config import DataConfig, ImageConfig
+from pretrain.config import DataConfig, ImageConfig, source_names
 from pretrain.data import images, tokens
 from pretrain.data.augment import RandAugment, RandomErasing
 from pretrain.data.images import EvalTransform, ImageDecoder, TrainTransform, check_image_index
 from pretrain.data.loader import ShardLoader
-from pretrain.data.shards import Decoder, ShardStream, StreamOptions, expand_urls, read_index
+from pretrain.data.shards import (
+    Decoder,
+    ShardSource,
+    ShardStream,
+    StreamOptions,
+    check_agreement,
+    expand_urls,
+    read_indexes,
+)
 from pretrain.data.storage import INDEX_NAME
 from pretrain.data.tokens import TokenBlockDecoder, check_token_index, split_tokens, stack_blocks
 from pretrain.errors import UserError
@@ -27,16 +37,17 @@ from pretrain.prepare.embedded import prepare_digits, prepare_stdlib_corpus
 
 TEXT_SOURCES = ("stdlib", "shards")
 IMAGE_SOURCES = ("digits", "shards")
+# What index.json fields make samples of two shard sets interchangeable in one run.
+TEXT_AGREE = ("format", "block_len", "dtype", "tokenizer")
+IMAGE_AGREE = ("format", "classes", "num_classes")
 
 
 @dataclass(frozen=True)
 class ShardSet:
-    """One rank's view of a shard set and how its samples become batches: what every loader
-    of it needs besides `data.*`."""
+    """One rank's view of a run's shard sources and how their samples become batches: what every
+    loader of them needs besides `data.*`."""
 
-    urls: list[str]
-    storage_options: dict
-    index: dict
+    sources: list[ShardSource]
     decode: Decoder
     batch_size: int
     rank: int
@@ -76,13 +87,11 @@ def build_text_loader(
             progress=is_preparer and sys.stderr.isatty(),
         )
 
-    urls, storage_options = _shard_urls(cfg, TEXT_SOURCES, embedded, local_rank, train)
-    index = read_index(urls, storage_options, (tokens.INDEX_FORMAT,), tokens.PREPARE_HINT)
+    sources, indexes = _shard_sources(cfg, TEXT_SOURCES, embedded, local_rank, train, tokens, TEXT_AGREE)
+    index = next(iter(indexes.values()))  # all agree on what the decoder needs
     decode = TokenBlockDecoder(seq_len, check_token_index(index, seq_len, vocab_size))
     shards = ShardSet(
-        urls,
-        storage_options,
-        index,
+        sources,
         decode,
         batch_size,
         rank,
@@ -123,10 +132,10 @@ def build_image_loader(
             progress=is_preparer and sys.stderr.isatty(),
         )
 
-    urls, storage_options = _shard_urls(cfg, IMAGE_SOURCES, embedded, local_rank, train)
-    index = read_index(urls, storage_options, (images.INDEX_FORMAT,), images.PREPARE_HINT)
+    sources, indexes = _shard_sources(cfg, IMAGE_SOURCES, embedded, local_rank, train, images, IMAGE_AGREE)
+    index = next(iter(indexes.values()))  # all agree on the classes
     decode = ImageDecoder(_image_transform(cfg.image, image_size, train), check_image_index(index))
-    shards = ShardSet(urls, storage_options, index, decode, batch_size, rank, world_size, seed, worker_init=worker_init)
+    shards = ShardSet(sources, decode, batch_size, rank, world_size, seed, worker_init=worker_init)
     return _train_loader(cfg, shards) if train else _one_pass(cfg, shards)
 
 
@@ -139,10 +148,11 @@ def _one_pass(cfg: DataConfig, shards: ShardSet) -> Iterable[Batch]:
     """One pass over validation shards in shard order, each sample once over the ranks. With
     fewer shards than ranks the first ranks read one each and the others nothing (evaluation
     steps every rank in lockstep anyway); loader workers are capped so that each has a shard."""
-    ranks = min(shards.world_size, len(shards.urls))
+    (source,) = shards.sources  # data.val_urls, or an embedded val split
+    ranks = min(shards.world_size, len(source.urls))
     if shards.rank >= ranks:
         return ()
-    workers = min(cfg.num_workers, len(shards.urls) // ranks)
+    workers = min(cfg.num_workers, len(source.urls) // ranks)
     return _loader(cfg, dataclasses.replace(shards, world_size=ranks), 1, workers, 0, epochs=1)
 
 
@@ -171,35 +181,73 @@ def _image_transform(cfg: ImageConfig, image_size: int, train: bool) -> TrainTra
     return EvalTransform(image_size, round(image_size / cfg.eval_crop_fraction), mean=mean, std=std)
 
 
-def _shard_urls(
-    cfg: DataConfig, sources: tuple[str, ...], embedded: Callable[[bool], str], local_rank: int, train: bool = True
-) -> tuple[list[str], dict]:
-    """The shard URLs (`data.urls`, or `data.val_urls` when not `train`) and their storage
-    options. An embedded default (the first source) is built by local rank 0 of each machine
-    into `data.cache_dir` while the other ranks wait."""
-    if cfg.source == sources[0]:
+def _shard_sources(
+    cfg: DataConfig,
+    kinds: tuple[str, ...],
+    embedded: Callable[[bool], str],
+    local_rank: int,
+    train: bool,
+    fmt: ModuleType,
+    agree: tuple[str, ...],
+) -> tuple[list[ShardSource], dict[str, dict]]:
+    """The run's shard sources (`data.sources`, `data.urls`, or `data.val_urls` when not
+    `train`) and every index.json they read (index URL -> index, the first source's first), all
+    checked to agree on `agree`. An embedded default (the first kind) is built by local rank 0 of
+    each machine into `data.cache_dir` while the other ranks wait."""
+    if cfg.source == kinds[0]:
         directory = embedded(local_rank == 0)
         index = json.loads(Path(directory, INDEX_NAME).read_text())
-        return [str(Path(directory, s["name"])) for s in index["shards"]], {}
-    if cfg.source == "shards":
-        key, urls = ("data.urls", cfg.urls) if train else ("data.val_urls", cfg.val_urls)
-        if urls in (None, MISSING):
+        urls = [str(Path(directory, s["name"])) for s in index["shards"]]
+        specs = [(cfg.source, f"data.source={cfg.source}", urls, 1.0, {})]
+    elif cfg.source == "shards":
+        specs = _configured_sources(cfg, train)
+    else:
+        raise UserError(f"data.source={cfg.source!r} is not one of {', '.join(kinds)}")
+    sources, indexes = [], {}
+    for name, key, urls, weight, storage_options in specs:
+        found = read_indexes(urls, storage_options, (fmt.INDEX_FORMAT,), fmt.PREPARE_HINT, key)
+        counts = {path: {s["name"]: s["samples"] for s in index["shards"]} for path, index in found.items()}
+        samples = {
+            url: counts[posixpath.join(posixpath.dirname(url), INDEX_NAME)][posixpath.basename(url)] for url in urls
+        }
+        sources.append(ShardSource(name, samples, weight, storage_options, key))
+        indexes.update(found)
+    check_agreement(indexes, agree)
+    return sources, indexes
+
+
+def _configured_sources(cfg: DataConfig, train: bool) -> list[tuple[str, str, list[str], float, dict]]:
+    """(name, config key, URLs, weight, storage options) of each configured shard source."""
+    if not train:
+        if cfg.val_urls in (None, MISSING):
             raise UserError(
-                f"{key} is required when data.source=shards: set it to the shard URLs, "
-                f"""e.g. '{key}="s3://bucket/dir/shard-{{000000..000099}}.tar"'"""
+                "data.val_urls is required when data.source=shards: set it to the shard URLs, "
+                """e.g. 'data.val_urls="s3://bucket/dir/shard-{000000..000099}.tar"'"""
             )
-        return expand_urls(urls), cfg.storage_options
-    raise UserError(f"data.source={cfg.source!r} is not one of {', '.join(sources)}")
+        urls = expand_urls(cfg.val_urls, "data.val_urls")
+        return [(posixpath.basename(posixpath.dirname(urls[0])), "data.val_urls", urls, 1.0, cfg.storage_options)]
+    names = source_names(cfg)
+    if not names:
+        urls = expand_urls(cfg.urls)
+        return [(posixpath.basename(posixpath.dirname(urls[0])), "data.urls", urls, 1.0, cfg.storage_options)]
+    return [
+        (
+            name,
+            f"data.sources[{i}].urls",
+            expand_urls(source.urls, f"data.sources[{i}].urls"),
+            source.weight,
+            cfg.storage_options if source.storage_options is None else source.storage_options,
+        )
+        for i, (name, source) in enumerate(zip(names, cfg.sources, strict=True))
+    ]
 
 
 def _loader(
     cfg: DataConfig, shards: ShardSet, shuffle_buffer: int, workers: int, readers: int, epochs: int | None = None
 ) -> ShardLoader:
     """`readers` 0: the logical readers are ranks x workers."""
-    samples = {s["name"]: s["samples"] for s in shards.index["shards"]}
     stream = ShardStream(
-        shards.urls,
-        {url: samples[posixpath.basename(url)] for url in shards.urls},
+        shards.sources,
         shards.decode,
         rank=shards.rank,
         world_size=shards.world_size,
@@ -213,7 +261,6 @@ def _loader(
             retry_backoff_s=cfg.retry_backoff_s,
             on_error=cfg.on_error,
         ),
-        storage_options=shards.storage_options,
         collate=shards.collate,
         epochs=epochs,
     )

@@ -2,8 +2,8 @@
 
 A plain DataLoader without auto-batching: the stream's workers make whole micro-batches, and
 the DataLoader takes them from its workers in turn, which is the order the stream's reader
-cycle assumes. Each micro-batch travels with its reader's position, so the record of what
-training consumed is exact however far the workers have read ahead.
+cycle assumes. Each micro-batch travels with its reader's (lane and source) position, so the
+record of what training consumed is exact however far the workers have read ahead.
 """
 
 from __future__ import annotations
@@ -45,11 +45,11 @@ class ShardLoader(DataLoader):
         with it: that stops the workers."""
         batches = super().__iter__()
         try:
-            for batch, (reader, position) in batches:
+            for batch, (lane, source, position) in batches:
                 if isinstance(batch, WorkerFailure):
                     raise UserError(batch.message)
                 if self.stream.epochs is None:
-                    self.stream.consumed(reader, position)
+                    self.stream.consumed(lane, source, position)
                 yield batch if self._finish is None else self._finish(batch)
         finally:
             # Workers ignore the preemption signals, SIGTERM included, so multiprocessing's exit
@@ -63,6 +63,11 @@ class ShardLoader(DataLoader):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.stream.load_state_dict(state)
+
+    def source_samples(self) -> dict[str, int]:
+        """Samples each source has given training so far, over all ranks (source name -> samples)."""
+        batches = self.stream.source_batches()
+        return {s.name: n * self.stream.batch_size for s, n in zip(self.stream.sources, batches, strict=True)}
 
     def skipped_samples(self) -> int:
         """Bad samples skipped so far under data.on_error=skip (0 under raise)."""

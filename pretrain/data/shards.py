@@ -1,21 +1,29 @@
 """Endless, resumable samples from webdataset shards on any fsspec URL, for any sample kind.
 
-The shards are split among a fixed number L of *logical readers*: each epoch, all shards are put
-in an order drawn from (seed, epoch) and logical reader l takes every L-th, so no sample is read
+The shards are split among a fixed number L of *logical readers* (lanes): each epoch, all shards
+are put in an order drawn from (seed, epoch) and lane l takes every L-th, so no sample is read
 twice or missed in an epoch. Within a shard, samples are shuffled in windows of `shuffle_buffer`,
 each window by its own seeded permutation, so a reader's position (epoch, shard, slot) fixes
 everything it yields next.
 
 What makes a run resumable on another number of ranks or loader workers is that the order of
 micro-batches does not depend on them: micro-batch g of the run (counted over all ranks) is the
-next `batch_size` samples of logical reader g mod L, and rank r takes micro-batches r, r+W, ...
-of W ranks. So rank r owns readers r, r+W, ... and cycles through them; its loader workers split
-that cycle. L is set when a run starts (`data.readers`, by default ranks x workers) and kept
-in its checkpoints; any later layout whose ranks x workers divides L continues the same
-sequence. webdataset contributes the grouping of tar members into samples; it has neither an s3
-scheme nor resumable state, nor a check that a shard is whole, so opening streams (through
-fsspec, with retries), positions and the tar members (each as long as its header says, as many
-samples as the index lists) are kept here.
+next `batch_size` samples of lane g mod L, and rank r takes micro-batches r, r+W, ... of W ranks.
+So rank r owns lanes r, r+W, ... and cycles through them; its loader workers split that cycle.
+L is set when a run starts (`data.readers`, by default ranks x workers) and kept in its
+checkpoints; any later layout whose ranks x workers divides L continues the same sequence.
+
+A run may read a weighted mixture of shard sets (sources). Each lane then has one reader per
+source, each source's shards split among the lanes by its own epoch order, and micro-batch g is
+read from source s(g), drawn with the sources' weights from a counter-based hash of (seed, g)
+(`draw_sources`). As s(g) depends on nothing else, a worker knows the source of each micro-batch
+it makes, and how many micro-batches each source gave follows from the run's micro-batch count.
+One source is the plain shard set: every draw picks it.
+
+webdataset contributes the grouping of tar members into samples; it has neither an s3 scheme nor
+resumable state, nor a check that a shard is whole, so opening streams (through fsspec, with
+retries), positions and the tar members (each as long as its header says, as many samples as the
+index lists) are kept here.
 """
 
 from __future__ import annotations
@@ -27,21 +35,23 @@ import posixpath
 import random
 import tarfile
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from itertools import islice
 from typing import Any
 
 import braceexpand
 import fsspec
+import numpy as np
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 from webdataset.tariterators import group_by_keys
 
 from pretrain.errors import UserError
 
 INDEX_NAME = "index.json"
-STATE_VERSION = 3
+STATE_VERSION = 4  # 4: one reader per (lane, source); 3: one shard set, loaded as a one-source mixture
 ON_ERROR = ("raise", "skip")
+CHUNK = 1 << 20  # micro-batch draws counted at a time (8 MiB of indices)
 log = logging.getLogger("pretrain")
 
 # decode(raw webdataset sample, shard url, seed for any randomness) -> training sample. The seed is
@@ -49,18 +59,47 @@ log = logging.getLogger("pretrain")
 Decoder = Callable[[dict, str, int], dict[str, Any]]
 
 
-def expand_urls(urls: str | Iterable[str]) -> list[str]:
-    """`data.urls` as a flat list: brace patterns expanded in a string or in each list item."""
+def expand_urls(urls: str | Iterable[str], key: str = "data.urls") -> list[str]:
+    """Config key `key`'s URLs as a flat list: brace patterns expanded in a string or in each list item."""
     items = [urls] if isinstance(urls, str) else list(urls)
     expanded = [u.strip() for item in items for u in braceexpand.braceexpand(str(item))]
     expanded = [u for u in expanded if u]
     if not expanded:
-        raise UserError(f"data.urls={urls!r} gives no shard URL: set it to a brace pattern or a list of shard URLs")
+        raise UserError(f"{key}={urls!r} gives no shard URL: set it to a brace pattern or a list of shard URLs")
     return expanded
 
 
-def read_index(urls: list[str], storage_options: dict, formats: tuple[str, ...], hint: str) -> dict:
-    """The `index.json` beside the shards, after checking its format and that it lists every shard."""
+def read_indexes(
+    urls: list[str], storage_options: dict, formats: tuple[str, ...], hint: str, key: str = "data.urls"
+) -> dict[str, dict]:
+    """Index URL -> index, for each directory the shards lie in (their order of first appearance):
+    a set may be spread over several directories or buckets, each with its own index.json."""
+    by_directory: dict[str, list[str]] = {}
+    for url in urls:
+        by_directory.setdefault(posixpath.dirname(url), []).append(url)
+    return {
+        posixpath.join(directory, INDEX_NAME): read_index(members, storage_options, formats, hint, key)
+        for directory, members in by_directory.items()
+    }
+
+
+def check_agreement(indexes: dict[str, dict], keys: tuple[str, ...]) -> None:
+    """A run's shard sets must hold interchangeable samples: their indexes agree on `keys`."""
+    (first, reference), *others = indexes.items()
+    for path, index in others:
+        for key in keys:
+            if index.get(key) != reference.get(key):
+                raise UserError(
+                    f"{first} and {path} disagree on {key} ({reference.get(key)!r} vs {index.get(key)!r}): "
+                    "the shard sets of one run must be prepared alike; re-create one of them to match the other"
+                )
+
+
+def read_index(
+    urls: list[str], storage_options: dict, formats: tuple[str, ...], hint: str, key: str = "data.urls"
+) -> dict:
+    """The `index.json` beside the shards (all in one directory), after checking its format and
+    that it lists every shard."""
     directory = posixpath.dirname(urls[0])
     path = posixpath.join(directory, INDEX_NAME)
     try:
@@ -84,14 +123,50 @@ def read_index(urls: list[str], storage_options: dict, formats: tuple[str, ...],
         raise UserError(f"{path} is not a {' or '.join(formats)} index; {hint}")
     listed = {s["name"] for s in index["shards"]}
     for url in urls:
-        if posixpath.dirname(url) != directory:
-            raise UserError(
-                f"shard {url} is not in {directory}, the directory of the first shard: "
-                "data.urls must name one shard set"
-            )
         if posixpath.basename(url) not in listed:
-            raise UserError(f"shard {url} is not listed in {path}: fix data.urls or {hint}")
+            raise UserError(f"shard {url} is not listed in {path}: fix {key} or {hint}")
     return index
+
+
+@dataclass(frozen=True)
+class ShardSource:
+    """One shard set of a run's mixture: its shards (URL -> samples, in the order the config
+    lists them), how to open them, its weight, and the config key that named it (for errors)."""
+
+    name: str
+    samples: dict[str, int]
+    weight: float = 1.0
+    storage_options: dict = field(default_factory=dict)
+    key: str = "data.urls"
+
+    @property
+    def urls(self) -> list[str]:
+        return list(self.samples)
+
+
+GOLDEN_GAMMA, MIX_1, MIX_2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def mixture_probabilities(weights: Sequence[float]) -> list[float]:
+    """The sources' shares of micro-batches, as the draws use them (so also what a checkpoint keeps)."""
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+def draw_sources(seed: int, probabilities: Sequence[float], batches: np.ndarray) -> np.ndarray:
+    """The source of each micro-batch index in `batches`: SplitMix64 of (seed, g), a counter-based
+    hash, as a uniform in [0, 1) placed among the cumulative shares. Independent draws, a pure
+    function of (seed, g): the same on every rank, worker and resume, and countable for any g."""
+    key = np.uint64(int.from_bytes(hashlib.blake2b(f"mixture:{seed}".encode(), digest_size=8).digest()))
+    with np.errstate(over="ignore"):
+        z = key + (batches.astype(np.uint64) + np.uint64(1)) * GOLDEN_GAMMA
+        z = (z ^ (z >> np.uint64(30))) * MIX_1
+        z = (z ^ (z >> np.uint64(27))) * MIX_2
+        z ^= z >> np.uint64(31)
+    uniform = (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    bounds = np.cumsum(probabilities)
+    bounds[-1] = 1.0  # rounding must not leave a uniform above the last bound
+    return np.searchsorted(bounds, uniform, side="right")
 
 
 @dataclass(frozen=True)
@@ -168,10 +243,10 @@ class _Unreachable(Exception):
 
 
 def reader_cycle(readers: int, rank: int, world_size: int, worker: int, workers: int, batches: int) -> list[int]:
-    """The logical readers one loader worker reads, in the order it reads them, once `batches`
+    """The lanes one loader worker reads, in the order it reads them, once `batches`
     micro-batches of the run have been consumed. The rank's cycle r, r+W, ... starts where the
     run's micro-batch count puts it, and the DataLoader takes batches from its workers in turn,
-    so worker w takes every N-th reader of the cycle from the w-th on."""
+    so worker w takes every N-th lane of the cycle from the w-th on."""
     per_rank = readers // world_size
     start = batches // world_size % per_rank
     return [rank + (start + worker + m * workers) % per_rank * world_size for m in range(per_rank // workers)]
@@ -179,17 +254,16 @@ def reader_cycle(readers: int, rank: int, world_size: int, worker: int, workers:
 
 class ShardStream(IterableDataset):
     """One rank's micro-batches (`collate`d lists of `batch_size` decoded samples), each with the
-    logical reader it came from and that reader's position after it.
+    lane and source it came from and that reader's position after it.
 
     The stream in the training process is the record of what training consumed (`consumed`,
     `state_dict`, `load_state_dict`); each DataLoader worker gets a copy of it when iteration
-    starts and reads its share of the rank's readers from there.
+    starts and reads its share of the rank's lanes from there.
     """
 
     def __init__(
         self,
-        urls: list[str],
-        samples_per_shard: dict[str, int],
+        sources: list[ShardSource],
         decode: Decoder,
         *,
         rank: int,
@@ -198,93 +272,121 @@ class ShardStream(IterableDataset):
         batch_size: int,
         readers: int,
         options: StreamOptions,
-        storage_options: dict | None = None,
         collate: Callable[[list[dict]], Any] | None = None,
         epochs: int | None = None,
     ) -> None:
         """readers: L for a run that starts now (0: ranks x workers); a loaded state brings its own.
-        epochs: None reads on forever (training); N stops each reader after N epochs, its last
-        micro-batch possibly short (evaluation)."""
+        epochs: None reads on forever (training); N stops each lane after N epochs, its last
+        micro-batch possibly short (evaluation, which reads one source)."""
         if options.on_error not in ON_ERROR:
             raise UserError(f"data.on_error={options.on_error!r} is not one of {', '.join(ON_ERROR)}")
-        self.urls, self.samples_per_shard, self.decode = urls, samples_per_shard, decode
-        # Draws name a shard by its place in the list, not its URL: the same shards stored
-        # elsewhere (a copy on S3, another cache directory) are shuffled and augmented alike.
-        self._shard_index = {url: i for i, url in enumerate(urls)}
+        self.sources, self.decode = sources, decode
+        self.probabilities = mixture_probabilities([source.weight for source in sources])
+        # Draws name a shard by its source and place in the list, not its URL: the same shards
+        # stored elsewhere (a copy on S3, another cache directory) are shuffled and augmented alike.
+        # The first source's names are those of a plain shard set.
+        self._shard_tags = [
+            {url: f"{i}.{n}" if i else str(n) for n, url in enumerate(source.urls)} for i, source in enumerate(sources)
+        ]
         self.rank, self.world_size, self.workers = rank, world_size, max(1, num_workers)
         self.batch_size, self.options = batch_size, options
-        self.storage_options = dict(storage_options or {})
         self.collate = collate or default_collate
         self.epochs = epochs
         self.readers = readers or world_size * self.workers
         self._check_split(f"data.readers={readers}" if readers else None)
         self.batches = 0  # micro-batches of the run consumed, over all ranks
-        self.positions = {reader: ReaderState() for reader in self._own_readers()}
+        self.positions = {key: ReaderState() for key in self._own_readers()}
+        self._counted = (0, [0] * len(sources))  # (micro-batches, of them from each source): see source_batches
 
-    def _own_readers(self) -> range:
-        return range(self.rank, self.readers, self.world_size)
+    def _own_readers(self) -> list[tuple[int, int]]:
+        """(lane, source) of every reader this rank owns."""
+        return [(lane, i) for lane in range(self.rank, self.readers, self.world_size) for i in range(len(self.sources))]
 
-    def _check_split(self, source: str | None) -> None:
-        """L readers must split evenly over ranks x workers, and each needs a shard. `source`
-        names where L came from when it was set explicitly (None: a checkpoint)."""
+    def _check_split(self, origin: str | None) -> None:
+        """L lanes must split evenly over ranks x workers, and each needs a shard of every source.
+        `origin` names where L came from when it was set explicitly (None: a checkpoint)."""
         layout = f"{self.world_size} ranks x {self.workers} loader workers"
-        if self.readers > len(self.urls):
-            raise UserError(
-                f"data.urls gives {len(self.urls)} shards for {source or layout} ({self.readers} "
-                f"readers): every reader needs one; write more, smaller shards or lower data.num_workers"
-            )
+        for source in self.sources:
+            if self.readers > len(source.urls):
+                raise UserError(
+                    f"{source.key} gives {len(source.urls)} shards for {origin or layout} ({self.readers} "
+                    f"readers): every reader needs one; write more, smaller shards or lower data.num_workers"
+                )
         if self.readers % (self.world_size * self.workers):
             fits = [n for n in range(self.workers, 0, -1) if self.readers % (self.world_size * n) == 0]
             hint = f"set data.num_workers={fits[0]}" if fits else f"use a number of ranks that divides {self.readers}"
-            what = source or (
+            what = origin or (
                 f"the run's {self.readers} logical readers (data.readers, fixed when it started; "
                 f"kept in its checkpoints)"
             )
             raise UserError(f"{what} cannot be shared evenly by {layout}: {hint}")
 
-    def epoch_order(self, epoch: int, reader: int) -> list[str]:
-        """Logical reader `reader`'s shards in the order epoch `epoch` reads them."""
-        order = list(self.urls)
-        random.Random(self.options.seed + epoch).shuffle(order)
-        return order[reader :: self.readers]
+    def epoch_order(self, epoch: int, lane: int, source: int = 0) -> list[str]:
+        """Lane `lane`'s shards of source `source` in the order epoch `epoch` reads them."""
+        order = self.sources[source].urls
+        random.Random(f"{self.options.seed}:{epoch}:{source}" if source else self.options.seed + epoch).shuffle(order)
+        return order[lane :: self.readers]
 
-    def __iter__(self) -> Iterator[tuple[Any, tuple[int, dict[str, int]]]]:
-        """(micro-batch, (reader, its position after it)). In a loader worker, a UserError is
-        sent as a `WorkerFailure` item and ends the worker: raised there, it would reach the user
-        as torch's multi-line "Caught UserError in DataLoader worker process N" report."""
+    def source_of(self, batches: np.ndarray) -> np.ndarray:
+        """The source index of each of the run's micro-batches `batches`."""
+        return draw_sources(self.options.seed, self.probabilities, batches)
+
+    def __iter__(self) -> Iterator[tuple[Any, tuple[int, int, dict[str, int]]]]:
+        """(micro-batch, (lane, source, that reader's position after it)). Turn t of worker w is
+        the rank's micro-batch w + t x workers from the record on, which fixes g and so the source.
+        In a loader worker, a UserError is sent as a `WorkerFailure` item and ends the worker:
+        raised there, it would reach the user as torch's multi-line "Caught UserError in
+        DataLoader worker process N" report."""
         info = get_worker_info()
-        cycle = reader_cycle(
-            self.readers, self.rank, self.world_size, info.id if info else 0, self.workers, self.batches
-        )
-        states = {reader: ReaderState(**asdict(self.positions[reader])) for reader in cycle}
-        samples = {reader: self._samples(reader, states[reader]) for reader in cycle}
+        worker = info.id if info else 0
+        cycle = reader_cycle(self.readers, self.rank, self.world_size, worker, self.workers, self.batches)
+        states = {
+            (lane, i): ReaderState(**asdict(self.positions[lane, i]))
+            for lane in cycle
+            for i in range(len(self.sources))
+        }
+        samples = {key: self._samples(*key, state) for key, state in states.items()}
+        turn = 0
         try:
             while cycle:
-                for reader in list(cycle):
-                    batch = list(islice(samples[reader], self.batch_size))
+                for lane in list(cycle):
+                    g = self.batches + self.rank + (worker + turn * self.workers) * self.world_size
+                    source, turn = int(self.source_of(np.array([g]))[0]), turn + 1
+                    batch = list(islice(samples[lane, source], self.batch_size))
                     if batch:
-                        yield self.collate(batch), (reader, asdict(states[reader]))
+                        yield self.collate(batch), (lane, source, asdict(states[lane, source]))
                     else:  # only a reader of a finite stream runs out
-                        cycle.remove(reader)
+                        cycle.remove(lane)
         except UserError as exc:
             if info is None:
                 raise
-            yield WorkerFailure(str(exc)), (-1, {})
+            yield WorkerFailure(str(exc)), (-1, -1, {})
 
-    def consumed(self, reader: int, position: dict[str, int]) -> None:
-        """Training took a micro-batch that left `reader` at `position`."""
-        self.positions[reader] = ReaderState(**position)
+    def consumed(self, lane: int, source: int, position: dict[str, int]) -> None:
+        """Training took a micro-batch that left lane `lane`'s reader of `source` at `position`."""
+        self.positions[lane, source] = ReaderState(**position)
         self.batches += self.world_size  # every rank takes one in the same turn
 
-    def _samples(self, reader: int, state: ReaderState) -> Iterator[dict[str, Any]]:
+    def source_batches(self) -> list[int]:
+        """How many of the run's micro-batches so far (over all ranks) each source gave: counted
+        from the draws, incrementally (a resumed run counts its past once, in chunks)."""
+        counted, counts = self._counted
+        for start in range(counted, self.batches, CHUNK):
+            drawn = self.source_of(np.arange(start, min(start + CHUNK, self.batches)))
+            counts = [c + n for c, n in zip(counts, np.bincount(drawn, minlength=len(counts)).tolist(), strict=True)]
+        self._counted = (max(counted, self.batches), counts)
+        return counts
+
+    def _samples(self, lane: int, source: int, state: ReaderState) -> Iterator[dict[str, Any]]:
         while self.epochs is None or state.epoch < self.epochs:
-            shards = self.epoch_order(state.epoch, reader)
+            shards = self.epoch_order(state.epoch, lane, source)
             while state.shard_pos < len(shards):
                 url = shards[state.shard_pos]
                 try:
-                    yield from self._shard(url, state)
+                    yield from self._shard(source, url, state)
                 except _ShardError as exc:
-                    self._fail(url, None, str(exc), state, lost=self.samples_per_shard[url] - state.sample)
+                    lost = self.sources[source].samples[url] - state.sample
+                    self._fail(url, None, str(exc), state, lost=lost)
                 except _Unreachable as exc:
                     raise UserError(
                         f"cannot read shard {url}: the store did not answer ({' '.join(str(exc).split())}); check "
@@ -294,14 +396,14 @@ class ShardStream(IterableDataset):
                 state.shard_pos, state.sample = state.shard_pos + 1, 0
             state.epoch, state.shard_pos = state.epoch + 1, 0
 
-    def _shard(self, url: str, state: ReaderState) -> Iterator[dict[str, Any]]:
+    def _shard(self, source: int, url: str, state: ReaderState) -> Iterator[dict[str, Any]]:
         """The shard's samples from slot `state.sample` on, advancing it as each slot is taken."""
         window_size = max(1, self.options.shuffle_buffer)
         window_index = state.sample // window_size
-        raw = self._raw_samples(url, window_index * window_size)
+        raw = self._raw_samples(self.sources[source], url, window_index * window_size)
         while window := list(islice(raw, window_size)):
             order = list(range(len(window)))
-            salt = f"{self.options.seed}:{state.epoch}:{self._shard_index[url]}:{window_index}"
+            salt = f"{self.options.seed}:{state.epoch}:{self._shard_tags[source][url]}:{window_index}"
             random.Random(salt).shuffle(order)
             for slot in range(state.sample - window_index * window_size, len(window)):
                 state.sample += 1
@@ -311,24 +413,24 @@ class ShardStream(IterableDataset):
                     yield sample
             window_index += 1
 
-    def _raw_samples(self, url: str, start: int) -> Iterator[dict]:
+    def _raw_samples(self, source: ShardSource, url: str, start: int) -> Iterator[dict]:
         """Undecoded samples from index `start` on. A transient read error reopens the shard and
         goes on from the first sample not yet delivered, `retries` times with doubling backoff."""
         delivered, attempt = start, 0
         while True:
             try:
-                with fsspec.open(url, "rb", **self.storage_options) as stream:
+                with fsspec.open(url, "rb", **source.storage_options) as stream:
                     cut: list[str] = []
                     files = ({**f, "__url__": url} for f in _members(stream, cut))
                     total = 0
                     for total, sample in enumerate(group_by_keys(files), start=1):
-                        self._check_count(url, total, ended=False)
+                        self._check_count(source, url, total, ended=False)
                         if total > delivered:
                             delivered += 1
                             yield sample
                 if cut:
                     raise _ShardError(cut[0])
-                self._check_count(url, total, ended=True)
+                self._check_count(source, url, total, ended=True)
                 return
             except _ShardError:
                 raise
@@ -343,9 +445,9 @@ class ShardStream(IterableDataset):
                 log.warning("reading shard %s failed (%s); retry %d/%d", url, exc, attempt, self.options.retries)
                 time.sleep(self.options.retry_backoff_s * 2 ** (attempt - 1))
 
-    def _check_count(self, url: str, total: int, ended: bool) -> None:
+    def _check_count(self, source: ShardSource, url: str, total: int, ended: bool) -> None:
         """A tar stream that ends early looks like a short, valid one: only the index can tell."""
-        expected = self.samples_per_shard[url]
+        expected = source.samples[url]
         if total > expected:
             raise _ShardError(
                 f"it holds {total} samples, its index.json lists {expected}: shard and index are from different runs"
@@ -377,21 +479,23 @@ class ShardStream(IterableDataset):
         return sum(p.skipped for p in self.positions.values())
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON: this rank's readers' positions as of the last micro-batch consumed, and what the
-        run's sequence of micro-batches is cut from. merge_states joins those of all ranks."""
-        return {
-            "version": STATE_VERSION,
-            **self._sequence(),
-            "batches": self.batches,
-            "positions": {str(reader): asdict(p) for reader, p in self.positions.items()},
-        }
+        """JSON: this rank's readers' positions (per lane, one per source) as of the last
+        micro-batch consumed, and what the run's sequence of micro-batches is cut from.
+        merge_states joins those of all ranks."""
+        lanes: dict[str, list[dict[str, int]]] = {}
+        for (lane, _), position in sorted(self.positions.items()):
+            lanes.setdefault(str(lane), []).append(asdict(position))
+        return {"version": STATE_VERSION, **self._sequence(), "batches": self.batches, "positions": lanes}
 
-    def _sequence(self) -> dict[str, int]:
+    def _sequence(self) -> dict[str, Any]:
         """What fixes the run's sequence of micro-batches, besides the shards' contents."""
         return {
             "readers": self.readers,
             "batch_size": self.batch_size,
-            "num_shards": len(self.urls),
+            "sources": [
+                {"num_shards": len(source.urls), "share": share}
+                for source, share in zip(self.sources, self.probabilities, strict=True)
+            ],
             "seed": self.options.seed,
             "shuffle_buffer": self.options.shuffle_buffer,
         }
@@ -399,6 +503,13 @@ class ShardStream(IterableDataset):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue the run's sequence of micro-batches where `state` (this rank's, or every
         rank's joined by merge_states) left it, on this layout of ranks and workers."""
+        if state.get("version") == 3:  # one shard set: a mixture of one source, one reader per lane
+            state = {
+                **{k: v for k, v in state.items() if k != "num_shards"},
+                "version": STATE_VERSION,
+                "sources": [{"num_shards": state.get("num_shards"), "share": 1.0}],
+                "positions": {lane: [position] for lane, position in state["positions"].items()},
+            }
         expected = {"version": STATE_VERSION, **self._sequence()}
         del expected["readers"]  # the checkpoint's count of readers is kept, whatever this run's default
         changed = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
@@ -406,7 +517,7 @@ class ShardStream(IterableDataset):
             detail = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
             raise UserError(
                 f"the data changed since the checkpoint ({detail}): resume with the same shards, "
-                "train.micro_batch_size, seed and data.shuffle_buffer, or start a new run"
+                "train.micro_batch_size, seed, data.shuffle_buffer and source weights, or start a new run"
             )
         self.readers = state["readers"]
         self._check_split(None)
@@ -416,14 +527,15 @@ class ShardStream(IterableDataset):
                 f"{self.world_size} ranks cannot have taken in equal turns; resume from another checkpoint"
             )
         positions = state["positions"]
-        missing = [reader for reader in self._own_readers() if str(reader) not in positions]
+        lanes = range(self.rank, self.readers, self.world_size)
+        missing = [lane for lane in lanes if str(lane) not in positions]
         if missing:
             raise UserError(
                 f"the checkpoint's data state has no position for logical readers {missing}: "
                 "a rank's data_rank*.json is missing from it; resume from another checkpoint"
             )
-        self.batches = state["batches"]
-        self.positions = {reader: ReaderState(**positions[str(reader)]) for reader in self._own_readers()}
+        self.batches, self._counted = state["batches"], (0, [0] * len(self.sources))
+        self.positions = {(lane, i): ReaderState(**positions[str(lane)][i]) for lane, i in self._own_readers()}
 
 
 def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
