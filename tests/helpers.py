@@ -1,10 +1,12 @@
 """What tests share besides fixtures: launching the real entry point as users do, reading back
-what a run recorded, and the handle of the local S3 server (conftest.py starts it)."""
+what a run recorded, the handle of the local S3 server (conftest.py starts it), tiny tokenizers."""
 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -364,3 +366,58 @@ def weights_dir(model: torch.nn.Module, cfg, path: Path, provenance: dict = PROV
     path.mkdir()
     save_weights(Weights(cfg, model.state_dict(), provenance), str(path))
     return str(path)
+
+
+# --------------------------------------------------------------------------- tokenizers
+# Tiny ones, trained in the test's directory in milliseconds: nothing is downloaded.
+
+TOKENIZER_WORDS = "the quick brown fox jumps over lazy dog cat bird sings data shard token model block".split()
+# Specials in the order the tokenizer.json rule and SentencePiece's defaults give them ids.
+HF_SPECIALS = ("<pad>", "<s>", "</s>")
+
+
+def training_text(n: int = 200, seed: int = 0) -> list[str]:
+    """`n` lines of words and numbers to train a tokenizer on."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(TOKENIZER_WORDS) for _ in range(20)) + f" {i}." for i in range(n)]
+
+
+def train_bpe(directory: Path, vocab_size: int = 300, specials: tuple[str, ...] = HF_SPECIALS, seed: int = 0) -> Path:
+    """A byte-level BPE saved as `directory`/tokenizer.json (lossless: any text round-trips);
+    another `seed` trains on other text, so other merges."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(specials),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(training_text(seed=seed), trainer)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    return directory / "tokenizer.json"
+
+
+def train_sentencepiece(path: Path, vocab_size: int = 400) -> Path:
+    """A SentencePiece BPE model at `path` (unk 0, BOS 1, EOS 2), lossless: bytes fall back, text
+    is not normalized, spaces are kept."""
+    import sentencepiece
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(training_text()),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        byte_fallback=True,
+        minloglevel=2,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(model.getvalue())
+    return path

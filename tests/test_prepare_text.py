@@ -15,10 +15,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import train_bpe, train_sentencepiece
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from pretrain.data.storage import INDEX_NAME, parse_storage_options
-from pretrain.data.tokenizer import gpt2_tokenizer
+from pretrain.data.tokenizer import TOKENIZER_DIR, TokenizerSpec, gpt2_tokenizer, load_recorded_tokenizer
 from pretrain.errors import UserError
 from pretrain.prepare.documents import find_input_files, input_documents
 from pretrain.prepare.text import (
@@ -134,7 +135,7 @@ def test_s3_jsonl_and_parquet_round_trip_through_the_cli(s3):
     assert shard_tokens(fs, f"{root}/out", index) == expected_blocks(DOCS)
     assert index["documents"] == len(DOCS) and index["total_blocks"] * BLOCK_LEN == len(expected_blocks(DOCS))
     assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{root}/out")) == sorted(
-        [INDEX_NAME] + [s["name"] for s in index["shards"]]
+        [INDEX_NAME, TOKENIZER_DIR] + [s["name"] for s in index["shards"]]
     )  # no progress file or partial shard left behind
 
 
@@ -163,6 +164,48 @@ def test_a_saved_datasets_directory_round_trips_through_the_cli_in_its_row_order
     index = json.loads((out / INDEX_NAME).read_text())
     assert shard_tokens(fs, str(out), index) == expected_blocks(DOCS)
     assert index["documents"] == len(DOCS)
+
+
+@pytest.mark.parametrize(
+    "kind, eos_token, bos_token, bos",
+    [("hf", None, None, 1), ("hf", "<pad>", "", None), ("sentencepiece", None, None, 1)],
+)
+def test_each_tokenizer_kind_round_trips_through_the_cli_with_bos_and_eos(tmp_path, kind, eos_token, bos_token, bos):
+    """Blocks split at EOS are the documents, each [BOS] + its tokens; the index records the
+    tokenizer and the shard set carries a copy of its files, which decodes them."""
+    path = train_bpe(tmp_path / "bpe") if kind == "hf" else train_sentencepiece(tmp_path / "sp.model")
+    corpus = write_jsonl(tmp_path / "docs.jsonl", DOCS)
+    out = tmp_path / "out"
+    options = [*(["--eos-token", eos_token] if eos_token else []), *(["--bos-token", ""] if bos_token == "" else [])]
+    sizes = ["--block-len", str(BLOCK_LEN), "--blocks-per-shard", str(BLOCKS_PER_SHARD), "--workers", "1"]
+    args = [str(corpus), "--output", str(out), "--tokenizer", str(path), *options, *sizes, "--no-progress"]
+    assert load_cli().main(args) == 0
+    index = json.loads((out / INDEX_NAME).read_text())
+    tokenizer = TokenizerSpec(str(path), eos_token, bos_token).load()
+    assert index["tokenizer"] == tokenizer.identity() and index["tokenizer"]["bos"] == bos
+    copy = load_recorded_tokenizer({**index["tokenizer"], "url": str(out / TOKENIZER_DIR)}, {})
+    stream = np.array(shard_tokens(fsspec.filesystem("file"), str(out), index))
+    ends = np.flatnonzero(stream == tokenizer.eos_id)
+    documents = np.split(stream, ends + 1)[: len(ends)]  # each up to its EOS; the cut-off last one dropped
+    assert len(documents) >= 20
+    for got, doc in zip(documents, DOCS, strict=False):
+        assert got[-1] == tokenizer.eos_id and (bos is None or got[0] == bos)
+        assert copy.decode(got[0 if bos is None else 1 : -1].tolist()) == doc
+
+
+def test_another_tokenizer_never_resumes_a_preparation(tmp_path):
+    """Other tokenizer files at the same path (same vocabulary size), or the same files with
+    another BOS, are another preparation: the interrupted run's shards are not continued."""
+    out = tmp_path / "out"
+    path = train_bpe(tmp_path / "bpe")
+    with pytest.raises(RuntimeError):
+        prepare_docs(interrupted(DOCS, 20), out, tokenizer=TokenizerSpec(str(path)))
+    progress = rf"{re.escape(str(out))}/_progress.json is from a different preparation"
+    with pytest.raises(UserError, match=progress):
+        prepare_docs(DOCS, out, tokenizer=TokenizerSpec(str(path), bos_token=""))
+    train_bpe(tmp_path / "bpe", seed=1)
+    with pytest.raises(UserError, match=progress):
+        prepare_docs(DOCS, out, tokenizer=TokenizerSpec(str(path)))
 
 
 def test_parquet_is_read_in_record_batches(tmp_path):
@@ -248,7 +291,7 @@ def test_interrupted_s3_run_resumes_without_rewriting_finished_shards(s3):
     writes = writes_per_key(fs, bucket, "run/")
     assert all(writes[name] == 1 for name in finished)  # written once, by the interrupted run
     assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{bucket}/run")) == sorted(
-        [INDEX_NAME] + [s["name"] for s in clean["shards"]]
+        [INDEX_NAME, TOKENIZER_DIR] + [s["name"] for s in clean["shards"]]
     )
 
 
@@ -299,7 +342,9 @@ def test_other_settings_are_refused_unless_overwrite(tmp_path):
     ):
         prepare_token_shards(DOCS, str(out), BLOCK_LEN, 2, identity="DOCS")
     index = prepare_token_shards(DOCS, str(out), BLOCK_LEN, 2, identity="DOCS", overwrite=True).index
-    assert sorted(p.name for p in out.iterdir()) == sorted([INDEX_NAME] + [s["name"] for s in index["shards"]])
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [INDEX_NAME, TOKENIZER_DIR] + [s["name"] for s in index["shards"]]
+    )
     with pytest.raises(UserError, match=rf"{re.escape(str(out))}/index.json is from a different preparation"):
         prepare_docs(DOCS, out)
 

@@ -12,7 +12,8 @@ import pytest
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 import pretrain.prepare.embedded as embedded
-from pretrain.data.tokenizer import gpt2_tokenizer
+from pretrain.data.tokenizer import TokenizerSpec, gpt2_files_dir, gpt2_tokenizer
+from pretrain.data.tokens import check_token_index
 from pretrain.errors import UserError
 from pretrain.prepare.embedded import prepare_stdlib_corpus, stdlib_documents
 from pretrain.prepare.text import write_token_shards
@@ -75,9 +76,11 @@ def test_index_contents(shards):
     n_tokens = len(token_stream(DOCS))
     n_blocks = n_tokens // BLOCK_LEN
     assert json.loads((out / "index.json").read_text()) == index
-    assert index["format"] == "token-blocks" and index["version"] == 1
+    assert index["format"] == "token-blocks" and index["version"] == 2
     assert index["block_len"] == BLOCK_LEN and index["dtype"] == "uint16"
-    assert index["tokenizer"] == {"name": "gpt2", "vocab_size": 50257, "eot": 50256}
+    assert index["tokenizer"] == TokenizerSpec().load().identity()
+    for name in ("encoder.json", "vocab.bpe"):  # the shard set carries its tokenizer
+        assert (out / "tokenizer" / name).read_bytes() == (gpt2_files_dir() / name).read_bytes()
     assert index["total_blocks"] == n_blocks and index["dropped_tokens"] == n_tokens - n_blocks * BLOCK_LEN
     assert index["documents"] == len(DOCS) and index["source"] == "test docs"
     counts = [s["samples"] for s in index["shards"]]
@@ -91,6 +94,17 @@ def test_fsspec_url_output_is_byte_identical(tmp_path, shards):
     write_token_shards(DOCS, f"file://{tmp_path}/url", BLOCK_LEN, BLOCKS_PER_SHARD, source="test docs")
     for s in index["shards"]:
         assert (tmp_path / "url" / s["name"]).read_bytes() == (out / s["name"]).read_bytes()
+
+
+def test_check_token_index_refuses_an_index_without_a_tokenizer_identity_or_with_a_larger_vocabulary(shards):
+    _, index = shards
+    assert check_token_index(index, SEQ_LEN, 50257) == np.uint16
+    with pytest.raises(UserError, match=r"50257-token vocabulary but model\.vocab_size=50000: set model\.vocab_size"):
+        check_token_index(index, SEQ_LEN, 50000)
+    older = {**index, "tokenizer": {"name": "gpt2", "vocab_size": 50257, "eot": 50256}}  # version 1's record
+    for bad in (older, {k: v for k, v in index.items() if k != "tokenizer"}):
+        with pytest.raises(UserError, match="index has no valid tokenizer identity.*tools/prepare_text.py"):
+            check_token_index(bad, SEQ_LEN, VOCAB)
 
 
 def test_too_little_text_for_one_block(tmp_path):

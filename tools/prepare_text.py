@@ -4,13 +4,17 @@
     python tools/prepare_text.py 's3://bucket/raw/*.parquet' --storage-option endpoint_url=http://minio:9000 \\
         --output s3://bucket/text --block-len 1025 --workers 16
     python tools/prepare_text.py --stdlib-mb 4 --output data/stdlib --block-len 1025
+    python tools/prepare_text.py corpus/ --tokenizer my-tok/tokenizer.json --output data/mine --block-len 1025
 
 INPUTs are local paths or fsspec URLs: files, directories (searched recursively) or glob
 patterns. A .txt file is one document; a .jsonl line and a .parquet or .arrow row are one document
 each, the text taken from --text-field. A directory written by Hugging Face datasets'
 `save_to_disk` (one split) is read as its Arrow files, in the dataset's row order. Re-running the
-same command resumes an interrupted run: finished shards are kept, not rewritten. Train on the
-result with +exp=... 'data.urls="<output>/shard-{000000..NNNNNN}.tar"'.
+same command resumes an interrupted run: finished shards are kept, not rewritten. Each document
+becomes [BOS, if the tokenizer has one] + its tokens + [EOS]; the tokenizer's files are copied to
+OUTPUT/tokenizer/ and index.json records its identity (name, kind, vocab_size, sha256, eos, bos).
+Train on the result with +exp=... 'data.urls="<output>/shard-{000000..NNNNNN}.tar"' and
+model.vocab_size at least the tokenizer's vocab_size.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import os
 import sys
 
 from pretrain.data.storage import add_storage_option_flag, parse_storage_options
-from pretrain.data.tokenizer import GPT2_NAME, load_tokenizer
+from pretrain.data.tokenizer import GPT2_NAME, HF_BOS_TOKENS, HF_EOS_TOKENS, TokenizerSpec
 from pretrain.errors import UserError
 from pretrain.prepare.documents import DEFAULT_TEXT_FIELD
 from pretrain.prepare.embedded import stdlib_documents
@@ -72,7 +76,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"characters of text per tokenization task (default: {DEFAULT_CHUNK_CHARS})",
     )
     add_storage_option_flag(p)
-    p.add_argument("--tokenizer", default=GPT2_NAME, help="'gpt2' or a directory with encoder.json + vocab.bpe")
+    p.add_argument(
+        "--tokenizer",
+        default=GPT2_NAME,
+        help="'gpt2' (default), a Hugging Face tokenizer.json (or its directory), a SentencePiece .model file, or "
+        "a directory with GPT-2-style encoder.json + vocab.bpe; its files are copied to OUTPUT/tokenizer/",
+    )
+    p.add_argument(
+        "--eos-token",
+        help="the token that ends each document (default: SentencePiece's own, GPT-2's <|endoftext|>, or the "
+        f"first added token of a tokenizer.json among {' '.join(HF_EOS_TOKENS)})",
+    )
+    p.add_argument(
+        "--bos-token",
+        help="the token that starts each document, '' for none (default: SentencePiece's own, none for GPT-2, "
+        f"or the first added token of a tokenizer.json among {' '.join(HF_BOS_TOKENS)})",
+    )
     p.add_argument("--stdlib-mb", type=float, help="use N MB of the Python stdlib corpus instead of INPUT")
     p.add_argument(
         "--overwrite", action="store_true", help="replace what another preparation left at --output instead of stopping"
@@ -81,19 +100,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def blocks_per_shard(args: argparse.Namespace) -> int:
+def blocks_per_shard(args: argparse.Namespace, tokenizer: TokenizerSpec) -> int:
     if args.blocks_per_shard is not None:
         return args.blocks_per_shard
-    dtype = block_dtype(load_tokenizer(args.tokenizer).n_vocab)
+    dtype = block_dtype(tokenizer.load().vocab_size)
     return blocks_per_shard_for(int(args.shard_size_mb * MB), args.block_len, dtype)
 
 
 def prepare(args: argparse.Namespace) -> PrepareResult:
+    tokenizer = TokenizerSpec(args.tokenizer, args.eos_token, args.bos_token)
     common = dict(
         output=args.output,
         block_len=args.block_len,
-        blocks_per_shard=blocks_per_shard(args),
-        tokenizer_name=args.tokenizer,
+        blocks_per_shard=blocks_per_shard(args, tokenizer),
+        tokenizer=tokenizer,
         storage_options=parse_storage_options(args.storage_option),
         workers=args.workers,
         chunk_chars=args.chunk_chars,

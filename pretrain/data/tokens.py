@@ -8,17 +8,19 @@ import io
 import numpy as np
 import torch
 
+from pretrain.data.tokenizer import check_identity
 from pretrain.errors import UserError
 
 INDEX_FORMAT = "token-blocks"
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: index["tokenizer"] is the tokenizer's identity, its files copied beside the shards
 BLOCK_MEMBER = "npy"  # one block per sample: a .npy array of block_len token ids
 PREPARE_HINT = "create the shards with `python tools/prepare_text.py`"
 BLOCK_DTYPES = ("uint16", "uint32")
 
 
 def check_token_index(index: dict, seq_len: int, vocab_size: int) -> np.dtype:
-    """The blocks' dtype, once the shards are known to fit the model; else a one-line error."""
+    """The blocks' dtype, once the shards are known to fit the model (a tokenizer identity, a
+    vocabulary no larger than the model's); else a one-line error."""
     if index.get("dtype") not in BLOCK_DTYPES or not isinstance(index.get("block_len"), int):
         raise UserError(f"the {INDEX_FORMAT} index has no valid dtype/block_len; {PREPARE_HINT}")
     if index["block_len"] != seq_len + 1:
@@ -27,7 +29,8 @@ def check_token_index(index: dict, seq_len: int, vocab_size: int) -> np.dtype:
             f"model.seq_len={seq_len} needs {seq_len + 1}: set model.seq_len={index['block_len'] - 1} "
             f"or re-run tools/prepare_text.py with --block-len {seq_len + 1}"
         )
-    shard_vocab = index.get("tokenizer", {}).get("vocab_size", 0)
+    check_identity(index.get("tokenizer"), f"the {INDEX_FORMAT} index")
+    shard_vocab = index["tokenizer"]["vocab_size"]
     if shard_vocab > vocab_size:
         raise UserError(
             f"the shards were tokenized with a {shard_vocab}-token vocabulary but "

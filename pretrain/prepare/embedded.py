@@ -24,7 +24,7 @@ from pretrain.prepare.images import ImageSample, ImageSource, prepare_image_shar
 from pretrain.prepare.text import write_token_shards
 
 # Bump when the stdlib corpus changes, so caches built by older code are not reused.
-STDLIB_CORPUS_VERSION = 3
+STDLIB_CORPUS_VERSION = 4  # 4: the index records the tokenizer's identity
 STDLIB_SPLITS = ("train", "val")
 STDLIB_VAL_EVERY = 20  # after the shuffle, document i is held out for validation when i % 20 == 19
 STDLIB_SHUFFLE_SEED = 0  # fixed: the embedded corpus is the same on every machine and run

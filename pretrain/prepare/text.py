@@ -1,10 +1,12 @@
 """Turning documents into token-block shards, once, before training.
 
-Training never tokenizes: documents are encoded here (in parallel processes), joined into one
-stream with an end-of-text token after each, cut into fixed-length blocks and written by the
-resumable `ShardWriter`. Tokenization is deterministic, so a re-run with the same fingerprint
-yields the same block stream: it tokenizes through the finished shards without rewriting them
-(their blocks must hash as recorded) and writes from the first unfinished one.
+Training never tokenizes: documents are encoded here (in parallel processes), each packed as
+[BOS if the tokenizer has one] + its tokens + [EOS] (see pretrain/data/tokenizer.py), joined
+into one stream, cut into fixed-length blocks and written by the resumable `ShardWriter`; the
+tokenizer's files are copied beside the shards (tokenizer/), its identity is in the index.
+Tokenization is deterministic, so a re-run with the same fingerprint yields the same block
+stream: it tokenizes through the finished shards without rewriting them (their blocks must hash
+as recorded) and writes from the first unfinished one.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from pretrain.data.tokenizer import GPT2_NAME, load_tokenizer
+from pretrain.data.tokenizer import GPT2_SPEC, TOKENIZER_DIR, TokenizerSpec
 from pretrain.data.tokens import BLOCK_MEMBER, INDEX_FORMAT, INDEX_VERSION
 from pretrain.errors import UserError
 from pretrain.prepare.documents import DEFAULT_TEXT_FIELD, find_input_files, input_documents
@@ -93,7 +95,7 @@ def prepare_token_shards(
     output: str,
     block_len: int,
     blocks_per_shard: int,
-    tokenizer_name: str = GPT2_NAME,
+    tokenizer: TokenizerSpec = GPT2_SPEC,
     storage_options: dict | None = None,
     *,
     identity: Any,
@@ -108,27 +110,28 @@ def prepare_token_shards(
     `identity` is JSON naming the documents (e.g. input files and sizes); with the tokenizer and
     block settings it makes the fingerprint that a re-run must match to resume, or to find the
     output done. `workers` processes tokenize tasks of about `chunk_chars` characters; the
-    shards are the same for any number of workers. Each document ends with the tokenizer's
-    end-of-text id; the trailing partial block is dropped and counted in the index.
+    shards are the same for any number of workers. Each document is [BOS] + tokens + [EOS];
+    the trailing partial block is dropped and counted in the index.
     """
     _check_block_len(block_len)
     for name, value in (("workers", workers), ("chunk_chars", chunk_chars)):
         if value < 1:
             raise UserError(f"{name}={value} must be >= 1")
-    enc = load_tokenizer(tokenizer_name)
-    dtype = block_dtype(enc.n_vocab)
-    tokenizer = {"name": tokenizer_name, "vocab_size": enc.n_vocab, "eot": enc.eot_token}
+    enc = tokenizer.load()
+    dtype = block_dtype(enc.vocab_size)
+    recorded = enc.identity()  # in the fingerprint too: another tokenizer never resumes these shards
     config = {
         "format": INDEX_FORMAT,
         "version": INDEX_VERSION,
         "inputs": identity,
-        "tokenizer": tokenizer,
+        "tokenizer": recorded,
         "block_len": block_len,
     }
     with writing_to(output), ShardWriter(output, storage_options or {}, config, blocks_per_shard) as writer:
         if (done := writer.begin(overwrite)) is not None:
             return PrepareResult(done, written=0, skipped=len(done["shards"]), already_done=True)
-        encode = functools.partial(_ChunkEncoder, tokenizer_name, dtype.str)
+        enc.write_files(writer.fs, f"{writer.root}/{TOKENIZER_DIR}")
+        encode = functools.partial(_ChunkEncoder, tokenizer, dtype.str)
         chunks = ordered_map(encode, _chunk_documents(documents, chunk_chars), workers)
         with (
             contextlib.closing(chunks),
@@ -146,7 +149,7 @@ def prepare_token_shards(
                 "version": INDEX_VERSION,
                 "block_len": block_len,
                 "dtype": dtype.name,
-                "tokenizer": tokenizer,
+                "tokenizer": recorded,
                 "total_blocks": writer.total_samples,
                 "total_tokens": writer.total_samples * block_len,
                 "dropped_tokens": dropped,
@@ -162,7 +165,7 @@ def write_token_shards(
     output: str,
     block_len: int,
     blocks_per_shard: int,
-    tokenizer_name: str = GPT2_NAME,
+    tokenizer: TokenizerSpec = GPT2_SPEC,
     storage_options: dict | None = None,
     *,
     source: str = "",
@@ -174,7 +177,7 @@ def write_token_shards(
         output,
         block_len,
         blocks_per_shard,
-        tokenizer_name,
+        tokenizer,
         storage_options,
         identity=source,
         source=source,
@@ -187,7 +190,7 @@ def prepare_text_files(
     output: str,
     block_len: int,
     blocks_per_shard: int,
-    tokenizer_name: str = GPT2_NAME,
+    tokenizer: TokenizerSpec = GPT2_SPEC,
     storage_options: dict | None = None,
     *,
     text_field: str = DEFAULT_TEXT_FIELD,
@@ -208,7 +211,7 @@ def prepare_text_files(
         output,
         block_len,
         blocks_per_shard,
-        tokenizer_name,
+        tokenizer,
         storage_options,
         identity={"files": [[f.name, f.size] for f in files], "text_field": text_field},
         source="files: " + " ".join(inputs),
@@ -238,17 +241,19 @@ def _pack(chunks: Iterable[tuple[np.ndarray, int]], block_len: int, writer: Shar
 
 
 class _ChunkEncoder:
-    """Documents -> (one token array with the end-of-text id after each document, how many)."""
+    """Documents -> (one token array of [BOS] + tokens + [EOS] per document, how many)."""
 
-    def __init__(self, tokenizer_name: str, dtype: str) -> None:
-        self.enc = load_tokenizer(tokenizer_name)
+    def __init__(self, tokenizer: TokenizerSpec, dtype: str) -> None:
+        self.enc = tokenizer.load()
         self.dtype = np.dtype(dtype)
 
     def __call__(self, documents: list[str]) -> tuple[np.ndarray, int]:
         tokens: list[int] = []
+        bos = [] if self.enc.bos_id is None else [self.enc.bos_id]
         for doc in documents:
-            tokens.extend(self.enc.encode_ordinary(doc))
-            tokens.append(self.enc.eot_token)
+            tokens.extend(bos)
+            tokens.extend(self.enc.encode(doc))
+            tokens.append(self.enc.eos_id)
         return np.array(tokens, dtype=self.dtype), len(documents)
 
 
