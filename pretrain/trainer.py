@@ -22,6 +22,7 @@ from pretrain.checkpoint.manager import Checkpointable, CheckpointManager, NotCo
 from pretrain.checkpoint.store import CheckpointStore, Node
 from pretrain.config import Config, config_changes, grad_accum_steps, redacted
 from pretrain.data.shards import merge_states
+from pretrain.data.tokenizer import describe_tokenizer, same_tokenizer
 from pretrain.distributed import DistInfo
 from pretrain.ema import WeightAverage
 from pretrain.engines import build_engine
@@ -63,6 +64,7 @@ class Trainer:
         self.dist = dist_info
         self.run_dir = os.path.abspath(cfg.run_dir)
         self.grad_accum_steps = grad_accum_steps(cfg.train, dist_info.world_size)
+        self.tokenizer: dict | None = None  # the training data's (Task.tokenizer), once they are built
 
     def checkpoints(self) -> CheckpointManager:
         """The checkpoint store at `checkpoint.url` (default: <run_dir>/checkpoints), staged in a
@@ -95,7 +97,15 @@ class Trainer:
 
     def _check_saved_config(self, manifest: dict) -> None:
         """Warn of every config key changed since the checkpoint; refuse the changes that make its
-        state unusable (the model's shape, the engine that wrote the files), naming the key."""
+        state unusable (the model's shape, the engine that wrote the files), naming the key, and
+        data made by another tokenizer than the checkpoint's (a checkpoint that records one)."""
+        saved = manifest.get("tokenizer")
+        if saved and self.tokenizer and not same_tokenizer(saved, self.tokenizer):
+            raise UserError(
+                f"the data were tokenized by {describe_tokenizer(self.tokenizer)}, but the checkpoint was trained on "
+                f"{describe_tokenizer(saved)}: train on data prepared with the checkpoint's tokenizer, or set "
+                "checkpoint.resume=none to start afresh"
+            )
         changes = config_changes(manifest.get("config", {}), redacted(self.cfg))
         for key, (saved, current) in changes.items():
             if key in STATE_SHAPING_KEYS or (key.startswith("model.") and key not in MODEL_KEYS_FREE_TO_CHANGE):
@@ -136,6 +146,7 @@ class Trainer:
         engine = build_engine(model, cfg, world)
         task = build_task(cfg, model, world, watch.worker_init)
         data = task.loader(train=True)
+        self.tokenizer = task.tokenizer(data)
         ckpt = self.checkpoints()
         ckpt.check_writable()
         heartbeat = (
@@ -306,11 +317,13 @@ class Trainer:
 
     def _checkpoint_record(self, run_id: str | None, tokens_seen: int) -> dict:
         """What the manifest says of the run besides its files: enough to tell, on resume, what
-        wrote it (engine, config and its hash; credentials masked) and which MLflow run to continue."""
+        wrote it (engine, config and its hash; credentials masked), which MLflow run to continue, and
+        the data's tokenizer (for tools/generate.py; None for images)."""
         config = redacted(self.cfg)
         return {
             "engine": self.cfg.engine.name,
             "model": self.cfg.model.name,
+            "tokenizer": self.tokenizer,
             "mlflow_run_id": run_id,
             "tokens_seen": tokens_seen,
             "config": config,

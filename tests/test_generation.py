@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
+from helpers import last_wins, tool, train_bpe, training_text
 from torch.utils.flop_counter import FlopCounterMode
 
-from pretrain.config import ModelConfig
+from pretrain.checkpoint.export import open_step
+from pretrain.config import ModelConfig, load_config
+from pretrain.data.tokenizer import TokenizerSpec
+from pretrain.errors import UserError
 from pretrain.models import build_model
+from pretrain.prepare.text import write_token_shards
+from pretrain.trainer import Trainer
 
 STEPS = 64
 
@@ -86,3 +95,49 @@ def test_a_parallel_prefill_leaves_the_state_and_logits_of_stepping_through_the_
     with torch.no_grad():
         token = logits.argmax(-1)
         torch.testing.assert_close(model.step(token, states), model.step(token, stepped), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_generate_decodes_with_the_datas_tokenizer_and_a_resume_refuses_data_of_another(one_rank, tmp_path, capsys):
+    """Two steps on shards of a tiny tokenizer.json: the checkpoint records it, tools/generate.py
+    encodes the prompt (after BOS) and decodes with it, from the copy beside the shards or from
+    --tokenizer; other tokenizer files are refused, and so is resuming on data they made."""
+
+    def shards(name: str, seed: int) -> tuple[str, str]:
+        tokenizer = train_bpe(tmp_path / f"tok{seed}", seed=seed)  # <s> 1, </s> 2, 300 ids
+        spec = TokenizerSpec(str(tokenizer))
+        index = write_token_shards(training_text(300, seed), str(tmp_path / name), 33, 64, spec)
+        return str(tokenizer), f'data.urls="{tmp_path / name}/shard-{{000000..{len(index["shards"]) - 1:06d}}}.tar"'
+
+    tokenizer, urls = shards("data", 0)
+    run = [
+        "+exp=tost_gpt2_smoke",
+        *("model.n_layer=2", "model.n_head=4", "model.n_embd=64", "model.seq_len=32", "model.vocab_size=300"),
+        *("train.global_batch_size=4", "train.micro_batch_size=2", "train.max_steps=2", "checkpoint.interval=2"),
+        *("data=shards", urls, "data.num_workers=0", "engine=ddp", "engine.precision=fp32"),
+        *("optim.warmup_steps=1", "optim.decay_steps=2", f"run_dir={tmp_path / 'run'}"),
+    ]
+    Trainer(load_config(run), one_rank).fit()
+    checkpoints = tmp_path / "run" / "checkpoints"
+    manifest = json.loads((checkpoints / "step_00000002" / "MANIFEST.json").read_text())
+    hf = TokenizerSpec(tokenizer).load()
+    assert manifest["tokenizer"] == {**hf.identity(), "url": str(tmp_path / "data" / "tokenizer")}
+
+    prompt = "the quick brown"
+    with open_step(str(checkpoints), {}) as step:
+        model = build_model(step.model_config)
+        model.load_state_dict(step.weights())
+    ids = [hf.bos_id, *hf.encode(prompt)]
+    new = model.eval().generate(torch.tensor([ids]), 12, temperature=0)[0, len(ids) :].tolist()
+    expected = hf.decode(hf.encode(prompt) + (new[: new.index(hf.eos_id)] if hf.eos_id in new else new))
+    generate = tool("generate")
+    common = [str(checkpoints), "--prompt", prompt, "--max-new-tokens", "12", "--temperature", "0"]
+    for extra in ([], ["--tokenizer", tokenizer]):
+        assert generate.main([*common, *extra]) == 0
+        assert capsys.readouterr().out == expected + "\n"
+    other, other_urls = shards("other", 1)
+    assert generate.main([*common, "--tokenizer", other]) == 2
+    assert f"tokenizer {other} (sha256" in capsys.readouterr().err
+
+    with pytest.raises(UserError, match="the data were tokenized by tokenizer 'tok1'.*trained on tokenizer 'tok0'"):
+        Trainer(load_config(last_wins([*run, other_urls, "train.max_steps=4"])), one_rank).fit()

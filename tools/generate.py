@@ -7,6 +7,14 @@
 The checkpoint store is the run's `checkpoint.url`; the newest committed step is used unless
 --step names one, after its files are checked against the manifest. The model is rebuilt from
 the manifest's config; each new token costs O(model width) per layer, whatever its position.
+
+The prompt is encoded, and the text decoded, by the tokenizer of the run's data: the checkpoint
+records it, and its files are read from the copy beside the data's shards (--storage-option
+serves that URL too), checked against the recorded sha256. --tokenizer gives the same files
+from elsewhere (a moved or unreachable shard set). A checkpoint of a run from before tokenizers
+were recorded decodes with GPT-2. As the training documents did, the prompt starts with the
+tokenizer's BOS (if it has one); the printed text is the prompt and its continuation, which ends
+where the model first writes EOS.
 """
 
 from __future__ import annotations
@@ -19,7 +27,14 @@ import torch
 
 from pretrain.checkpoint.export import open_step
 from pretrain.data.storage import add_storage_option_flag, parse_storage_options
-from pretrain.data.tokenizer import gpt2_tokenizer
+from pretrain.data.tokenizer import (
+    Tokenizer,
+    check_identity,
+    check_same_files,
+    gpt2,
+    load_recorded_tokenizer,
+    load_tokenizer,
+)
 from pretrain.errors import UserError
 from pretrain.models import build_model
 from pretrain.models.tost import ToSTLM
@@ -29,11 +44,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoints", help="the run's checkpoint store (checkpoint.url): a path or fsspec URL")
     parser.add_argument("--step", type=int, help="a committed step (default: the newest)")
-    parser.add_argument("--prompt", default="\n", help="text to continue (GPT-2 BPE)")
+    parser.add_argument("--prompt", default="\n", help="text to continue")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=1.0, help="0 takes the most likely token")
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--tokenizer",
+        help="the tokenizer's files (what tools/prepare_text.py --tokenizer took), instead of the copy beside the "
+        "data; they must be the recorded ones (default: the recorded tokenizer; GPT-2 for a checkpoint without one)",
+    )
     add_storage_option_flag(parser)
     args = parser.parse_args(argv)
     try:
@@ -47,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def generate(args: argparse.Namespace) -> str:
-    with open_step(args.checkpoints, parse_storage_options(args.storage_option), args.step) as ckpt:
+    storage_options = parse_storage_options(args.storage_option)
+    with open_step(args.checkpoints, storage_options, args.step) as ckpt:
         model = build_model(ckpt.model_config)
         if not isinstance(model, ToSTLM):
             raise UserError(
@@ -55,9 +76,18 @@ def generate(args: argparse.Namespace) -> str:
                 f"needs a ToST language model (model.name=tost)"
             )
         model.load_state_dict(ckpt.weights())
+        tokenizer = run_tokenizer(ckpt.manifest.get("tokenizer"), args.tokenizer, storage_options)
     model.eval()
-    tokenizer = gpt2_tokenizer()
-    prompt = torch.tensor([tokenizer.encode(args.prompt, allowed_special="all")])
+    if tokenizer.vocab_size > model.vocab_size:
+        raise UserError(
+            f"tokenizer {tokenizer.source} has {tokenizer.vocab_size} ids, more than the model's "
+            f"{model.vocab_size}: it is not the run's tokenizer; pass the one its data were prepared with"
+        )
+    text_ids = tokenizer.encode(args.prompt)
+    ids = ([] if tokenizer.bos_id is None else [tokenizer.bos_id]) + text_ids
+    if not ids:
+        raise UserError("--prompt is empty and the tokenizer has no BOS to start from: give a --prompt")
+    prompt = torch.tensor([ids])
     if prompt.shape[1] + args.max_new_tokens > model.seq_len:
         raise UserError(
             f"--max-new-tokens {args.max_new_tokens} and a {prompt.shape[1]}-token prompt exceed the "
@@ -70,7 +100,23 @@ def generate(args: argparse.Namespace) -> str:
         top_k=args.top_k,
         generator=torch.Generator().manual_seed(args.seed),
     )
-    return tokenizer.decode(out[0].tolist())
+    new = out[0, len(ids) :].tolist()
+    if tokenizer.eos_id in new:
+        new = new[: new.index(tokenizer.eos_id)]
+    return tokenizer.decode(text_ids + new)
+
+
+def run_tokenizer(record: dict | None, spec: str | None, storage_options: dict) -> Tokenizer:
+    """The tokenizer a checkpoint records (`record`), or the files `spec` names checked against
+    it, with its EOS and BOS; without a record (an older run), `spec`'s or GPT-2."""
+    if spec is None:
+        return load_recorded_tokenizer(record, storage_options) if record else gpt2()
+    tokenizer = load_tokenizer(spec)
+    if record:
+        check_identity(record, "the checkpoint's tokenizer record")
+        check_same_files(tokenizer.identity()["sha256"], tokenizer.source, record)
+        tokenizer.eos_id, tokenizer.bos_id = record["eos"], record["bos"]
+    return tokenizer
 
 
 if __name__ == "__main__":

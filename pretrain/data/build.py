@@ -31,6 +31,7 @@ from pretrain.data.shards import (
     read_indexes,
 )
 from pretrain.data.storage import INDEX_NAME
+from pretrain.data.tokenizer import TOKENIZER_DIR
 from pretrain.data.tokens import TokenBlockDecoder, check_token_index, split_tokens, stack_blocks
 from pretrain.errors import UserError
 from pretrain.prepare.embedded import prepare_digits, prepare_stdlib_corpus
@@ -101,7 +102,13 @@ def build_text_loader(
         finish=split_tokens,
         worker_init=worker_init,
     )
-    return _train_loader(cfg, shards) if train else _one_pass(cfg, shards)
+    if not train:
+        return _one_pass(cfg, shards)
+    loader = _train_loader(cfg, shards)
+    # The run's tokenizer, which checkpoints record: the agreed identity, and where the first source's copy is.
+    tokenizer_dir = posixpath.join(posixpath.dirname(next(iter(indexes))), TOKENIZER_DIR)
+    loader.tokenizer = {**index["tokenizer"], "url": tokenizer_dir}
+    return loader
 
 
 def build_image_loader(

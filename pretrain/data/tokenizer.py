@@ -318,6 +318,19 @@ def check_same_files(actual: str, source: str, identity: dict) -> None:
         )
 
 
+def same_tokenizer(a: dict, b: dict) -> bool:
+    """Whether two identities are of one tokenizer, wherever its files are (their "url")."""
+    return {k: v for k, v in a.items() if k != "url"} == {k: v for k, v in b.items() if k != "url"}
+
+
+def describe_tokenizer(identity: dict) -> str:
+    """An identity in a few words, for an error message that sets two side by side."""
+    return (
+        f"tokenizer {identity.get('name')!r} ({identity.get('kind')}, {identity.get('vocab_size')} ids, "
+        f"sha256 {str(identity.get('sha256'))[:12]}..., eos {identity.get('eos')}, bos {identity.get('bos')})"
+    )
+
+
 def check_identity(identity: Any, where: str) -> None:
     """A one-line error unless `identity` is a tokenizer identity as `Tokenizer.identity` writes it."""
     if not _valid_identity(identity):
@@ -465,7 +478,8 @@ def _read_url(url: str, storage_options: dict) -> bytes:
     except Exception as exc:  # OSError, and what storage libraries raise beside it
         raise UserError(
             f"cannot read tokenizer file {url} ({type(exc).__name__}: {_one_line(exc)}): the data's tokenizer "
-            f"copy ({TOKENIZER_DIR}/ beside the shards) is missing or unreachable; check the URL and storage options"
+            f"copy ({TOKENIZER_DIR}/ beside the shards) is missing or unreachable; check the URL and storage options, "
+            "or give tools/generate.py the files (--tokenizer)"
         ) from None
 
 
