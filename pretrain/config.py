@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import posixpath
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -396,6 +397,9 @@ def _check_embedded_source(cfg: DictConfig) -> None:
             )
 
 
+SOURCE_NAME = re.compile(r"[A-Za-z0-9_./-]+")  # what an MLflow metric name may hold, less spaces and colons
+
+
 def source_names(data: DataConfig | DictConfig) -> list[str]:
     """The names of `data.sources` (a source's own, else its directory's; none for data.urls),
     once the shards are given right: data.urls or data.sources (one of them), weights finite and
@@ -425,6 +429,11 @@ def source_names(data: DataConfig | DictConfig) -> list[str]:
             raise UserError(f"data.sources[{i}].urls is required: set it to a brace pattern or a list of shard URLs")
         first = source.urls if isinstance(source.urls, str) else next(iter(source.urls), "")
         name = source.name or posixpath.basename(posixpath.dirname(str(first)).rstrip("/")) or f"source{i}"
+        if not SOURCE_NAME.fullmatch(name):
+            raise UserError(
+                f"data.sources[{i}].name={name!r}{'' if source.name else ' (its directory)'} names the metric "
+                "tokens_seen/<name>: use letters, digits and _ - . / only"
+            )
         if name in names:
             raise UserError(
                 f"data.sources[{i}] and data.sources[{names[name]}] are both named {name!r}"

@@ -338,8 +338,8 @@ class ShardStream(IterableDataset):
         raised there, it would reach the user as torch's multi-line "Caught UserError in
         DataLoader worker process N" report."""
         info = get_worker_info()
-        worker = info.id if info else 0
-        cycle = reader_cycle(self.readers, self.rank, self.world_size, worker, self.workers, self.batches)
+        worker, start = info.id if info else 0, self.batches  # read in this process, self.batches moves on
+        cycle = reader_cycle(self.readers, self.rank, self.world_size, worker, self.workers, start)
         states = {
             (lane, i): ReaderState(**asdict(self.positions[lane, i]))
             for lane in cycle
@@ -350,7 +350,7 @@ class ShardStream(IterableDataset):
         try:
             while cycle:
                 for lane in list(cycle):
-                    g = self.batches + self.rank + (worker + turn * self.workers) * self.world_size
+                    g = start + self.rank + (worker + turn * self.workers) * self.world_size
                     source, turn = int(self.source_of(np.array([g]))[0]), turn + 1
                     batch = list(islice(samples[lane, source], self.batch_size))
                     if batch:

@@ -1,5 +1,6 @@
 """What a run reports as it goes: one console line and one set of MLflow metrics per step interval
-(loss, lr, tokens/s, MFU, memory, ...), every evaluation's metrics, and how long checkpoints took."""
+(loss, lr, tokens/s, MFU, memory, tokens of each data source, ...), every evaluation's metrics, and
+how long checkpoints took."""
 
 from __future__ import annotations
 
@@ -54,6 +55,8 @@ class MetricsLog(Callback):
             "step_time_s": elapsed / self.steps,
             "memory_gib": memory_gib(loop.dist.device),
         }
+        by_source = self._source_tokens(loop)
+        metrics.update({f"tokens_seen/{name}": tokens for name, tokens in by_source.items()})
         peak = peak_flops(loop.dist.device, loop.cfg.engine.precision)
         utilisation = mfu(tokens_per_s / loop.dist.world_size, self.flops_per_token, peak)
         if utilisation is not None:
@@ -61,7 +64,7 @@ class MetricsLog(Callback):
         loop.tracker.log_metrics(metrics, loop.step)
         if loop.dist.is_main:
             log.info(
-                "step %d/%d | loss %.4f | lr %.2e | grad %.3f | %.0f tok/s | mfu %s | mem %.2f GiB | %.3f s/step",
+                "step %d/%d | loss %.4f | lr %.2e | grad %.3f | %.0f tok/s | mfu %s | mem %.2f GiB | %.3f s/step%s",
                 loop.step,
                 loop.cfg.train.max_steps,
                 loop.last_loss,
@@ -71,9 +74,17 @@ class MetricsLog(Callback):
                 "-" if utilisation is None else f"{100 * utilisation:.1f}%",
                 metrics["memory_gib"],
                 metrics["step_time_s"],
+                "".join(f" | {name} {_short(tokens)} tok" for name, tokens in by_source.items()),
             )
         self.losses.clear()
         self.steps, self.started = 0, time.perf_counter()
+
+    @staticmethod
+    def _source_tokens(loop: LoopState) -> dict[str, int]:
+        """Tokens each source of a mixture (data.sources, more than one) has given training, over all
+        ranks: the data's count, which goes on past a reload while tokens_seen (the model's) goes back."""
+        samples = loop.data.source_samples()
+        return {name: n * loop.task.tokens_per_sample for name, n in samples.items()} if len(samples) > 1 else {}
 
     def on_eval(self, loop: LoopState, metrics: dict[str, float]) -> None:
         loop.tracker.log_metrics(metrics, loop.step)
@@ -95,3 +106,11 @@ class MetricsLog(Callback):
     def _log_committed_saves(loop: LoopState) -> None:
         for saved_step, seconds in loop.checkpoints.committed_save_seconds().items():
             loop.tracker.log_metrics({"ckpt_save_s": seconds}, saved_step)
+
+
+def _short(n: float) -> str:
+    """1234567 -> '1.23M': a count at a glance."""
+    for size, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:.0f}"
