@@ -601,7 +601,7 @@ def token_statistics_fused(
     """`token_statistics` (pretrain/models/tssa.py) as one operator: (c (B, K, N, p), pi (B, K, N)),
     equal to the reference to rounding, with a fraction of its time and saved memory. Causal, c is
     stored coordinate-major (its transpose(2, 3) is contiguous); else token-major, like w."""
-    _check_documents(causal, document_ids)
+    check_documents(causal, document_ids)
     c, pi, *_ = _tssa_op(w, temp, denom_bias, None, None, causal, eps, chunk, document_ids)
     return c, pi
 
@@ -619,7 +619,7 @@ def projected_token_statistics_fused(
 ) -> Tensor:
     """out_proj(merge_heads(c)) (B, N, D) in one operator that keeps w, not c, for backward.
     Under autocast, out_proj's weight is cast as autocast would cast it for a Linear."""
-    _check_documents(causal, document_ids)
+    check_documents(causal, document_ids)
     weight, bias = out_proj.weight, out_proj.bias
     if torch.is_autocast_enabled(w.device.type):
         dtype = torch.get_autocast_dtype(w.device.type)
@@ -627,6 +627,6 @@ def projected_token_statistics_fused(
     return _tssa_op(w, temp, denom_bias, weight, bias, causal, eps, chunk, document_ids)[0]
 
 
-def _check_documents(causal: bool, document_ids: Tensor | None) -> None:
+def check_documents(causal: bool, document_ids: Tensor | None) -> None:
     if document_ids is not None and not causal:
         raise ValueError("document_ids need causal TSSA: non-causal statistics have no document masking")

@@ -16,6 +16,11 @@ pi couples the K heads of a token, so the softmax and its backward sit between k
 (B, K, T) torch ops. Non-causal (CAUSAL=False), every carry is the total over all chunks and no
 scan runs within a chunk. Statistics accumulate in fp32 whatever w's dtype.
 
+With document ids (causal only), the scans within a chunk are segmented (tl.associative_scan over
+(value, document) pairs, adding only a token's own document), a chunk's sums and carries are those
+of its last document (of its first, for backward's suffix carries), and a carry reaches only the
+tokens of the document it comes from.
+
 The passes are registered as torch custom ops (`whitebox::tssa_triton`, `whitebox::tssa_triton_backward`)
 with fake implementations, so torch.compile, activation checkpointing and FSDP2 see one opaque op.
 The kernels need CUDA; or, to run on CPU tensors in Triton's interpreter as the tests do,
@@ -30,8 +35,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from pretrain.models.tssa import ENERGY_EPS, MEMBERSHIP_EPS
-from pretrain.models.tssa_fused import membership_grad
+from pretrain.models.tssa import (
+    ENERGY_EPS,
+    MEMBERSHIP_EPS,
+    document_cumsum,
+    document_positions,
+    positional_prior,
+)
+from pretrain.models.tssa_fused import check_documents, membership_grad, prior_grad
 
 # Tokens per program. Not timed on a GPU: chosen so that the largest kernel (dL/dw, some seven
 # CHUNK x p fp32 tiles) does not spill at p = 64 with Triton's default 4 warps. ptxas for sm_90
@@ -39,6 +50,7 @@ from pretrain.models.tssa_fused import membership_grad
 CHUNK_TOKENS = 32
 
 _MEMBERSHIP_EPS = tl.constexpr(MEMBERSHIP_EPS)
+_NO_DOCUMENT = tl.constexpr(2**40)  # the document id of a position outside the sequence: no token's
 # Whether @triton.jit made Triton's functions (tl.sum, ...) and the kernels below interpreted ones:
 # then the kernels run on CPU tensors.
 _INTERPRETED = not isinstance(tl.sum, triton.runtime.JITFunction)
@@ -65,6 +77,47 @@ def _tile(bk, chunk, K, T, p, s_b, s_k, s_t, s_p, CHUNK: tl.constexpr, BLOCK_P: 
 
 
 @triton.jit
+def _document_of(doc_ptr, bk, K, T, t, HAS_DOCS: tl.constexpr):
+    """Document ids of positions t (a block or one) of row bk // K; 0 without documents."""
+    if HAS_DOCS:
+        return tl.load(doc_ptr + (bk // K) * T + t, mask=(t >= 0) & (t < T), other=_NO_DOCUMENT)
+    else:
+        return t * 0
+
+
+@triton.jit
+def _chunk_documents(doc_ptr, bk, chunk, K, T, t, CHUNK: tl.constexpr, HAS_DOCS: tl.constexpr):
+    """The documents of the chunk's tokens t, of the token before the chunk and of the token after it."""
+    before = _document_of(doc_ptr, bk, K, T, chunk * CHUNK - 1, HAS_DOCS)
+    after = _document_of(doc_ptr, bk, K, T, chunk * CHUNK + CHUNK, HAS_DOCS)
+    return _document_of(doc_ptr, bk, K, T, t, HAS_DOCS), before, after
+
+
+@triton.jit
+def _same_document_sum(x1, key1, x2, key2):
+    """Combines two spans' (sum, key): the sum over the tokens of the larger key (the later document
+    of a prefix; the earlier, keys negated, of a suffix), an associative segmented sum."""
+    key = tl.maximum(key1, key2)
+    return tl.where(key1 == key, x1, 0.0) + tl.where(key2 == key, x2, 0.0), key
+
+
+@triton.jit
+def _scan(x, carry, doc, carry_doc, REVERSE: tl.constexpr, HAS_DOCS: tl.constexpr):
+    """carry + the prefix (suffix, REVERSE) sums of x along the chunk's tokens (axis 0). With
+    documents (doc: x's tokens', broadcastable to x), a token sums its own document's tokens and
+    takes the carry only if it is in carry_doc, the document of the token before (after) the chunk."""
+    if HAS_DOCS:
+        if REVERSE:
+            key = tl.broadcast_to(-doc, x.shape)
+        else:
+            key = tl.broadcast_to(doc, x.shape)
+        sums, _ = tl.associative_scan((x, key), 0, _same_document_sum, reverse=REVERSE)
+        return tl.where(doc == carry_doc, carry, 0.0) + sums
+    else:
+        return carry + tl.cumsum(x, axis=0, reverse=REVERSE)
+
+
+@triton.jit
 def _carry_row(bk, chunk, CAUSAL: tl.constexpr):
     """Row of a (B * K, NC or 1) carry that program (bk, chunk) starts from: its chunk's, or the total."""
     if CAUSAL:
@@ -74,23 +127,36 @@ def _carry_row(bk, chunk, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _energy_totals(w2, S_start_ptr, row, j, p, CAUSAL: tl.constexpr):
+def _energy_totals(w2, S_start_ptr, row, j, p, doc, prev_doc, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr):
     """S = sum of w^2 over the tokens up to each one (causal) or over all of them: (CHUNK or 1, BLOCK_P)."""
     S = tl.load(S_start_ptr + row * p + j, mask=j < p, other=0.0)[None, :]
     if CAUSAL:
-        S = S + tl.cumsum(w2, axis=0)
+        S = _scan(w2, S, doc[:, None], prev_doc, False, HAS_DOCS)
     return S
 
 
 @triton.jit
-def _membership_totals(w2, pi, M_start_ptr, P_start_ptr, row, j, p, CAUSAL: tl.constexpr, CHUNK: tl.constexpr):
+def _membership_totals(
+    w2,
+    pi,
+    M_start_ptr,
+    P_start_ptr,
+    row,
+    j,
+    p,
+    doc,
+    prev_doc,
+    CAUSAL: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
     """M = sum of pi w^2 (CHUNK or 1, BLOCK_P) and Q = sum of pi + MEMBERSHIP_EPS (CHUNK,), over the
     tokens up to each one (causal) or over all of them."""
     M = tl.load(M_start_ptr + row * p + j, mask=j < p, other=0.0)[None, :]
     P = tl.load(P_start_ptr + row)
     if CAUSAL:
-        M = M + tl.cumsum(pi[:, None] * w2, axis=0)
-        Q = P + tl.cumsum(pi, axis=0) + _MEMBERSHIP_EPS
+        M = _scan(pi[:, None] * w2, M, doc[:, None], prev_doc, False, HAS_DOCS)
+        Q = _scan(pi, P, doc, prev_doc, False, HAS_DOCS) + _MEMBERSHIP_EPS
     else:
         Q = tl.zeros([CHUNK], tl.float32) + (P + _MEMBERSHIP_EPS)
     return M, Q
@@ -111,6 +177,7 @@ def _chunk_sums_kernel(
     weight_ptr,
     w2_sums_ptr,
     weight_sums_ptr,
+    doc_ptr,
     K,
     T,
     p,
@@ -119,18 +186,22 @@ def _chunk_sums_kernel(
     s_t,
     s_p,
     HAS_WEIGHT: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    """Per chunk, the sums over its tokens of weight w^2 (p) and of weight (weight: 1 without HAS_WEIGHT)."""
+    """Per chunk, the sums over its tokens (of its last document's) of weight w^2 (p) and of weight
+    (weight: 1 without HAS_WEIGHT)."""
     bk = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     offsets, mask, t, j = _tile(bk, chunk, K, T, p, s_b, s_k, s_t, s_p, CHUNK, BLOCK_P)
-    w = tl.load(w_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    last_doc = _document_of(doc_ptr, bk, K, T, tl.minimum(chunk * CHUNK + CHUNK, T) - 1, HAS_DOCS)
+    in_doc = _document_of(doc_ptr, bk, K, T, t, HAS_DOCS) == last_doc
+    w = tl.load(w_ptr + offsets, mask=mask & in_doc[:, None], other=0.0).to(tl.float32)
     w2 = w * w
     row = bk * tl.num_programs(1) + chunk
     if HAS_WEIGHT:
-        weight = tl.load(weight_ptr + bk * T + t, mask=t < T, other=0.0)
+        weight = tl.load(weight_ptr + bk * T + t, mask=(t < T) & in_doc, other=0.0)
         w2 = weight[:, None] * w2
         tl.store(weight_sums_ptr + row, tl.sum(weight, axis=0))
     tl.store(w2_sums_ptr + row * p + j, tl.sum(w2, axis=0), mask=j < p)
@@ -142,6 +213,7 @@ def _logits_kernel(
     S_start_ptr,
     bias_ptr,
     logits_ptr,
+    doc_ptr,
     eps,
     K,
     T,
@@ -150,23 +222,27 @@ def _logits_kernel(
     s_k,
     s_t,
     s_p,
+    s_bias_b,
     s_bias_k,
     s_bias_t,
     CAUSAL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    """logits = sum_j w^2 / max(S, eps) (+ p denom_bias) per token: (B, K, T)."""
+    """logits = sum_j w^2 / max(S, eps) (+ p denom_bias at the token's position) per token: (B, K, T)."""
     bk = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     offsets, mask, t, j = _tile(bk, chunk, K, T, p, s_b, s_k, s_t, s_p, CHUNK, BLOCK_P)
     w = tl.load(w_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     w2 = w * w
-    S = _energy_totals(w2, S_start_ptr, _carry_row(bk, chunk, CAUSAL), j, p, CAUSAL)
+    doc, prev_doc, _ = _chunk_documents(doc_ptr, bk, chunk, K, T, t, CHUNK, HAS_DOCS)
+    S = _energy_totals(w2, S_start_ptr, _carry_row(bk, chunk, CAUSAL), j, p, doc, prev_doc, CAUSAL, HAS_DOCS)
     logits = tl.sum(w2 / tl.maximum(S, eps), axis=1)
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + (bk % K) * s_bias_k + t * s_bias_t, mask=t < T, other=0.0)
+        bias_offsets = (bk // K) * s_bias_b + (bk % K) * s_bias_k + t * s_bias_t
+        bias = tl.load(bias_ptr + bias_offsets, mask=t < T, other=0.0)
         logits += p * bias.to(tl.float32)
     tl.store(logits_ptr + bk * T + t, logits, mask=t < T)
 
@@ -178,6 +254,7 @@ def _output_kernel(
     M_start_ptr,
     P_start_ptr,
     c_ptr,
+    doc_ptr,
     K,
     T,
     p,
@@ -186,6 +263,7 @@ def _output_kernel(
     s_t,
     s_p,
     CAUSAL: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
@@ -196,7 +274,8 @@ def _output_kernel(
     w = tl.load(w_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     pi = tl.load(pi_ptr + bk * T + t, mask=t < T, other=0.0)
     row = _carry_row(bk, chunk, CAUSAL)
-    M, Q = _membership_totals(w * w, pi, M_start_ptr, P_start_ptr, row, j, p, CAUSAL, CHUNK)
+    doc, prev_doc, _ = _chunk_documents(doc_ptr, bk, chunk, K, T, t, CHUNK, HAS_DOCS)
+    M, Q = _membership_totals(w * w, pi, M_start_ptr, P_start_ptr, row, j, p, doc, prev_doc, CAUSAL, HAS_DOCS, CHUNK)
     c = -pi[:, None] * w / (1 + M / Q[:, None])
     tl.store(c_ptr + offsets, c.to(c_ptr.dtype.element_ty), mask=mask)
 
@@ -210,6 +289,7 @@ def _membership_grad_sums_kernel(
     P_start_ptr,
     dM_sums_ptr,
     dQ_sums_ptr,
+    doc_ptr,
     K,
     T,
     p,
@@ -218,18 +298,23 @@ def _membership_grad_sums_kernel(
     s_t,
     s_p,
     CAUSAL: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    """Per chunk, the sums over its tokens of dL/dM (p) and dL/dQ."""
+    """Per chunk, the sums over its tokens (of its first document's) of dL/dM (p) and dL/dQ."""
     bk = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     offsets, mask, t, j = _tile(bk, chunk, K, T, p, s_b, s_k, s_t, s_p, CHUNK, BLOCK_P)
     w = tl.load(w_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     pi = tl.load(pi_ptr + bk * T + t, mask=t < T, other=0.0)
-    M, Q = _membership_totals(w * w, pi, M_start_ptr, P_start_ptr, _carry_row(bk, chunk, CAUSAL), j, p, CAUSAL, CHUNK)
+    doc, prev_doc, _ = _chunk_documents(doc_ptr, bk, chunk, K, T, t, CHUNK, HAS_DOCS)
+    row = _carry_row(bk, chunk, CAUSAL)
+    M, Q = _membership_totals(w * w, pi, M_start_ptr, P_start_ptr, row, j, p, doc, prev_doc, CAUSAL, HAS_DOCS, CHUNK)
     _, dM, dQ = _grads_through_m(g, w, pi, M, Q)
+    in_doc = doc == _document_of(doc_ptr, bk, K, T, chunk * CHUNK, HAS_DOCS)
+    dM, dQ = tl.where(in_doc[:, None], dM, 0.0), tl.where(in_doc, dQ, 0.0)
     row = bk * tl.num_programs(1) + chunk
     tl.store(dM_sums_ptr + row * p + j, tl.sum(dM, axis=0), mask=j < p)
     tl.store(dQ_sums_ptr + row, tl.sum(dQ, axis=0))
@@ -245,6 +330,7 @@ def _membership_grad_kernel(
     RM_start_ptr,
     RQ_start_ptr,
     gpi_ptr,
+    doc_ptr,
     K,
     T,
     p,
@@ -253,6 +339,7 @@ def _membership_grad_kernel(
     s_t,
     s_p,
     CAUSAL: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
@@ -265,13 +352,14 @@ def _membership_grad_kernel(
     pi = tl.load(pi_ptr + bk * T + t, mask=t < T, other=0.0)
     w2 = w * w
     row = _carry_row(bk, chunk, CAUSAL)
-    M, Q = _membership_totals(w2, pi, M_start_ptr, P_start_ptr, row, j, p, CAUSAL, CHUNK)
+    doc, prev_doc, next_doc = _chunk_documents(doc_ptr, bk, chunk, K, T, t, CHUNK, HAS_DOCS)
+    M, Q = _membership_totals(w2, pi, M_start_ptr, P_start_ptr, row, j, p, doc, prev_doc, CAUSAL, HAS_DOCS, CHUNK)
     r, dM, dQ = _grads_through_m(g, w, pi, M, Q)
     RM = tl.load(RM_start_ptr + row * p + j, mask=j < p, other=0.0)[None, :]
     RQ = tl.load(RQ_start_ptr + row)
     if CAUSAL:
-        RM = RM + tl.cumsum(dM, axis=0, reverse=True)
-        RQ = RQ + tl.cumsum(dQ, axis=0, reverse=True)
+        RM = _scan(dM, RM, doc[:, None], next_doc, True, HAS_DOCS)
+        RQ = _scan(dQ, RQ, doc, next_doc, True, HAS_DOCS)
     gpi = -tl.sum(g * r * w, axis=1) + tl.sum(RM * w2, axis=1) + RQ
     tl.store(gpi_ptr + bk * T + t, gpi, mask=t < T)
 
@@ -282,6 +370,7 @@ def _energy_grad_sums_kernel(
     S_start_ptr,
     dlogits_ptr,
     dS_sums_ptr,
+    doc_ptr,
     eps,
     K,
     T,
@@ -291,18 +380,22 @@ def _energy_grad_sums_kernel(
     s_t,
     s_p,
     CAUSAL: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    """Per chunk, the sum over its tokens of dL/dS = -dL/dlogits w^2 / max(S, eps)^2 (where S >= eps)."""
+    """Per chunk, the sum over its tokens (of its first document's) of dL/dS = -dL/dlogits w^2 /
+    max(S, eps)^2 (where S >= eps)."""
     bk = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     offsets, mask, t, j = _tile(bk, chunk, K, T, p, s_b, s_k, s_t, s_p, CHUNK, BLOCK_P)
     w = tl.load(w_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     w2 = w * w
-    S = _energy_totals(w2, S_start_ptr, _carry_row(bk, chunk, CAUSAL), j, p, CAUSAL)
+    doc, prev_doc, _ = _chunk_documents(doc_ptr, bk, chunk, K, T, t, CHUNK, HAS_DOCS)
+    S = _energy_totals(w2, S_start_ptr, _carry_row(bk, chunk, CAUSAL), j, p, doc, prev_doc, CAUSAL, HAS_DOCS)
     Sc = tl.maximum(S, eps)
-    dlogits = tl.load(dlogits_ptr + bk * T + t, mask=t < T, other=0.0)
+    in_doc = doc == _document_of(doc_ptr, bk, K, T, chunk * CHUNK, HAS_DOCS)
+    dlogits = tl.load(dlogits_ptr + bk * T + t, mask=(t < T) & in_doc, other=0.0)
     dS = tl.where(S >= eps, -(dlogits[:, None] / Sc) * w2 / Sc, 0.0)
     row = bk * tl.num_programs(1) + chunk
     tl.store(dS_sums_ptr + row * p + j, tl.sum(dS, axis=0), mask=j < p)
@@ -320,6 +413,7 @@ def _input_grad_kernel(
     RM_start_ptr,
     RS_start_ptr,
     dw_ptr,
+    doc_ptr,
     eps,
     K,
     T,
@@ -329,6 +423,7 @@ def _input_grad_kernel(
     s_t,
     s_p,
     CAUSAL: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
@@ -342,41 +437,61 @@ def _input_grad_kernel(
     dlogits = tl.load(dlogits_ptr + bk * T + t, mask=t < T, other=0.0)
     w2 = w * w
     row = _carry_row(bk, chunk, CAUSAL)
-    S = _energy_totals(w2, S_start_ptr, row, j, p, CAUSAL)
+    doc, prev_doc, next_doc = _chunk_documents(doc_ptr, bk, chunk, K, T, t, CHUNK, HAS_DOCS)
+    S = _energy_totals(w2, S_start_ptr, row, j, p, doc, prev_doc, CAUSAL, HAS_DOCS)
     Sc = tl.maximum(S, eps)
-    M, Q = _membership_totals(w2, pi, M_start_ptr, P_start_ptr, row, j, p, CAUSAL, CHUNK)
+    M, Q = _membership_totals(w2, pi, M_start_ptr, P_start_ptr, row, j, p, doc, prev_doc, CAUSAL, HAS_DOCS, CHUNK)
     r, dM, _ = _grads_through_m(g, w, pi, M, Q)
     RM = tl.load(RM_start_ptr + row * p + j, mask=j < p, other=0.0)[None, :]
     RS = tl.load(RS_start_ptr + row * p + j, mask=j < p, other=0.0)[None, :]
     if CAUSAL:
-        RM = RM + tl.cumsum(dM, axis=0, reverse=True)
+        RM = _scan(dM, RM, doc[:, None], next_doc, True, HAS_DOCS)
         dS = tl.where(S >= eps, -(dlogits[:, None] / Sc) * w2 / Sc, 0.0)
-        RS = RS + tl.cumsum(dS, axis=0, reverse=True)
+        RS = _scan(dS, RS, doc[:, None], next_doc, True, HAS_DOCS)
     dw = -g * pi[:, None] * r + 2 * w * (dlogits[:, None] / Sc + pi[:, None] * RM + RS)
     tl.store(dw_ptr + offsets, dw.to(dw_ptr.dtype.element_ty), mask=mask)
 
 
-def _carries(sums: Tensor, causal: bool, *, reverse: bool = False) -> Tensor:
+def _carries(sums: Tensor, causal: bool, *, reverse: bool = False, documents: Tensor | None = None) -> Tensor:
     """What each chunk starts from, given per-chunk sums (B, K, NC, ...): the sum over the chunks
-    before it (after it, when reverse), or, non-causal, the total over all chunks (B, K, 1, ...)."""
+    before it (after it, when reverse), or, non-causal, the total over all chunks (B, K, 1, ...).
+    With documents (B, NC), the document whose tokens each chunk's sum holds (its last, or first
+    when reverse), only the chunks of the document of the token before (after) the chunk count."""
     if not causal:
         return sums.sum(2, keepdim=True)
+    if reverse:
+        flipped = sums.flip(2)
+        totals = (flipped.cumsum(2) if documents is None else document_cumsum(flipped, documents.flip(1))).flip(2)
+    else:
+        totals = sums.cumsum(2) if documents is None else document_cumsum(sums, documents)
     carries = torch.zeros_like(sums)
     if reverse:
-        carries[:, :, :-1] = sums[:, :, 1:].flip(2).cumsum(2).flip(2)
+        carries[:, :, :-1] = totals[:, :, 1:]
     else:
-        carries[:, :, 1:] = sums[:, :, :-1].cumsum(2)
+        carries[:, :, 1:] = totals[:, :, :-1]
     return carries
 
 
-def _layout(w: Tensor, chunk: int) -> tuple[tuple[int, int], tuple[int, ...], dict[str, int]]:
-    """For w (B, K, T, p): the grid, the layout arguments that every kernel takes (K, T, p and the
-    strides of w, c, grad_c and dw), and the tile sizes."""
+def _chunk_ends(document_ids: Tensor | None, chunk: int) -> tuple[Tensor | None, Tensor | None]:
+    """The documents of each chunk's first and last tokens, (B, NC) each (None without documents)."""
+    if document_ids is None:
+        return None, None
+    starts = torch.arange(0, document_ids.shape[1], chunk, device=document_ids.device)
+    return document_ids[:, starts], document_ids[:, (starts + chunk).clamp_max(document_ids.shape[1]) - 1]
+
+
+def _layout(
+    w: Tensor, chunk: int, document_ids: Tensor | None
+) -> tuple[tuple[int, int], Tensor, tuple[int, ...], dict[str, int]]:
+    """For w (B, K, T, p): the grid, the document ids' pointer (w's, never read, without them),
+    the layout arguments that every kernel takes (K, T, p and the strides of w, c, grad_c and dw),
+    and the compile-time ones (tile sizes, HAS_DOCS)."""
     B, K, T, p = w.shape
     return (
         (B * K, triton.cdiv(T, chunk)),
+        w if document_ids is None else document_ids.contiguous(),
         (K, T, p, *w.stride()),
-        {"CHUNK": chunk, "BLOCK_P": triton.next_power_of_2(p)},
+        {"CHUNK": chunk, "BLOCK_P": triton.next_power_of_2(p), "HAS_DOCS": document_ids is not None},
     )
 
 
@@ -396,30 +511,56 @@ def _stat_shapes(w: Tensor, causal: bool, chunk: int) -> tuple[tuple[int, ...], 
 
 @torch.library.custom_op("whitebox::tssa_triton", mutates_args=())
 def _tssa_forward(
-    w: Tensor, temp: Tensor, denom_bias: Tensor | None, causal: bool, eps: float, chunk: int
+    w: Tensor,
+    temp: Tensor,
+    denom_bias: Tensor | None,
+    causal: bool,
+    eps: float,
+    chunk: int,
+    document_ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(c, pi, logits, S, M, P at each chunk's start or their totals): the output and what backward keeps."""
     B, K, T, p = w.shape
     w, c = _dense_like(w)
-    grid, dims, meta = _layout(w, chunk)
+    grid, docs, dims, meta = _layout(w, chunk, document_ids)
+    _, last_documents = _chunk_ends(document_ids, chunk)
     f32 = {"dtype": torch.float32, "device": w.device}
     w2_sums = torch.empty(B, K, grid[1], p, **f32)
-    _chunk_sums_kernel[grid](w, w, w2_sums, w2_sums, *dims, HAS_WEIGHT=False, **meta)
-    S_start = _carries(w2_sums, causal)
+    _chunk_sums_kernel[grid](w, w, w2_sums, w2_sums, docs, *dims, HAS_WEIGHT=False, **meta)
+    S_start = _carries(w2_sums, causal, documents=last_documents)
     logits = torch.empty(B, K, T, **f32)
-    has_bias = denom_bias is not None
-    bias, bias_strides = (denom_bias, denom_bias.stride()) if has_bias else (w, (0, 0))  # w: a pointer never read
-    _logits_kernel[grid](w, S_start, bias, logits, eps, *dims, *bias_strides, CAUSAL=causal, HAS_BIAS=has_bias, **meta)
+    bias, bias_strides = w, (0, 0, 0)  # without a prior, w: a pointer never read
+    if denom_bias is not None and document_ids is not None:  # (B, K, T): the prior at positions within documents
+        bias = positional_prior(denom_bias, T, document_positions(document_ids))
+        bias_strides = bias.stride()
+    elif denom_bias is not None:  # (K, >= T), the same for every row
+        bias, bias_strides = denom_bias, (0, *denom_bias.stride())
+    _logits_kernel[grid](
+        w,
+        S_start,
+        bias,
+        logits,
+        docs,
+        eps,
+        *dims,
+        *bias_strides,
+        CAUSAL=causal,
+        HAS_BIAS=denom_bias is not None,
+        **meta,
+    )
     pi = (temp.float() * logits).softmax(dim=1)  # (B, K, T): over heads
     M_sums, P_sums = torch.empty_like(w2_sums), torch.empty(B, K, grid[1], **f32)
-    _chunk_sums_kernel[grid](w, pi, M_sums, P_sums, *dims, HAS_WEIGHT=True, **meta)
-    M_start, P_start = _carries(M_sums, causal), _carries(P_sums, causal)
-    _output_kernel[grid](w, pi, M_start, P_start, c, *dims, CAUSAL=causal, **meta)
+    _chunk_sums_kernel[grid](w, pi, M_sums, P_sums, docs, *dims, HAS_WEIGHT=True, **meta)
+    M_start = _carries(M_sums, causal, documents=last_documents)
+    P_start = _carries(P_sums, causal, documents=last_documents)
+    _output_kernel[grid](w, pi, M_start, P_start, c, docs, *dims, CAUSAL=causal, **meta)
     return c, pi, logits, S_start, M_start, P_start
 
 
 @_tssa_forward.register_fake
-def _(w: Tensor, temp: Tensor, denom_bias: Tensor | None, causal: bool, eps: float, chunk: int) -> tuple[Tensor, ...]:
+def _(
+    w: Tensor, temp: Tensor, denom_bias: Tensor | None, causal: bool, eps: float, chunk: int, *_: Any
+) -> tuple[Tensor, ...]:
     B, K, T, _ = w.shape
     stats, per_chunk = _stat_shapes(w, causal, chunk)
     f32 = {"dtype": torch.float32, "device": w.device}
@@ -441,30 +582,35 @@ def _tssa_backward(
     causal: bool,
     eps: float,
     chunk: int,
+    document_ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dw, dtemp, dL/dlogits (B, K, T) fp32, from which the caller sums ddenom_bias)."""
     w, dw = _dense_like(w)
     if grad_c.stride() != dw.stride():
         grad_c = torch.empty_like(dw).copy_(grad_c)
-    grid, dims, meta = _layout(w, chunk)
+    grid, docs, dims, meta = _layout(w, chunk, document_ids)
+    first_documents, _ = _chunk_ends(document_ids, chunk)
     B, K, _, p = w.shape
     dM_sums = torch.empty(B, K, grid[1], p, dtype=torch.float32, device=w.device)
     dQ_sums = torch.empty(B, K, grid[1], dtype=torch.float32, device=w.device)
-    _membership_grad_sums_kernel[grid](w, grad_c, pi, M_start, P_start, dM_sums, dQ_sums, *dims, CAUSAL=causal, **meta)
-    RM_start, RQ_start = _carries(dM_sums, causal, reverse=True), _carries(dQ_sums, causal, reverse=True)
+    _membership_grad_sums_kernel[grid](
+        w, grad_c, pi, M_start, P_start, dM_sums, dQ_sums, docs, *dims, CAUSAL=causal, **meta
+    )
+    RM_start = _carries(dM_sums, causal, reverse=True, documents=first_documents)
+    RQ_start = _carries(dQ_sums, causal, reverse=True, documents=first_documents)
     gpi = torch.empty_like(pi)
     _membership_grad_kernel[grid](
-        w, grad_c, pi, M_start, P_start, RM_start, RQ_start, gpi, *dims, CAUSAL=causal, **meta
+        w, grad_c, pi, M_start, P_start, RM_start, RQ_start, gpi, docs, *dims, CAUSAL=causal, **meta
     )
     if grad_pi is not None:
         gpi += grad_pi
     dlogits, dtemp = membership_grad(gpi, pi, logits, temp.float())
     dtemp = dtemp.to(temp.dtype)
     dS_sums = torch.empty_like(dM_sums)
-    _energy_grad_sums_kernel[grid](w, S_start, dlogits, dS_sums, eps, *dims, CAUSAL=causal, **meta)
-    RS_start = _carries(dS_sums, causal, reverse=True)
+    _energy_grad_sums_kernel[grid](w, S_start, dlogits, dS_sums, docs, eps, *dims, CAUSAL=causal, **meta)
+    RS_start = _carries(dS_sums, causal, reverse=True, documents=first_documents)
     starts = (S_start, M_start, P_start, RM_start, RS_start)
-    _input_grad_kernel[grid](w, grad_c, pi, dlogits, *starts, dw, eps, *dims, CAUSAL=causal, **meta)
+    _input_grad_kernel[grid](w, grad_c, pi, dlogits, *starts, dw, docs, eps, *dims, CAUSAL=causal, **meta)
     return dw, dtemp, dlogits
 
 
@@ -474,22 +620,20 @@ def _(grad_c: Tensor, grad_pi: Tensor | None, w: Tensor, temp: Tensor, pi: Tenso
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-    w, temp, denom_bias, ctx.causal, ctx.eps, ctx.chunk = inputs
-    ctx.save_for_backward(w, temp, *output[1:])
+    w, temp, denom_bias, ctx.causal, ctx.eps, ctx.chunk, document_ids = inputs
+    ctx.save_for_backward(w, temp, document_ids, *output[1:])
     ctx.bias_shape = None if denom_bias is None else (denom_bias.shape, denom_bias.dtype)
 
 
 def _backward(ctx: Any, grad_c: Tensor | None, grad_pi: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
-    w, temp, *saved = ctx.saved_tensors
+    w, temp, document_ids, *saved = ctx.saved_tensors
     if grad_c is None:
         grad_c = torch.zeros_like(w)
-    dw, dtemp, dlogits = _tssa_backward(grad_c, grad_pi, w, temp, *saved, ctx.causal, ctx.eps, ctx.chunk)
+    dw, dtemp, dlogits = _tssa_backward(grad_c, grad_pi, w, temp, *saved, ctx.causal, ctx.eps, ctx.chunk, document_ids)
     ddenom_bias = None
     if ctx.bias_shape is not None:
-        (shape, dtype), (T, p) = ctx.bias_shape, w.shape[2:]
-        ddenom_bias = torch.zeros(shape, dtype=dtype, device=w.device)
-        ddenom_bias[:, :T] = p * dlogits.sum(0)
-    return dw, dtemp, ddenom_bias, None, None, None
+        ddenom_bias = prior_grad(dlogits, w.shape[-1], *ctx.bias_shape, document_ids)
+    return dw, dtemp, ddenom_bias, None, None, None, None
 
 
 _tssa_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -503,15 +647,17 @@ def token_statistics_triton(
     denom_bias: Tensor | None = None,
     eps: float = ENERGY_EPS,
     chunk: int = CHUNK_TOKENS,
+    document_ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`token_statistics` (pretrain/models/tssa.py) computed by the Triton kernels: w (B, K, T, p),
-    temp (K, 1), denom_bias (K, >= T) or None -> (c in w's dtype, pi in fp32). chunk (tokens per
-    program) must be a power of two."""
+    temp (K, 1), denom_bias (K, >= T) or None, document_ids (B, T) or None -> (c in w's dtype, pi
+    in fp32). chunk (tokens per program) must be a power of two."""
     if chunk < 1 or chunk & (chunk - 1):
         raise ValueError(f"chunk must be a power of two, not {chunk}")
     if not w.is_cuda and not _INTERPRETED:
         raise RuntimeError(
             f"the Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 from the start; w is on {w.device}"
         )
-    c, pi, *_ = _tssa_forward(w, temp, denom_bias, causal, eps, chunk)
+    check_documents(causal, document_ids)
+    c, pi, *_ = _tssa_forward(w, temp, denom_bias, causal, eps, chunk, document_ids)
     return c, pi
