@@ -71,12 +71,13 @@ def heading(title: str, device: str) -> str:
     return f"## {title}: {device}, {datetime.date.today().isoformat()}"
 
 
-def publish(report: dict, write_doc: Path | None, section: Callable[[str], tuple[str, str]]) -> None:
-    """Print the report as JSON; with `write_doc`, write the section `section(command)` gives
+def publish(report: dict, write_doc: Path | None, *sections: Callable[[str], tuple[str, str]]) -> None:
+    """Print the report as JSON; with `write_doc`, write each section `section(command)` gives
     (its key and text) for the command line that ran."""
     print(json.dumps(report, indent=2))
     if write_doc:
-        write_section(write_doc, *section(shlex.join(["python", *sys.argv])))
+        for section in sections:
+            write_section(write_doc, *section(shlex.join(["python", *sys.argv])))
 
 
 class LocalS3:

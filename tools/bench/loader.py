@@ -2,6 +2,7 @@
 
     python tools/bench/loader.py --write-doc docs/benchmarks.md
     python tools/bench/loader.py --workers 1 2 --seconds 20
+    python tools/bench/loader.py --cases mixture --write-doc docs/benchmarks.md
 
 Text: token blocks of ToST-Base's length (1024 + 1) from the embedded stdlib corpus, in batches of
 `+exp=tost_gpt2`'s micro-batch. Images: JPEGs of ImageNet's typical size (500 x 375), cut from
@@ -9,6 +10,9 @@ the two photos scikit-learn ships, through the training augmentation (random-res
 224 px, flip, normalisation). Each is read from local disk and from moto's S3 server on 127.0.0.1
 through s3fs, by the same ShardLoader training uses (a DataLoader whose workers are each a
 process), and timed by wall clock in the training process over whole batches after a warmup.
+Mixture: the same text shards as one source, and split into three local shard sets mixed with
+weights 0.5/0.3/0.2 (data.sources), read by one worker with the same settings: what drawing each
+micro-batch's source and keeping a reader per source costs.
 
 The text target compares one worker with the most a GPU could consume: the H100's dense bf16
 peak divided by ToST-Base's training FLOPs per token, i.e. ToST-Base at 100% MFU. One JSON object
@@ -18,12 +22,15 @@ goes to stdout; progress goes to stderr.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
+import shutil
 import sys
 import tempfile
 import time
 from contextlib import closing
+from pathlib import Path
 
 import fsspec
 import numpy as np
@@ -32,7 +39,7 @@ from common import TOST_BASE, LocalS3, add_write_doc_flag, device_name, heading,
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
-from pretrain.config import DataConfig, load_config
+from pretrain.config import DataConfig, SourceConfig, load_config
 from pretrain.data.build import build_image_loader, build_text_loader
 from pretrain.data.images import IMAGE_SIZE
 from pretrain.data.loader import ShardLoader
@@ -52,6 +59,8 @@ WARMUP_BATCHES = 3
 TARGET_FACTOR = 10
 TARGET_GPU = "H100"
 SEED = 0
+MIXTURE = (0.5, 0.3, 0.2)
+CASES = ("sources", "mixture")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -62,6 +71,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--cache-dir",
         default="~/.cache/whitebox-pretrain",
         help="where the stdlib corpus shards are built once and kept (default: data.cache_dir's)",
+    )
+    p.add_argument(
+        "--cases",
+        nargs="+",
+        choices=CASES,
+        default=list(CASES),
+        help="sources: text and images from file and S3; mixture: 3 text sources against 1 (default: both)",
     )
     add_write_doc_flag(p)
     return p.parse_args(argv)
@@ -119,9 +135,42 @@ def data_config(urls: list[str], storage_options: dict, workers: int) -> DataCon
     )
 
 
-def bench_text(urls: list[str], storage_options: dict, workers: int, seq_len: int, batch: int, seconds: float) -> dict:
+def split_shard_set(root: str, into: str, parts: int) -> list[list[str]]:
+    """`root`'s shards dealt round-robin into `parts` shard sets under `into`, each with its own
+    index.json: the same data as `parts` sources. Their URLs, per set."""
+    index = json.loads(Path(root, "index.json").read_text())
+    sets = []
+    for part in range(parts):
+        directory = Path(into, f"source{part}")
+        directory.mkdir(parents=True)
+        shards = index["shards"][part::parts]
+        for shard in shards:
+            shutil.copyfile(Path(root, shard["name"]), directory / shard["name"])
+        (directory / "index.json").write_text(json.dumps({**index, "shards": shards}))
+        sets.append([str(directory / shard["name"]) for shard in shards])
+    return sets
+
+
+def bench_mixture(root: str, tmp: str, seq_len: int, batch: int, seconds: float) -> list[dict]:
+    """One worker over the text shards as one source, then as three weighted sources."""
+    sets = split_shard_set(root, f"{tmp}/mixture", len(MIXTURE))
+    mixed = dataclasses.replace(
+        data_config([], {}, 1),
+        urls=None,
+        sources=[SourceConfig(urls=urls, weight=w) for urls, w in zip(sets, MIXTURE, strict=True)],
+    )
+    results = []
+    for sources, cfg in ((1, data_config(sorted(u for s in sets for u in s), {}, 1)), (len(MIXTURE), mixed)):
+        result = bench_text(cfg, seq_len, batch, seconds)
+        result.pop("wall_s")
+        results.append({"sources": sources, "shards": sum(map(len, sets)), "batch": batch, **result})
+        print(f"text, {sources} source(s), 1 worker: {result['tokens_per_s']:,.0f} tokens/s", file=sys.stderr)
+    return results
+
+
+def bench_text(cfg: DataConfig, seq_len: int, batch: int, seconds: float) -> dict:
     loader = build_text_loader(
-        data_config(urls, storage_options, workers),
+        cfg,
         seq_len=seq_len,
         vocab_size=50304,
         batch_size=batch,
@@ -212,27 +261,11 @@ def markdown(report: dict, command: str) -> tuple[str, str]:
     return f"loader | {report['device']}", text
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    basis = gpu_ceiling()
-    seq_len, micro_batch = basis["seq_len"], basis["micro_batch"]
-    report = {
-        "device": device_name(),
-        "torch": torch.__version__,
-        "seconds": args.seconds,
-        "basis": basis,
-        "target_tokens_per_s": TARGET_FACTOR * basis["tokens_per_s_at_100pct_mfu"],
-        "results": [],
-    }
-    print("preparing text and image shards", file=sys.stderr)
-    text_dir = prepare_stdlib_corpus(
-        args.cache_dir,
-        seq_len + 1,
-        TEXT_SHARD_BLOCKS,
-        TEXT_CORPUS_MB * 2**20,
-        is_preparer=True,
-        progress=sys.stderr.isatty(),
-    )
+def bench_sources(
+    text_dir: str, worker_counts: list[int], seq_len: int, micro_batch: int, seconds: float
+) -> list[dict]:
+    """Text and images, from local files and from S3, with each worker count."""
+    results = []
     server = LocalS3()
     with tempfile.TemporaryDirectory() as tmp, closing(server):
         image_dir = f"{tmp}/images"
@@ -247,12 +280,12 @@ def main(argv: list[str] | None = None) -> int:
         for (kind, where), root in sorted(roots.items(), key=lambda kv: (kv[0][1], kv[0][0] == "images")):
             urls = shard_urls(root, server.options if where == "s3" else {})
             options = server.options if where == "s3" else {}
-            for workers in args.workers:
+            for workers in worker_counts:
                 cpu_before = server.cpu_seconds()
                 if kind == "text":
-                    result = bench_text(urls, options, workers, seq_len, micro_batch, args.seconds)
+                    result = bench_text(data_config(urls, options, workers), seq_len, micro_batch, seconds)
                 else:
-                    result = bench_images(urls, options, workers, args.seconds)
+                    result = bench_images(urls, options, workers, seconds)
                 server_cores = (server.cpu_seconds() - cpu_before) / result.pop("wall_s") if where == "s3" else None
                 result = {
                     "kind": kind,
@@ -262,14 +295,73 @@ def main(argv: list[str] | None = None) -> int:
                     **result,
                     "s3_server_cores": server_cores,
                 }
-                report["results"].append(result)
+                results.append(result)
                 rate = (
                     f"{result['tokens_per_s']:,.0f} tokens/s"
                     if kind == "text"
                     else f"{result['samples_per_s']:,.0f} images/s"
                 )
                 print(f"{kind} from {where}, {workers} worker(s): {rate}", file=sys.stderr)
-    publish(report, args.write_doc, lambda command: markdown(report, command))
+    return results
+
+
+def mixture_markdown(report: dict, command: str) -> tuple[str, str]:
+    one, mixed = report["mixture"]
+    weights = "/".join(f"{w:g}" for w in MIXTURE)
+    rows = [
+        f"| {r['sources']} | {r['shards']} | {r['batch']} | {r['tokens_per_s']:,.0f} | {r['batches']} |"
+        for r in report["mixture"]
+    ]
+    text = "\n".join(
+        [
+            heading("Data loader, mixture of sources", report["device"]),
+            "",
+            f"`{command}`",
+            "",
+            f"One loader worker, {report['seconds']:.0f} s per row after {WARMUP_BATCHES} warmup batches: the "
+            f"stdlib corpus's {one['shards']} shards of {TEXT_SHARD_BLOCKS} blocks "
+            f"({report['basis']['seq_len'] + 1} tokens, uint16) as one source (data.urls), then dealt into "
+            f"{mixed['sources']} local shard sets mixed with weights {weights} (data.sources); batches of "
+            f"{one['batch']}, shuffle buffer {SHUFFLE_BUFFER}, the same for both. The mixture delivers "
+            f"{mixed['tokens_per_s'] / one['tokens_per_s']:.2f}x the single source's tokens/s.",
+            "",
+            "| sources | shards | batch | tokens/s | batches timed |",
+            "|---:|---:|---:|---:|---:|",
+            *rows,
+        ]
+    )
+    return f"loader mixture | {report['device']}", text
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    basis = gpu_ceiling()
+    seq_len, micro_batch = basis["seq_len"], basis["micro_batch"]
+    report = {
+        "device": device_name(),
+        "torch": torch.__version__,
+        "seconds": args.seconds,
+        "basis": basis,
+        "target_tokens_per_s": TARGET_FACTOR * basis["tokens_per_s_at_100pct_mfu"],
+    }
+    print("preparing text shards", file=sys.stderr)
+    text_dir = prepare_stdlib_corpus(
+        args.cache_dir,
+        seq_len + 1,
+        TEXT_SHARD_BLOCKS,
+        TEXT_CORPUS_MB * 2**20,
+        is_preparer=True,
+        progress=sys.stderr.isatty(),
+    )
+    sections = []
+    if "sources" in args.cases:
+        report["results"] = bench_sources(text_dir, args.workers, seq_len, micro_batch, args.seconds)
+        sections.append(lambda command: markdown(report, command))
+    if "mixture" in args.cases:
+        with tempfile.TemporaryDirectory() as tmp:
+            report["mixture"] = bench_mixture(text_dir, tmp, seq_len, micro_batch, args.seconds)
+        sections.append(lambda command: mixture_markdown(report, command))
+    publish(report, args.write_doc, *sections)
     return 0
 
 
