@@ -332,6 +332,8 @@ def load_config(overrides: list[str]) -> Config:
             cfg = compose(config_name="config", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as e:
         raise UserError(_describe(e)) from None
+    if OmegaConf.select(cfg, "data.sources") is not None and OmegaConf.is_missing(cfg.data, "urls"):
+        cfg.data.urls = None  # the mixture gives the shards
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise UserError(

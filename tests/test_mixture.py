@@ -210,8 +210,8 @@ def test_mixture_settings_are_checked_naming_the_field(roots):
         with pytest.raises(UserError, match=error):
             source_names(cfg)
     with pytest.raises(UserError, match=r"config key 'data.sources\[0\].weight' is required"):
-        load_config(["data=shards", "data.urls=null", 'data.sources=[{urls: "/d/web/shard-0.tar"}]'])
-    with pytest.raises(UserError, match="data.urls is required when data.source=shards"):
+        load_config(["data=shards", 'data.sources=[{urls: "/d/web/shard-0.tar"}]'])
+    with pytest.raises(UserError, match="config key 'data.urls' is required"):
         load_config(["data=shards"])
     with pytest.raises(UserError, match=r"data.sources\[0\].urls=\[\] gives no shard URL"):
         loader(sources(SourceConfig(urls=[], weight=1.0)))
@@ -227,7 +227,6 @@ def test_credentials_of_every_source_are_masked(roots):
     cfg = load_config(
         [
             "data=shards",
-            "data.urls=null",
             '+data.sources=[{urls: "s3://b/d/s.tar", weight: 1, storage_options: '
             '{key: AKIA, secret: hush, endpoint_url: "http://h"}}]',
         ]
@@ -269,7 +268,6 @@ def test_a_two_source_mixture_trains_resumes_and_logs_tokens_per_source(tmp_path
         "+exp=tost_gpt2_smoke",
         *TINY,
         "data=shards",
-        "data.urls=null",
         f"data.sources=[{sources}]",
         "data.num_workers=1",
         "engine=ddp",
