@@ -185,9 +185,13 @@ def test_a_shard_set_may_span_directories_whose_indexes_agree(roots, owner, tmp_
     other.mkdir()
     for n in range(N_SHARDS):
         (other / f"shard-{n:06d}.tar").write_bytes(Path(roots["code"], f"shard-{n:06d}.tar").read_bytes())
-    (other / "index.json").write_text(json.dumps({**index, "tokenizer": {**index["tokenizer"], "name": "other"}}))
-    with pytest.raises(UserError, match=rf"index.json and {other}/index.json disagree on tokenizer \(") as raised:
-        loader(mixture({"web": roots["web"], "code": str(other)}, {"web": 1, "code": 1}))
+    both = mixture({"web": roots["web"], "code": str(other)}, {"web": 1, "code": 1})
+    # Another name for the same files is the same tokenizer; other files are not.
+    (other / "index.json").write_text(json.dumps({**index, "tokenizer": {**index["tokenizer"], "name": "renamed"}}))
+    assert len(take(iter(loader(both)), 4)) == 4
+    (other / "index.json").write_text(json.dumps({**index, "tokenizer": {**index["tokenizer"], "sha256": "0" * 64}}))
+    with pytest.raises(UserError, match=rf"{other}/index.json was made by tokenizer 'gpt2' .* but \S+ by ") as raised:
+        loader(both)
     assert "\n" not in str(raised.value)
 
 

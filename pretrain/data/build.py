@@ -32,14 +32,14 @@ from pretrain.data.shards import (
 )
 from pretrain.data.storage import INDEX_NAME
 from pretrain.data.tokenizer import TOKENIZER_DIR
-from pretrain.data.tokens import TokenBlockDecoder, check_token_index, split_tokens, stack_blocks
+from pretrain.data.tokens import TokenBlockDecoder, check_token_indexes, split_tokens, stack_blocks
 from pretrain.errors import UserError
 from pretrain.prepare.embedded import prepare_digits, prepare_stdlib_corpus
 
 TEXT_SOURCES = ("stdlib", "shards")
 IMAGE_SOURCES = ("digits", "shards")
 # What index.json fields make samples of two shard sets interchangeable in one run.
-TEXT_AGREE = ("format", "block_len", "dtype", "tokenizer")
+TEXT_AGREE = ("format", "block_len", "dtype")  # and the tokenizer: check_token_indexes
 IMAGE_AGREE = ("format", "classes", "num_classes")
 
 
@@ -90,7 +90,7 @@ def build_text_loader(
 
     sources, indexes = _shard_sources(cfg, TEXT_SOURCES, embedded, local_rank, train, tokens, TEXT_AGREE)
     index = next(iter(indexes.values()))  # all agree on what the decoder needs
-    decode = TokenBlockDecoder(seq_len, check_token_index(index, seq_len, vocab_size))
+    decode = TokenBlockDecoder(seq_len, check_token_indexes(indexes, seq_len, vocab_size))
     shards = ShardSet(
         sources,
         decode,

@@ -8,7 +8,7 @@ import io
 import numpy as np
 import torch
 
-from pretrain.data.tokenizer import check_identity
+from pretrain.data.tokenizer import check_identity, describe_tokenizer, same_tokenizer
 from pretrain.errors import UserError
 
 INDEX_FORMAT = "token-blocks"
@@ -37,6 +37,21 @@ def check_token_index(index: dict, seq_len: int, vocab_size: int) -> np.dtype:
             f"model.vocab_size={vocab_size}: set model.vocab_size >= {shard_vocab}"
         )
     return np.dtype(index["dtype"])
+
+
+def check_token_indexes(indexes: dict[str, dict], seq_len: int, vocab_size: int) -> np.dtype:
+    """`check_token_index` for each index of a run (index URL -> index), which must also agree on
+    the tokenizer: a mixture of another tokenizer's ids would train on noise."""
+    (first, reference), *others = indexes.items()
+    dtype = check_token_index(reference, seq_len, vocab_size)
+    for path, index in others:
+        check_token_index(index, seq_len, vocab_size)
+        if not same_tokenizer(index["tokenizer"], reference["tokenizer"]):
+            raise UserError(
+                f"{path} was made by {describe_tokenizer(index['tokenizer'])} but {first} by "
+                f"{describe_tokenizer(reference['tokenizer'])}: prepare every shard set of a run with one tokenizer"
+            )
+    return dtype
 
 
 class TokenBlockDecoder:
