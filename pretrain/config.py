@@ -93,6 +93,7 @@ class DataConfig:
     retries: int = 3
     retry_backoff_s: float = 1.0
     on_error: str = "raise"
+    document_mask: bool = False
     image: ImageConfig = field(default_factory=ImageConfig)
 
 

@@ -1,5 +1,6 @@
 """Text shards: writing them, reading them back, the CLI, and the embedded stdlib corpus."""
 
+import contextlib
 import io
 import json
 import os
@@ -9,9 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 import pretrain.prepare.embedded as embedded
+from pretrain.config import DataConfig
+from pretrain.data.build import build_image_loader, build_text_loader
 from pretrain.data.tokenizer import TokenizerSpec, gpt2_files_dir, gpt2_tokenizer
 from pretrain.data.tokens import check_token_index
 from pretrain.errors import UserError
@@ -165,3 +169,43 @@ def test_preparer_that_loses_the_rename_race_uses_the_winner(tmp_path, monkeypat
     monkeypatch.setattr(embedded, "write_token_shards", write_then_get_overtaken)
     assert prepare_stdlib_corpus(str(tmp_path), BLOCK_LEN, 256, SMALL, is_preparer=True) == str(final)
     assert (final / "winner").exists() and os.listdir(tmp_path) == [final.name]
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def test_document_mask_gives_each_token_its_document_counted_from_eos(shards):
+    """data.document_mask: the training batches carry document_ids, which step by one after each
+    EOS of the data's tokenizer and nowhere else; off, the batches are as before."""
+    out, index = shards
+    eos = index["tokenizer"]["eos"]
+
+    def first_batch(document_mask: bool) -> dict:
+        cfg = DataConfig(source="shards", urls=f"{out}/shard-{{000000..{len(index['shards']) - 1:06d}}}.tar")
+        cfg.num_workers, cfg.shuffle_buffer, cfg.document_mask = 0, 1, document_mask
+        kwargs = dict(
+            seq_len=SEQ_LEN,
+            vocab_size=VOCAB,
+            batch_size=index["total_blocks"],
+            rank=0,
+            world_size=1,
+            local_rank=0,
+            seed=0,
+        )
+        with contextlib.closing(iter(build_text_loader(cfg, **kwargs))) as batches:
+            return next(batches)
+
+    plain, masked = first_batch(False), first_batch(True)
+    assert plain.keys() == {"input_ids", "labels"} and masked.keys() == {"input_ids", "labels", "document_ids"}
+    assert torch.equal(plain["input_ids"], masked["input_ids"])
+    ids, docs = masked["input_ids"], masked["document_ids"]
+    assert (docs[:, 0] == 0).all()
+    steps = docs[:, 1:] - docs[:, :-1]
+    assert torch.equal(steps, (ids[:, :-1] == eos).long())
+    assert steps.sum() >= 3  # most of the five documents' EOS fall inside the inputs
+
+
+def test_document_mask_is_refused_for_images():
+    cfg = DataConfig(source="digits", document_mask=True)
+    with pytest.raises(UserError, match=r"^data.document_mask=true is for language models"):
+        build_image_loader(cfg, image_size=8, batch_size=2, rank=0, world_size=1, local_rank=0, seed=0, train=True)

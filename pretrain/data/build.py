@@ -5,6 +5,7 @@ is (token blocks for language models, labelled images for vision models)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import posixpath
 import sys
@@ -99,7 +100,7 @@ def build_text_loader(
         world_size,
         seed,
         collate=stack_blocks,
-        finish=split_tokens,
+        finish=functools.partial(split_tokens, eos_id=index["tokenizer"]["eos"] if cfg.document_mask else None),
         worker_init=worker_init,
     )
     if not train:
@@ -129,6 +130,8 @@ def build_image_loader(
     train split or the shards at `data.urls`. Otherwise one pass, resized and centre-cropped,
     over the digits' val split or `data.val_urls` (see `_one_pass`).
     """
+    if cfg.document_mask:
+        raise UserError("data.document_mask=true is for language models, whose documents end at EOS: set it false")
 
     def embedded(is_preparer: bool) -> str:
         return prepare_digits(

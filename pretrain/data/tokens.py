@@ -102,10 +102,14 @@ def stack_blocks(samples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {"tokens": np.stack([s["tokens"] for s in samples])}
 
 
-def split_tokens(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """A batch of blocks (B, seq_len + 1) -> input_ids = blocks[:, :-1], labels = blocks[:, 1:] (int64)."""
+def split_tokens(batch: dict[str, np.ndarray], eos_id: int | None = None) -> dict[str, torch.Tensor]:
+    """A batch of blocks (B, seq_len + 1) -> input_ids = blocks[:, :-1], labels = blocks[:, 1:] (int64),
+    and with `eos_id` (data.document_mask) the inputs' `document_ids`."""
     tokens = torch.from_numpy(batch["tokens"].astype(np.int64))
-    return {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
+    inputs = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
+    if eos_id is not None:
+        inputs["document_ids"] = document_ids(inputs["input_ids"], eos_id)
+    return inputs
 
 
 def document_ids(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
