@@ -27,8 +27,8 @@ class SelfAttention(TokenMixer):
         if document_ids is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=self.causal)  # (B, K, N, p)
         else:
-            # Block-diagonal (and causal) mask. An explicit mask takes SDPA off its flash kernel
-            # (onto the memory-efficient or math one): the price of document masking here.
+            # Block-diagonal (and causal) mask. On CUDA an explicit mask takes SDPA off its flash
+            # kernel (onto the memory-efficient or math one); the CPU flash kernel takes masks.
             mask = document_ids[:, None, :, None] == document_ids[:, None, None, :]  # (B, 1, N, N)
             if self.causal:
                 mask = mask.tril()
