@@ -5,6 +5,7 @@ read a prompt token by token against one parallel prefill.
 
     python tools/bench/attention.py --write-doc docs/benchmarks.md         # GPU if torch finds one, else CPU
     python tools/bench/attention.py --device cpu --tokens 1k 4k --repeats 5 --variants tssa_causal_fused softmax_causal
+    python tools/bench/attention.py --only document-mask --write-doc docs/benchmarks.md   # its own section, 8k tokens
 
 Layers: `TSSA` (non-causal, vision) and `CausalTSSA`, each built with `model.tssa_impl` eager (the
 reference chain of ops), fused (one chunked custom op with a hand-written backward) and, with
@@ -32,6 +33,12 @@ against log(position). Time to first token at the largest position: the prompt r
 from `init_states(1)`, token by token (what `generate` did before), against one `prefill(prompt)`
 (what it does now), both with no gradients, and how far their next-token logits differ.
 
+Document masking (`--only document-mask`, a section of its own): at one length (default 8k), the
+causal layers (fused TSSA, on a GPU triton TSSA, and SDPA) with and without `document_ids` for
+documents of random lengths (exponential, mean --document-tokens, seed 0), measured as above; the
+cost is the masked time over the unmasked one. SDPA gets a boolean block-diagonal causal mask, which
+takes it off the flash kernel on a GPU (the section names the kernels it ran).
+
 Writes a log-log plot (--plot, default docs/attention_scaling.png). One JSON object goes to
 stdout; progress goes to stderr.
 """
@@ -47,7 +54,7 @@ import re
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -93,6 +100,8 @@ DEFAULT_POSITIONS = [128, 256, 512, 1024, 2048, 4096]
 TARGET_TOKENS = 8192  # the length of the targets summary (or the measured one nearest it)
 FIT_FROM_TOKENS = 4096  # the second exponent fits the measured lengths from this one up
 GEN_LAYERS = 4
+DOCUMENT_TOKENS = 512  # mean document length of the document-mask measurement
+DOCUMENT_MASK_VARIANTS = ("tssa_causal_fused", "tssa_causal_triton", "softmax_causal")
 GEN_VOCAB = 50304
 STEP_WINDOW = 16  # recurrent steps whose median is the time per token at a position
 MIN_REPETITION_S = 0.05  # a repetition loops over passes until it lasts about this long
@@ -168,9 +177,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--tokens",
         type=token_count,
         nargs="+",
-        default=DEFAULT_TOKENS,
         metavar="N",
-        help="sequence lengths, e.g. 256 1k 16k (default: 1k 2k 4k 8k 16k 32k 64k)",
+        help="sequence lengths, e.g. 256 1k 16k (default: 1k 2k 4k 8k 16k 32k 64k; 8k with --only document-mask)",
     )
     p.add_argument("--max-tokens", type=token_count, help="drop the --tokens above this")
     p.add_argument(
@@ -213,6 +221,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--gen-layers", type=int, default=GEN_LAYERS, help="layers of the generation ToSTLM (default: 4)")
     p.add_argument(
+        "--only",
+        choices=("document-mask",),
+        help="document-mask: only the cost of document masking (the causal layers with and without "
+        "document_ids), in a section of its own",
+    )
+    p.add_argument(
+        "--document-tokens",
+        type=token_count,
+        default=DOCUMENT_TOKENS,
+        metavar="N",
+        help=f"mean document length for --only document-mask (default: {DOCUMENT_TOKENS})",
+    )
+    p.add_argument(
         "--plot",
         type=Path,
         default=Path("docs/attention_scaling.png"),
@@ -229,6 +250,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--width {args.width} is not a multiple of --heads {args.heads}")
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
+    if args.tokens is None:
+        args.tokens = [TARGET_TOKENS] if args.only == "document-mask" else DEFAULT_TOKENS
+    if args.only == "document-mask" and args.variants is None:
+        args.variants = [v for v in DOCUMENT_MASK_VARIANTS if args.device == "cuda" or v not in GPU_ONLY]
+    elif args.only == "document-mask" and set(args.variants) - set(DOCUMENT_MASK_VARIANTS):
+        p.error(f"--only document-mask measures the causal layers: {', '.join(DOCUMENT_MASK_VARIANTS)}")
     if args.variants is None:
         args.variants = [v for v in VARIANTS if args.device == "cuda" or v not in GPU_ONLY]
         reason = triton_unavailable() if args.device == "cuda" else None
@@ -329,10 +356,12 @@ class PeakRSS:
         ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 64 * 1024)
 
 
-def saved_for_backward_bytes(layer: torch.nn.Module, x: torch.Tensor, device: str, precision: str) -> int:
-    """Bytes autograd keeps for the backward of one forward of `layer` on x: each distinct storage
-    a saved tensor lives in, once, except the layer's parameters' (x itself counts). The graph is
-    freed before returning."""
+def saved_for_backward_bytes(
+    layer: torch.nn.Module, forward: Callable[[], torch.Tensor], device: str, precision: str
+) -> int:
+    """Bytes autograd keeps for the backward of one forward of `layer` (`forward()`): each distinct
+    storage a saved tensor lives in, once, except the layer's parameters' (its input counts). The
+    graph is freed before returning."""
     own = {param.untyped_storage().data_ptr() for param in layer.parameters()}
     storages: dict[int, int] = {}
 
@@ -343,23 +372,43 @@ def saved_for_backward_bytes(layer: torch.nn.Module, x: torch.Tensor, device: st
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(device, precision):
-        y = layer(x)
+        y = forward()
     del y  # the graph, and with it every saved tensor
     return sum(storages.values())
 
 
-def measure_layer(variant: str, n: int, width: int, heads: int, device: str, precision: str, repeats: int) -> dict:
+def random_documents(n: int, mean_tokens: int, seed: int = 0) -> torch.Tensor:
+    """document_ids (1, n) of packed documents of random lengths: 1 + exponential of mean `mean_tokens`."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = []
+    while sum(lengths) < n:
+        lengths.append(1 + int(torch.empty(1).exponential_(1 / mean_tokens, generator=g)))
+    return torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None, :n]
+
+
+def measure_layer(
+    variant: str,
+    n: int,
+    width: int,
+    heads: int,
+    device: str,
+    precision: str,
+    repeats: int,
+    document_tokens: int | None = None,
+) -> dict:
     """Forward + backward of one layer on (1, n, width): median seconds per pass, peak bytes, and
-    the bytes saved for backward."""
+    the bytes saved for backward. With document_tokens, the layer gets document_ids of documents
+    of that mean length."""
     torch.manual_seed(0)
     layer = build_layer(variant, width, heads, n).to(device)
     x = torch.randn(1, n, width, device=device, requires_grad=True)
+    masking = {} if document_tokens is None else {"document_ids": random_documents(n, document_tokens).to(device)}
 
     def one_pass() -> None:
         layer.zero_grad(set_to_none=True)
         x.grad = None
         with autocast(device, precision):
-            y = layer(x)
+            y = layer(x, **masking)
         y.float().sum().backward()
 
     start = time.perf_counter()
@@ -394,7 +443,7 @@ def measure_layer(variant: str, n: int, width: int, heads: int, device: str, pre
             base = PeakRSS.reset()
             one_pass()
             peaks.append(PeakRSS.peak() - base)
-    saved = saved_for_backward_bytes(layer, x, device, precision)  # after the measured passes
+    saved = saved_for_backward_bytes(layer, lambda: layer(x, **masking), device, precision)  # after the passes
     return {
         "seconds": statistics.median(times),
         "seconds_all": times,
@@ -494,16 +543,18 @@ def busy_cpu_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
-def sdpa_kernel(width: int, heads: int, device: str, precision: str) -> str | None:
+def sdpa_kernel(width: int, heads: int, device: str, precision: str, document_tokens: int | None = None) -> str | None:
     """The aten kernel F.scaled_dot_product_attention picks here for the causal layer, forward
-    and backward (flash kernels never store the N x N scores; the math one does)."""
+    and backward (flash kernels never store the N x N scores; the math one does); with
+    document_tokens, for the layer given document_ids (a boolean attn_mask)."""
     from torch.profiler import profile
 
     layer = SelfAttention(layer_config(width, heads, 256), causal=True, n_tokens=256).to(device)
     x = torch.randn(1, 256, width, device=device, requires_grad=True)
+    masking = {} if document_tokens is None else {"document_ids": random_documents(256, document_tokens).to(device)}
     with profile() as prof:
         with autocast(device, precision):
-            y = layer(x)
+            y = layer(x, **masking)
         y.float().sum().backward()
         sync(device)
     names = [
@@ -639,6 +690,105 @@ def rounded(value: float | None, digits: int = 3) -> float | None:
     return None if value is None else round(value, digits)
 
 
+def measured_case(out: dict) -> dict:
+    """A case's report fields from what measure_layer returned."""
+    case = {
+        "status": "ok",
+        "ms": round(out["seconds"] * 1e3, 4),
+        "ms_repetitions": [round(t * 1e3, 4) for t in out["seconds_all"]],
+        "passes_per_repetition": out["passes_per_repetition"],
+        "peak_mib": round(out["peak_bytes"] / MiB, 2),
+        "saved_mib": round(out["saved_bytes"] / MiB, 3),
+        "saved_bytes": out["saved_bytes"],
+    }
+    if "other_load" in out:
+        case.update(other_load=round(out["other_load"], 3), attempts=out["attempts"])
+    return case
+
+
+def run_document_mask(args: argparse.Namespace, runner: Runner) -> dict:
+    """Per causal layer, at the one length args.tokens[0], a case without and one with document_ids;
+    masked time over unmasked time."""
+    n = args.tokens[0]
+    layers = {}
+    for variant in args.variants:
+        label = VARIANTS[variant][0]
+        cases = {}
+        for masked in (False, True):
+            status, out = runner(
+                "measure_layer",
+                variant=variant,
+                n=n,
+                width=args.width,
+                heads=args.heads,
+                device=args.device,
+                precision=args.precision,
+                repeats=args.repeats,
+                document_tokens=args.document_tokens if masked else None,
+            )
+            cases["masked" if masked else "unmasked"] = (
+                measured_case(out) if status == "ok" else {"status": "failed", "reason": out}
+            )
+            case = cases["masked" if masked else "unmasked"]
+            print(
+                f"{label} {n}{' with document_ids' if masked else ''}: "
+                + (f"{case['ms']:.2f} ms, {case['peak_mib']:.1f} MiB peak" if status == "ok" else f"failed: {out}"),
+                file=sys.stderr,
+            )
+        ok = all(c["status"] == "ok" for c in cases.values())
+        cost = cases["masked"]["ms"] / cases["unmasked"]["ms"] if ok else None
+        layers[variant] = {"label": label, **cases, "masked_over_unmasked": rounded(cost)}
+    documents = random_documents(n, args.document_tokens)
+    return {
+        "tokens": n,
+        "documents": int(documents.max()) + 1,
+        "mean_document_tokens": args.document_tokens,
+        "layers": layers,
+    }
+
+
+def document_mask_section(report: dict, args: argparse.Namespace, command: str) -> tuple[str, str]:
+    mode = "gpu" if report["device_kind"] == "cuda" else "cpu"
+    mask = report["document_mask"]
+
+    def cell(case: dict, key: str) -> str:
+        return f"{case[key]:,.1f}" if case["status"] == "ok" else case["status"]
+
+    rows = [
+        f"| {res['label']} | {cell(res['unmasked'], 'ms')} | {cell(res['masked'], 'ms')} | "
+        f"{fmt_ratio(res['masked_over_unmasked'])} | {cell(res['unmasked'], 'peak_mib')} | "
+        f"{cell(res['masked'], 'peak_mib')} |"
+        for res in mask["layers"].values()
+    ]
+    lines = [
+        heading(f"Document masking, {mode}, {report['precision']}", report["device"]),
+        "",
+        f"`{command}`",
+        "",
+        f"Forward + backward of one causal layer (as in the attention scaling section: batch 1, width "
+        f"{report['width']}, {report['heads']} heads, {report['precision']}, median of {args.repeats} timed "
+        f"repetitions after a warmup pass, peak memory of a pass) at {mask['tokens']:,} tokens, without and with "
+        f"`document_ids`: {mask['documents']} packed documents of random lengths (1 + exponential, mean "
+        f"{mask['mean_document_tokens']} tokens, seed 0). TSSA's prefix sums restart at each document (the fused "
+        "op overwrites its chunked cumsums on the documents that start inside a chunk); SDPA gets a boolean "
+        f"block-diagonal causal mask (it ran `{report['sdpa_kernel']}` unmasked, `{report['sdpa_kernel_masked']}` "
+        "masked). "
+        f"torch {report['torch']}, {report['threads']} CPU threads; total run {report['total_seconds']:.0f} s."
+        + (
+            f" The machine is shared: other processes kept {report['other_load']['mean']:.0%} of its cores busy on "
+            f"average while the cases ran (at most {report['other_load']['max']:.0%})."
+            if report.get("other_load")
+            else ""
+        ),
+        "",
+        "| layer | unmasked, ms | masked, ms | masked / unmasked | unmasked peak, MiB | masked peak, MiB |",
+        "|---|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+    ]
+    return f"attention document mask {mode} {report['precision']} | {report['device']}", "\n".join(lines)
+
+
 def run_layers(args: argparse.Namespace, runner: Runner) -> dict:
     results = {}
     for variant in args.variants:
@@ -676,17 +826,7 @@ def run_layers(args: argparse.Namespace, runner: Runner) -> dict:
                     repeats=args.repeats,
                 )
                 if status == "ok":
-                    case.update(
-                        status="ok",
-                        ms=round(out["seconds"] * 1e3, 4),
-                        ms_repetitions=[round(t * 1e3, 4) for t in out["seconds_all"]],
-                        passes_per_repetition=out["passes_per_repetition"],
-                        peak_mib=round(out["peak_bytes"] / MiB, 2),
-                        saved_mib=round(out["saved_bytes"] / MiB, 3),
-                        saved_bytes=out["saved_bytes"],
-                    )
-                    if "other_load" in out:
-                        case.update(other_load=round(out["other_load"], 3), attempts=out["attempts"])
+                    case.update(measured_case(out))
                     timed.append((n, out["seconds"]))
                     mem.append((n, max(out["peak_bytes"], 1)))
                 else:
@@ -1124,6 +1264,20 @@ def markdown_section(report: dict, args: argparse.Namespace, command: str) -> tu
     return f"attention {mode} {report['precision']} | {report['device']}", "\n".join(lines)
 
 
+def other_load(loads: Iterable[tuple[float, str]]) -> dict | None:
+    """The summary of the other processes' load over the cases: (load, case name) each."""
+    loads = list(loads)
+    if not loads:
+        return None
+    worst = max(loads)
+    return {
+        "mean": round(sum(v for v, _ in loads) / len(loads), 3),
+        "max": worst[0],
+        "max_case": worst[1],
+        "disturbed": [(v, name) for v, name in loads if v > RETRY_OTHER_LOAD],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
@@ -1147,6 +1301,18 @@ def main(argv: list[str] | None = None) -> int:
         "saved_method": "distinct storages packed by saved_tensors_hooks in one forward, parameters excepted",
     }
     report["sdpa_kernel"] = sdpa_kernel(args.width, args.heads, args.device, args.precision)
+    if args.only == "document-mask":
+        report["sdpa_kernel_masked"] = sdpa_kernel(args.width, args.heads, args.device, args.precision, 64)
+        report["document_mask"] = run_document_mask(args, runner)
+        report["total_seconds"] = round(time.perf_counter() - start, 1)
+        report["other_load"] = other_load(
+            (case["other_load"], f"{res['label']}, {kind}")
+            for res in report["document_mask"]["layers"].values()
+            for kind in ("unmasked", "masked")
+            if "other_load" in (case := res[kind])
+        )
+        publish(report, args.write_doc, lambda command: document_mask_section(report, args, command))
+        return 0
     report["layers"] = run_layers(args, runner)
     report["targets"] = targets(report["layers"])
     report["generation"] = run_generation(args, runner)
@@ -1160,13 +1326,7 @@ def main(argv: list[str] | None = None) -> int:
     if report["generation"] and "other_load" in report["generation"]:
         loads.append((report["generation"]["other_load"], "generation"))
     if loads:
-        worst = max(loads)
-        report["other_load"] = {
-            "mean": round(sum(v for v, _ in loads) / len(loads), 3),
-            "max": worst[0],
-            "max_case": worst[1],
-            "disturbed": [(v, name) for v, name in loads if v > RETRY_OTHER_LOAD],
-        }
+        report["other_load"] = other_load(loads)
     if args.plot:
         plot(report, args.plot)
         report["plot"] = str(args.plot)
