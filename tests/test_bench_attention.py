@@ -98,3 +98,33 @@ def test_attention_bench_tiny(tmp_path) -> None:
     assert "<!-- bench: lost_rank" in text  # another benchmark's section, kept
     for needle in ("Saved for backward", "Targets at 512 tokens", "causal TSSA fused", "Time to first token"):
         assert needle in text
+
+
+@pytest.mark.slow
+def test_the_document_mask_mode_writes_its_own_section(tmp_path) -> None:
+    doc = tmp_path / "benchmarks.md"  # a new document: the section is this mode's alone
+    cmd = [sys.executable, str(BENCH), "--only", "document-mask", "--device", "cpu", "--width", "64", "--heads", "4"]
+    cmd += [
+        "--tokens",
+        "512",
+        "--document-tokens",
+        "64",
+        "--repeats",
+        "1",
+        "--quiet-wait",
+        "0",
+        "--write-doc",
+        str(doc),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    mask = json.loads(proc.stdout)["document_mask"]
+    assert (mask["tokens"], mask["mean_document_tokens"]) == (512, 64) and mask["documents"] > 2
+    assert list(mask["layers"]) == ["tssa_causal_fused", "softmax_causal"]
+    for res in mask["layers"].values():
+        assert res["unmasked"]["status"] == res["masked"]["status"] == "ok"
+        assert res["masked_over_unmasked"] == pytest.approx(res["masked"]["ms"] / res["unmasked"]["ms"], rel=1e-2)
+    text = doc.read_text()
+    assert text.count("<!-- bench: attention document mask cpu fp32 | ") == text.count("<!-- bench: ") == 1
+    assert "## Document masking, cpu, fp32" in text and "| causal softmax (SDPA) |" in text
