@@ -96,13 +96,13 @@ class _ChunkDocuments:
     runs: list[tuple[int, int, int]]  # (row, s, e), chunk-local, of each document in rows where one starts inside
 
 
-def _chunk_documents(document_ids: Tensor | None, spans: list[tuple[int, int]]) -> list[_ChunkDocuments | None]:
-    """Per chunk, its documents (or None for each chunk, without document ids); one host sync."""
+def _chunk_documents(document_ids: Tensor | None, T: int, chunk: int) -> list[_ChunkDocuments | None]:
+    """Per chunk of `chunk` tokens, its documents (or None for each chunk, without document ids); one host sync."""
+    spans = _chunks(T, chunk)
     if document_ids is None:
         return [None] * len(spans)
-    B, T = document_ids.shape
+    B = document_ids.shape[0]
     goes_on = (document_ids[:, 1:] == document_ids[:, :-1]).to(torch.float32)  # (B, T - 1): t + 1 in t's document
-    chunk = spans[0][1]
     starts: dict[tuple[int, int], list[int]] = {}  # (chunk, row) -> document starts inside the chunk
     for row, t in (goes_on == 0).nonzero().tolist():
         if (t + 1) % chunk != 0:
@@ -119,15 +119,17 @@ def _chunk_documents(document_ids: Tensor | None, spans: list[tuple[int, int]]) 
     return documents
 
 
-def _carried(carry: Tensor, goes_on: Tensor | None) -> Tensor:
+def _carried(carry: Tensor, goes_on: Tensor) -> Tensor:
     """The carry (B, ...) into a chunk, zero in the rows where the document does not go on."""
-    return carry if goes_on is None else carry * goes_on.view(-1, *[1] * (carry.dim() - 1))
+    return carry * goes_on.view(-1, *[1] * (carry.dim() - 1))
 
 
 def _prefix(x: Tensor, carry: Tensor, documents: _ChunkDocuments | None) -> Tensor:
     """carry + the prefix sums of x along its last dimension, both restarting at each document start."""
-    out = torch.cumsum(x, -1).add_(_carried(carry, documents and documents.continues))
-    for row, s, e in documents.runs if documents else ():
+    if documents is None:
+        return torch.cumsum(x, -1).add_(carry)
+    out = torch.cumsum(x, -1).add_(_carried(carry, documents.continues))
+    for row, s, e in documents.runs:
         if s > 0:
             out[row, ..., s:e] = torch.cumsum(x[row, ..., s:e], -1)
     return out
@@ -141,8 +143,10 @@ def _suffix_sums(x: Tensor) -> Tensor:
 
 def _suffix(x: Tensor, carry: Tensor, documents: _ChunkDocuments | None) -> Tensor:
     """carry + the suffix sums of x along its last dimension, both stopping at each document end."""
-    out = _suffix_sums(x).add_(_carried(carry, documents and documents.continued))
-    for row, s, e in documents.runs if documents else ():
+    if documents is None:
+        return _suffix_sums(x).add_(carry)
+    out = _suffix_sums(x).add_(_carried(carry, documents.continued))
+    for row, s, e in documents.runs:
         if e < x.shape[-1]:
             out[row, ..., s:e] = _suffix_sums(x[row, ..., s:e])
     return out
@@ -212,7 +216,7 @@ def tssa_forward(
     if causal:
         S0 = w.new_empty(len(spans), B, K, p, dtype=f32)
         M0, P0 = torch.empty_like(S0), w.new_empty(len(spans), B, K, dtype=f32)
-        for i, ((a, b), documents) in enumerate(zip(spans, _chunk_documents(document_ids, spans), strict=True)):
+        for i, ((a, b), documents) in enumerate(zip(spans, _chunk_documents(document_ids, T, chunk), strict=True)):
             S0[i], M0[i], P0[i] = S[..., 0], M[..., 0], P[..., 0]
             wc = _coordinate_major(w, a, b, f32)  # (B, K, p, L)
             w2 = wc * wc
@@ -305,7 +309,7 @@ def tssa_backward(
         RM = w.new_zeros(B, K, p, 1, dtype=f32)  # suffix sums of dL/dM, dL/dQ and -dL/dS past the chunk
         RQ = w.new_zeros(B, K, 1, dtype=f32)
         RS = w.new_zeros(B, K, p, 1, dtype=f32)
-        chunk_documents = _chunk_documents(document_ids, spans)
+        chunk_documents = _chunk_documents(document_ids, T, chunk)
         for i, (a, b) in reversed(list(enumerate(spans))):
             documents = chunk_documents[i]
             wc = _coordinate_major(w, a, b, f32)
