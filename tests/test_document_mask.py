@@ -132,11 +132,11 @@ def test_each_implementation_equals_eager_with_documents(impl, dtype, tol) -> No
         scale = want.abs().max().clamp_min(1)
         torch.testing.assert_close(x / scale, want / scale, atol=tol, rtol=0, msg=name)
     # A block of one document is a block without document ids.
-    one = CORE_DOCUMENTS[1:]
-    plain = outputs_and_grads(statistics, w[1:], temp, denom_bias, chunk=CHUNK)
-    one_document = outputs_and_grads(statistics, w[1:], temp, denom_bias, document_ids=one, chunk=CHUNK)
-    for x, want in zip(one_document, plain, strict=True):
-        torch.testing.assert_close(x, want)
+    plain = outputs_and_grads(token_statistics, w[1:], temp, denom_bias)
+    one_document = outputs_and_grads(statistics, w[1:], temp, denom_bias, document_ids=CORE_DOCUMENTS[1:], chunk=CHUNK)
+    for name, x, want in zip(("c", "pi", "dw", "dtemp", "ddenom_bias"), one_document, plain, strict=True):
+        scale = want.abs().max().clamp_min(1)
+        torch.testing.assert_close(x / scale, want / scale, atol=tol, rtol=0, msg=name)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -189,7 +189,7 @@ def test_the_loss_still_averages_over_every_token(name) -> None:
 @pytest.mark.parametrize("impl", ["fused", pytest.param("triton", marks=pytest.mark.slow)])
 def test_the_custom_ops_pass_torchs_checks_with_documents(impl) -> None:
     """Schema, fake implementation and autograd registration with document ids, as torch.compile,
-    FSDP2 and DeepSpeed trace them."""
+    FSDP2 and DeepSpeed trace them (compiled blocks: the slow engine test below)."""
     importlib.import_module(f"pretrain.models.tssa_{impl}")  # registers the op
     w, temp, denom_bias = core_inputs(torch.float32)
     args = (w.requires_grad_(), temp.requires_grad_(), denom_bias.requires_grad_())
@@ -197,7 +197,7 @@ def test_the_custom_ops_pass_torchs_checks_with_documents(impl) -> None:
         op, args = torch.ops.whitebox.tssa.default, (*args, None, None, True, 1e-12, CHUNK, CORE_DOCUMENTS)
     else:
         op, args = torch.ops.whitebox.tssa_triton.default, (*args, True, 1e-12, CHUNK, CORE_DOCUMENTS)
-    torch.library.opcheck(op, args)
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
 def train_with_documents(dist_info, variants: dict[str, list[str]], steps: int) -> dict[str, list[float]] | None:
