@@ -404,19 +404,12 @@ SOURCE_NAME = re.compile(r"[A-Za-z0-9_./-]+")  # what an MLflow metric name may 
 
 
 def source_names(data: DataConfig | DictConfig) -> list[str]:
-    """The names of `data.sources` (a source's own, else its directory's; none for data.urls),
-    once the shards are given right: data.urls or data.sources (one of them), weights finite and
-    > 0, names distinct."""
-    urls_set = data.urls not in (None, MISSING)
+    """The names of `data.sources` (a source's own, else its directory's; none without a mixture),
+    once the mixture is given right: not beside data.urls, weights finite and > 0, names distinct.
+    (A run without either has no training data: `_configured_sources` says so when it needs them.)"""
     if data.sources is None:
-        if not urls_set:
-            raise UserError(
-                "data.urls is required when data.source=shards: set it to the shard URLs, e.g. "
-                """'data.urls="s3://bucket/dir/shard-{000000..000099}.tar"', """
-                "or give a weighted mixture as data.sources"
-            )
         return []
-    if urls_set:
+    if data.urls not in (None, MISSING):
         raise UserError(
             "data.urls and data.sources are both set: give one shard set as data.urls, or a weighted "
             "mixture as data.sources (set data.urls=null)"

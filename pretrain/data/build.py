@@ -238,6 +238,12 @@ def _configured_sources(cfg: DataConfig, train: bool) -> list[tuple[str, str, li
         return [(posixpath.basename(posixpath.dirname(urls[0])), "data.val_urls", urls, 1.0, cfg.storage_options)]
     names = source_names(cfg)
     if not names:
+        if cfg.urls in (None, MISSING):
+            raise UserError(
+                "data.urls is required when data.source=shards: set it to the shard URLs, e.g. "
+                """'data.urls="s3://bucket/dir/shard-{000000..000099}.tar"', or give a weighted mixture as """
+                "data.sources"
+            )
         urls = expand_urls(cfg.urls)
         return [(posixpath.basename(posixpath.dirname(urls[0])), "data.urls", urls, 1.0, cfg.storage_options)]
     return [
