@@ -706,6 +706,23 @@ def measured_case(out: dict) -> dict:
     return case
 
 
+def layer_case(
+    runner: Runner, args: argparse.Namespace, variant: str, n: int, document_tokens: int | None = None
+) -> tuple[str, object]:
+    """`measure_layer` of one variant at n tokens in a fresh process, with the command line's sizes."""
+    return runner(
+        "measure_layer",
+        variant=variant,
+        n=n,
+        width=args.width,
+        heads=args.heads,
+        device=args.device,
+        precision=args.precision,
+        repeats=args.repeats,
+        document_tokens=document_tokens,
+    )
+
+
 def run_document_mask(args: argparse.Namespace, runner: Runner) -> dict:
     """Per causal layer, at the one length args.tokens[0], a case without and one with document_ids;
     masked time over unmasked time."""
@@ -715,17 +732,7 @@ def run_document_mask(args: argparse.Namespace, runner: Runner) -> dict:
         label = VARIANTS[variant][0]
         cases = {}
         for masked in (False, True):
-            status, out = runner(
-                "measure_layer",
-                variant=variant,
-                n=n,
-                width=args.width,
-                heads=args.heads,
-                device=args.device,
-                precision=args.precision,
-                repeats=args.repeats,
-                document_tokens=args.document_tokens if masked else None,
-            )
+            status, out = layer_case(runner, args, variant, n, args.document_tokens if masked else None)
             cases["masked" if masked else "unmasked"] = (
                 measured_case(out) if status == "ok" else {"status": "failed", "reason": out}
             )
@@ -815,16 +822,7 @@ def run_layers(args: argparse.Namespace, runner: Runner) -> dict:
                 )
             else:
                 start = time.perf_counter()
-                status, out = runner(
-                    "measure_layer",
-                    variant=variant,
-                    n=n,
-                    width=args.width,
-                    heads=args.heads,
-                    device=args.device,
-                    precision=args.precision,
-                    repeats=args.repeats,
-                )
+                status, out = layer_case(runner, args, variant, n)
                 if status == "ok":
                     case.update(measured_case(out))
                     timed.append((n, out["seconds"]))
