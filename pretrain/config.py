@@ -149,6 +149,7 @@ class TrainConfig:
     heartbeat_s: float = 2.0
     lost_rank_timeout_s: float = 60.0
     collective_timeout_s: float = 1800.0
+    peak_tflops: Optional[float] = None
     spike: SpikeConfig = field(default_factory=SpikeConfig)
 
 
@@ -302,6 +303,7 @@ LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
     "train.heartbeat_s": (0, False),
     "train.lost_rank_timeout_s": (0, True),
     "train.collective_timeout_s": (0, True),
+    "train.peak_tflops": (0, True),
     "train.spike.window": (1, False),
     "train.spike.min_history": (1, False),
     "train.spike.threshold": (0, True),
@@ -317,6 +319,7 @@ LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
     "tracking.buffer_max_mb": (0, True),
     "tracking.flush_timeout_s": (0, False),
 }
+NULLABLE = {"train.peak_tflops"}  # keys of LOWER_BOUNDS whose null means "not set"
 MAX_KEY_CHARS = 200  # far beyond any real key: longer ones are pasted text, not keys
 
 
@@ -442,6 +445,8 @@ def source_names(data: DataConfig | DictConfig) -> list[str]:
 def _check_bounds(cfg: DictConfig) -> None:
     for key, (bound, strict) in LOWER_BOUNDS.items():
         value = OmegaConf.select(cfg, key)
+        if value is None and key in NULLABLE:
+            continue
         if not (math.isfinite(value) and (value > bound if strict else value >= bound)):
             raise UserError(
                 f"config key '{key}' is {value}: it must be a finite number {'>' if strict else '>='} {bound}"

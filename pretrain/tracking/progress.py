@@ -57,7 +57,7 @@ class MetricsLog(Callback):
         }
         by_source = self._source_tokens(loop)
         metrics.update({f"tokens_seen/{name}": tokens for name, tokens in by_source.items()})
-        peak = peak_flops(loop.dist.device, loop.cfg.engine.precision)
+        peak = peak_flops(loop.dist.device, loop.cfg.engine.precision, loop.cfg.train.peak_tflops)
         utilisation = mfu(tokens_per_s / loop.dist.world_size, self.flops_per_token, peak)
         if utilisation is not None:
             metrics["mfu"] = utilisation
