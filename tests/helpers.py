@@ -49,13 +49,15 @@ def last_wins(overrides: list[str]) -> list[str]:
     return [o for o in overrides if latest[override_key(o)] is o]
 
 
-def launch_command(launcher: str, overrides: list[str], keep_repeats: bool = False) -> tuple[list[str], dict[str, str]]:
+def launch_command(
+    launcher: str, overrides: list[str], keep_repeats: bool = False, procs: int = 2
+) -> tuple[list[str], dict[str, str]]:
     """The command line and environment that run pretrain/main.py under `deepspeed`, `torchrun`
-    (2 processes each), the cluster templates' per-node launcher (`node`) or plain `python`.
-    A key given twice keeps its last value unless `keep_repeats`."""
+    (`procs` processes each, 2 by default), the cluster templates' per-node launcher (`node`, 2) or
+    plain `python`. A key given twice keeps its last value unless `keep_repeats`."""
     extra_env: dict[str, str] = {}
     if launcher == "deepspeed":
-        cmd = [shutil.which("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), MAIN]
+        cmd = [shutil.which("deepspeed"), "--num_gpus", str(procs), "--master_port", str(free_port()), MAIN]
     elif launcher == "node":  # the cluster templates' per-node launcher, as one node of two ranks
         cmd = [str(REPO / "cluster" / "launch_node.sh")]
         extra_env = {
@@ -72,7 +74,7 @@ def launch_command(launcher: str, overrides: list[str], keep_repeats: bool = Fal
             "--nnodes",
             "1",
             "--nproc_per_node",
-            "2",
+            str(procs),
             "--rdzv_backend",
             "c10d",
             "--rdzv_endpoint",
@@ -98,8 +100,9 @@ def launch(
     timeout: float = 300,
     env: dict[str, str] | None = None,
     keep_repeats: bool = False,
+    procs: int = 2,
 ) -> subprocess.CompletedProcess:
-    cmd, launch_env = launch_command(launcher, overrides, keep_repeats)
+    cmd, launch_env = launch_command(launcher, overrides, keep_repeats, procs)
     env = {**launch_env, **(env or {})}
     # A session of its own: a fault-injected crash kills the run's whole process group, not pytest.
     return subprocess.run(

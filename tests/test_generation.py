@@ -141,3 +141,13 @@ def test_generate_decodes_with_the_datas_tokenizer_and_a_resume_refuses_data_of_
 
     with pytest.raises(UserError, match="the data were tokenized by tokenizer 'tok1'.*trained on tokenizer 'tok0'"):
         Trainer(load_config(last_wins([*run, other_urls, "train.max_steps=4"])), one_rank).fit()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where torch finds no CUDA GPU")
+def test_generate_on_cuda_without_a_gpu_is_refused_in_one_line_before_reading_the_checkpoint(tmp_path, capsys):
+    """--device cuda on a machine without CUDA: exit 2 and one line naming the flag, before the
+    checkpoint store (here absent) is opened."""
+    assert tool("generate").main([str(tmp_path / "absent"), "--device", "cuda"]) == 2
+    assert capsys.readouterr().err == (
+        "error: --device cuda: torch finds no CUDA GPU here (torch.cuda.is_available() is False); use cpu\n"
+    )

@@ -1,12 +1,15 @@
 """Sample text from a ToST language model checkpoint, token by token in its recurrent form.
 
     python tools/generate.py runs/tost_gpt2_smoke/checkpoints --prompt "def main(" --max-new-tokens 64
+    python tools/generate.py runs/tost_gpt2_smoke/checkpoints --device cuda --temperature 0.8 --top-k 50
     python tools/generate.py s3://bucket/runs/owt-base --step 20000 --storage-option endpoint_url=http://... \
         --prompt "The meaning of" --temperature 0.8 --top-k 50 --seed 1
 
 The checkpoint store is the run's `checkpoint.url`; the newest committed step is used unless
 --step names one, after its files are checked against the manifest. The model is rebuilt from
 the manifest's config; each new token costs O(model width) per layer, whatever its position.
+It runs on the GPU where torch finds one (--device auto), else on the CPU; --seed repeats a sample
+on the same device (the CPU and a GPU draw from random streams of their own).
 
 The prompt is encoded, and the text decoded, by the tokenizer of the run's data: the checkpoint
 records it, and its files are read from the copy beside the data's shards (--storage-option
@@ -50,6 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where the model runs (default: auto, the GPU where torch finds one, else the CPU)",
+    )
+    parser.add_argument(
         "--tokenizer",
         help="the tokenizer's files (what tools/prepare_text.py --tokenizer took), instead of the copy beside the "
         "data; they must be the recorded ones (default: the recorded tokenizer; GPT-2 for a checkpoint without one)",
@@ -67,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def generate(args: argparse.Namespace) -> str:
+    device = run_device(args.device)
     storage_options = parse_storage_options(args.storage_option)
     with open_step(args.checkpoints, storage_options, args.step) as ckpt:
         model = build_model(ckpt.model_config)
@@ -77,7 +87,7 @@ def generate(args: argparse.Namespace) -> str:
             )
         model.load_state_dict(ckpt.weights())
         tokenizer = run_tokenizer(ckpt.manifest.get("tokenizer"), args.tokenizer, storage_options)
-    model.eval()
+    model.to(device).eval()
     if tokenizer.vocab_size > model.vocab_size:
         raise UserError(
             f"tokenizer {tokenizer.source} has {tokenizer.vocab_size} ids, more than the model's "
@@ -87,7 +97,7 @@ def generate(args: argparse.Namespace) -> str:
     ids = ([] if tokenizer.bos_id is None else [tokenizer.bos_id]) + text_ids
     if not ids:
         raise UserError("--prompt is empty and the tokenizer has no BOS to start from: give a --prompt")
-    prompt = torch.tensor([ids])
+    prompt = torch.tensor([ids], device=device)
     if prompt.shape[1] + args.max_new_tokens > model.seq_len:
         raise UserError(
             f"--max-new-tokens {args.max_new_tokens} and a {prompt.shape[1]}-token prompt exceed the "
@@ -98,12 +108,19 @@ def generate(args: argparse.Namespace) -> str:
         args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
-        generator=torch.Generator().manual_seed(args.seed),
+        generator=torch.Generator(device).manual_seed(args.seed),
     )
     new = out[0, len(ids) :].tolist()
     if tokenizer.eos_id in new:
         new = new[: new.index(tokenizer.eos_id)]
     return tokenizer.decode(text_ids + new)
+
+
+def run_device(choice: str) -> torch.device:
+    """The device --device names; auto is the GPU where torch finds one, else the CPU."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: torch finds no CUDA GPU here (torch.cuda.is_available() is False); use cpu")
+    return torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
 
 
 def run_tokenizer(record: dict | None, spec: str | None, storage_options: dict) -> Tokenizer:
