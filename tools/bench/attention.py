@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import gc
 import math
 import multiprocessing as mp
 import os
@@ -95,6 +96,7 @@ FORMS = {
 CORES = {"non_causal": "core", "causal": "core_causal"}  # per form, the prefix of its core variants
 WIDTH, HEADS = 768, 12  # on CPU and GPU alike
 PRECISION = {"cpu": "fp32", "cuda": "bf16"}
+PLOT = {"cpu": "docs/attention_scaling.png", "cuda": "docs/attention_scaling_gpu.png"}
 DEFAULT_TOKENS = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
 DEFAULT_POSITIONS = [128, 256, 512, 1024, 2048, 4096]
 TARGET_TOKENS = 8192  # the length of the targets summary (or the measured one nearest it)
@@ -123,10 +125,10 @@ MEMORY_HOW = {
     "cpu": "on CPU each case runs in a fresh process (forked from a server that imported torch "
     "once); after the timed passes glibc's mmap threshold is fixed at 64 KiB and the heap trimmed, "
     "so that freed buffers leave the resident set, the kernel's peak RSS is reset through "
-    "`/proc/self/clear_refs`, and memory is the peak RSS during a pass minus the RSS just before it "
+    "`/proc/self/clear_refs`, and memory is the peak RSS during a pass minus the RSS just before it, gradients cleared "
     f"(the largest of {MEMORY_PASSES} passes).",
     "cuda": "`torch.cuda.max_memory_allocated` during a pass (after `reset_peak_memory_stats`) minus "
-    f"`memory_allocated` just before it (the largest of {MEMORY_PASSES} passes).",
+    f"`memory_allocated` just before it, gradients cleared (the largest of {MEMORY_PASSES} passes).",
 }
 
 
@@ -236,8 +238,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--plot",
         type=Path,
-        default=Path("docs/attention_scaling.png"),
-        help="log-log plot to write (default: docs/attention_scaling.png)",
+        help="log-log plot to write (default: docs/attention_scaling.png, on GPU docs/attention_scaling_gpu.png, so "
+        "that each section of docs/benchmarks.md keeps its own)",
     )
     add_write_doc_flag(p)
     args = p.parse_args(argv)
@@ -246,6 +248,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda needs a CUDA GPU and torch finds none")
     args.precision = args.precision or PRECISION[args.device]
+    args.plot = args.plot or Path(PLOT[args.device])
     if args.width % args.heads:
         p.error(f"--width {args.width} is not a multiple of --heads {args.heads}")
     if args.repeats < 1:
@@ -311,6 +314,8 @@ class TSSACore(torch.nn.Module):
         self.denom_bias = torch.nn.Parameter(torch.zeros(cfg.n_head, cfg.seq_len)) if causal else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):  # as a layer's w, the output of the Linear U, would be
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         statistics = statistics_impl(self.tssa_impl, x.device)
         return statistics(split_heads(x, self.n_head), self.temp, causal=self.causal, denom_bias=self.denom_bias)[0]
 
@@ -404,13 +409,17 @@ def measure_layer(
     x = torch.randn(1, n, width, device=device, requires_grad=True)
     masking = {} if document_tokens is None else {"document_ids": random_documents(n, document_tokens).to(device)}
 
-    def one_pass() -> None:
+    def clear_grads() -> None:
         layer.zero_grad(set_to_none=True)
         x.grad = None
+
+    def one_pass() -> None:
+        clear_grads()
         with autocast(device, precision):
             y = layer(x, **masking)
         y.float().sum().backward()
 
+    sync(device)  # the layer's and the input's copies to the device are not the warmup's
     start = time.perf_counter()
     one_pass()  # warmup
     sync(device)
@@ -431,6 +440,7 @@ def measure_layer(
     peaks = []
     if device == "cuda":
         for _ in range(MEMORY_PASSES):
+            clear_grads()  # a pass frees the last one's gradients first: they are not part of the base
             torch.cuda.empty_cache()
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
@@ -440,6 +450,7 @@ def measure_layer(
     else:
         PeakRSS.release_freed_buffers()
         for _ in range(MEMORY_PASSES):
+            clear_grads()
             base = PeakRSS.reset()
             one_pass()
             peaks.append(PeakRSS.peak() - base)
@@ -547,12 +558,12 @@ def sdpa_kernel(width: int, heads: int, device: str, precision: str, document_to
     """The aten kernel F.scaled_dot_product_attention picks here for the causal layer, forward
     and backward (flash kernels never store the N x N scores; the math one does); with
     document_tokens, for the layer given document_ids (a boolean attn_mask)."""
-    from torch.profiler import profile
+    from torch.profiler import ProfilerActivity, profile
 
     layer = SelfAttention(layer_config(width, heads, 256), causal=True, n_tokens=256).to(device)
     x = torch.randn(1, 256, width, device=device, requires_grad=True)
     masking = {} if document_tokens is None else {"document_ids": random_documents(256, document_tokens).to(device)}
-    with profile() as prof:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:  # the aten ops are CPU events; no CUPTI needed
         with autocast(device, precision):
             y = layer(x, **masking)
         y.float().sum().backward()
@@ -641,10 +652,14 @@ class Runner:
         try:
             return "ok", globals()[fn_name](**kwargs)
         except torch.cuda.OutOfMemoryError as exc:
-            torch.cuda.empty_cache()
-            return "error", f"CUDA out of memory: {str(exc).splitlines()[0]}"
+            status, result = "error", f"CUDA out of memory: {str(exc).splitlines()[0]}"
         except Exception as exc:  # noqa: BLE001 - the case is marked failed, as a worker's would be
-            return "error", f"{type(exc).__name__}: {exc}"
+            status, result = "error", f"{type(exc).__name__}: {exc}"
+        # Past the except clause, whose exception held the failed case's frames and so its tensors:
+        # give their memory back to the device, so that the next case is not measured beside it.
+        gc.collect()
+        torch.cuda.empty_cache()
+        return status, result
 
     def _run_in_worker(self, fn_name: str, kwargs: dict) -> tuple[str, object]:
         parent, child = self.ctx.Pipe(duplex=False)
@@ -780,7 +795,8 @@ def document_mask_section(report: dict, args: argparse.Namespace, command: str) 
         "op overwrites its chunked cumsums on the documents that start inside a chunk); SDPA gets a boolean "
         f"block-diagonal causal mask (it ran `{report['sdpa_kernel']}` unmasked, `{report['sdpa_kernel_masked']}` "
         "masked). "
-        f"torch {report['torch']}, {report['threads']} CPU threads; total run {report['total_seconds']:.0f} s."
+        f"torch {report['torch']}{cuda_version(report)}, {report['threads']} CPU threads; "
+        f"total run {report['total_seconds']:.0f} s."
         + (
             f" The machine is shared: other processes kept {report['other_load']['mean']:.0%} of its cores busy on "
             f"average while the cases ran (at most {report['other_load']['max']:.0%})."
@@ -971,6 +987,10 @@ def run_generation(args: argparse.Namespace, runner: Runner) -> dict | None:
 # Output
 
 
+def cuda_version(report: dict) -> str:
+    return f", CUDA {report['cuda']}" if report.get("cuda") else ""
+
+
 def fmt_exp(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
@@ -1144,7 +1164,8 @@ def markdown_section(report: dict, args: argparse.Namespace, command: str) -> tu
         "",
         *about,
         "",
-        f"torch {report['torch']}, {report['threads']} CPU threads; width D {report['width']}, {report['heads']} heads "
+        f"torch {report['torch']}{cuda_version(report)}, {report['threads']} CPU threads; "
+        f"width D {report['width']}, {report['heads']} heads "
         f"(head dim {report['width'] // report['heads']}), {report['precision']}; 1 warmup pass + {args.repeats} "
         f"timed repetitions per case; --memory-limit-gib {report['memory_limit_gib']:.1f}, --max-case-seconds "
         f"{args.max_case_seconds:.0f}. Total run {report['total_seconds']:.0f} s. `SelfAttention`'s SDPA ran "
@@ -1284,6 +1305,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": device_name(),
         "device_kind": args.device,
         "torch": torch.__version__,
+        "cuda": torch.version.cuda if args.device == "cuda" else None,
         "threads": torch.get_num_threads(),
         "width": args.width,
         "heads": args.heads,
