@@ -120,6 +120,7 @@ class EngineConfig:
     activation_checkpointing: str = "none"
     activation_checkpointing_every: int = 2
     compile: bool = False
+    compile_scope: str = "blocks"
     reshard_after_forward: bool = True
     deepspeed_overrides: dict = field(default_factory=dict)
 

@@ -7,7 +7,7 @@ import torch
 from pretrain.config import Config, grad_accum_steps
 from pretrain.distributed import DistInfo
 from pretrain.engines.base import Engine, StepResult
-from pretrain.engines.blocks import AC_MODES, prepare_blocks
+from pretrain.engines.blocks import AC_MODES, COMPILE_SCOPES, prepare_blocks
 from pretrain.errors import UserError
 from pretrain.models.contract import PretrainModel
 from pretrain.optim import OPTIMIZERS
@@ -41,6 +41,13 @@ def check_engine_config(cfg: Config, world_size: int) -> None:
         fail(f"engine.activation_checkpointing={e.activation_checkpointing!r} is not one of {', '.join(AC_MODES)}")
     if e.activation_checkpointing == "every_k" and e.activation_checkpointing_every < 1:
         fail(f"engine.activation_checkpointing_every={e.activation_checkpointing_every} must be >= 1")
+    if e.compile_scope not in COMPILE_SCOPES:
+        fail(f"engine.compile_scope={e.compile_scope!r} is not one of {', '.join(COMPILE_SCOPES)}")
+    if e.compile and e.compile_scope == "model" and e.name != "ddp":
+        fail(
+            f"engine.compile_scope=model needs engine=ddp (engine={e.name} wraps or shards each block, "
+            "and compiles blocks): use engine.compile_scope=blocks"
+        )
     grad_accum_steps(cfg.train, world_size)  # the global batch must split evenly over the ranks
     if cfg.optim.name not in OPTIMIZERS:
         fail(f"optim.name={cfg.optim.name!r} is not one of {', '.join(OPTIMIZERS)}")

@@ -13,6 +13,7 @@ from pretrain.config import EngineConfig
 from pretrain.models.contract import PretrainModel
 
 AC_MODES = ("none", "full", "every_k")
+COMPILE_SCOPES = ("blocks", "model")  # "model": the engine compiles the whole model (engine=ddp only)
 
 
 def checkpointed_blocks(n_blocks: int, cfg: EngineConfig) -> list[int]:
@@ -35,10 +36,10 @@ def _recompute_in_backward(block: nn.Module) -> None:
 
 
 def prepare_blocks(model: PretrainModel, cfg: EngineConfig) -> PretrainModel:
-    """Apply activation checkpointing, then compilation, to each of `model.blocks`."""
+    """Apply activation checkpointing, then compilation (engine.compile_scope=blocks), to each of `model.blocks`."""
     for i in checkpointed_blocks(len(model.blocks), cfg):
         _recompute_in_backward(model.blocks[i])
-    if cfg.compile:
+    if cfg.compile and cfg.compile_scope == "blocks":
         for block in model.blocks:
             block.compile()
     return model

@@ -16,9 +16,17 @@ class DDPEngine(TorchEngine):
     def _wrap(self, model: nn.Module, cfg: Config) -> nn.Module:
         self.autocast_bf16 = cfg.engine.precision == "bf16"
         if torch.distributed.get_world_size() == 1:
-            return model
-        device_ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids)
+            wrapped = model
+        else:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            wrapped = DistributedDataParallel(model, device_ids=device_ids)
+        if cfg.engine.compile and cfg.engine.compile_scope == "model":
+            # One graph from embedding to loss: the head and cross-entropy fuse too, which blocks
+            # alone leave eager. In place (parameter names unchanged), and around DDP, so that
+            # dynamo cuts the graph at DDP's gradient buckets and their all-reduces still overlap
+            # backward.
+            wrapped.compile()
+        return wrapped
 
     def _gradient_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
         if enabled or not isinstance(self.wrapped, DistributedDataParallel):
