@@ -108,6 +108,11 @@ class Callbacks:
     def accept_update(self, loop: LoopState, loss: float) -> bool:
         return all([callback.accept_update(loop, loss) for callback in self.items])  # every one: collectives
 
+    def judges_updates(self) -> bool:
+        """Whether any callback may withhold an update. If none does, the engine is not asked, and
+        need not read the step's loss on the host before it updates (a GPU sync fewer)."""
+        return any(type(callback).accept_update is not Callback.accept_update for callback in self.items)
+
     def on_step_end(self, loop: LoopState, result: StepResult) -> None:
         for callback in self.items:
             callback.on_step_end(loop, result)

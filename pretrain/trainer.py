@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from pretrain.batch import Batch
+from pretrain.batch import Batch, pinned
 from pretrain.callbacks import Callbacks, LoopState
 from pretrain.checkpoint.manager import Checkpointable, CheckpointManager, NotCommitted, Restored, SavePolicy
 from pretrain.checkpoint.store import CheckpointStore, Node
@@ -207,7 +207,7 @@ class Trainer:
         # Closed on any way out, which stops the loader's workers (see ShardLoader.__iter__).
         with contextlib.closing(task.batches(data)) as batches:
             try:
-                self._loop(loop, batches)
+                self._loop(loop, pinned(batches) if world.device.type == "cuda" else batches)
             except Preempted:
                 tracker.finish("KILLED")
                 raise
@@ -254,10 +254,11 @@ class Trainer:
     def _loop(self, loop: LoopState, batches: Iterator[Batch]) -> None:
         cfg, callbacks = self.cfg, loop.callbacks
         callbacks.on_fit_start(loop)
+        accept = (lambda loss: callbacks.accept_update(loop, loss)) if callbacks.judges_updates() else None
         while loop.step < cfg.train.max_steps and not loop.stop_requested:
             micro_batches = [next(batches) for _ in range(self.grad_accum_steps)]
             callbacks.on_step_start(loop)
-            result = loop.engine.train_step(micro_batches, lambda loss: callbacks.accept_update(loop, loss))
+            result = loop.engine.train_step(micro_batches, accept)
             loop.step += 1
             loop.tokens_seen += loop.tokens_per_step
             callbacks.on_step_end(loop, result)

@@ -70,10 +70,11 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     return _merge(generated, cfg.engine.deepspeed_overrides)
 
 
-def _optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """Our AdamW; with ZeRO-Offload, DeepSpeed's CPU AdamW over the same groups and settings."""
+def _optimizer(model: nn.Module, cfg: Config, on_gpu: bool) -> torch.optim.Optimizer:
+    """Our AdamW, fused on a GPU (DeepSpeed steps it on its fp32 master weights, which live on the
+    GPU without offload); with ZeRO-Offload, DeepSpeed's CPU AdamW over the same groups and settings."""
     if not cfg.engine.offload_optimizer:
-        return build_optimizer(model, cfg.optim)
+        return build_optimizer(model, cfg.optim, fused=on_gpu)
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
     return DeepSpeedCPUAdam(
@@ -93,7 +94,7 @@ class DeepSpeedEngine(Engine):
         build_deepspeed_ops(["ShareMemCommBuilder", *(["CPUAdamBuilder"] if cfg.engine.offload_optimizer else [])])
         self.engine, _, _, _ = deepspeed.initialize(
             model=model,
-            optimizer=_optimizer(model, cfg),
+            optimizer=_optimizer(model, cfg, on_gpu=dist.device.type == "cuda"),
             lr_scheduler=lambda optimizer: build_scheduler(optimizer, cfg.optim),
             config=deepspeed_config(cfg, dist.world_size),
             dist_init_required=False,
@@ -113,12 +114,14 @@ class DeepSpeedEngine(Engine):
         loss is made NaN before its backward pass. DeepSpeed without ZeRO has no such skip, so
         `accept` is refused there (see check_engine_config)."""
         lr = self.engine.get_lr()[0]
-        total, grad_norm, withheld = 0.0, None, False
+        total = torch.zeros((), dtype=torch.float64, device=self.device)  # float64: the sum a Python float made
+        grad_norm, withheld = None, False
         for i, batch in enumerate(micro_batches):
             loss = self.engine(**self.to_device(batch))
-            total += loss.item()
+            total += loss.detach()
             if accept is not None and i == len(micro_batches) - 1:  # on every rank: `accept` is collective
-                withheld = not accept(total / len(micro_batches))
+                # A host sync before the last backward: withholding has to choose that backward's loss.
+                withheld = not accept(total.item() / len(micro_batches))
             self.engine.backward(loss * float("nan") if withheld else loss)
             if self._measure_grad_norm and self.engine.is_gradient_accumulation_boundary():
                 grad_norm = self._grad_norm()
@@ -127,7 +130,9 @@ class DeepSpeedEngine(Engine):
             grad_norm = float(self.engine.get_global_grad_norm())
         # ZeRO skips a step whose norm is not finite; without ZeRO DeepSpeed applies it.
         skipped = not self.engine.was_step_applied() and not withheld
-        return StepResult(total / len(micro_batches), grad_norm, lr, skipped, withheld)
+        # DeepSpeed's step has already waited for the GPU (its overflow check and norm are read on
+        # the host): fetching the loss here costs no further stall.
+        return StepResult(total.item() / len(micro_batches), grad_norm, lr, skipped, withheld)
 
     def predict(self, batch: Batch) -> torch.Tensor:
         inputs = {k: v for k, v in self.to_device(batch).items() if k != "labels"}
@@ -219,6 +224,20 @@ class DeepSpeedEngine(Engine):
     def _load(self, step_dir: str) -> None:
         root, tag = os.path.split(os.path.normpath(step_dir))
         self.engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+        self._place_fused_steps()
+
+    def _place_fused_steps(self) -> None:
+        """Fused AdamW wants each `step` as fp32 on its parameter's device; DeepSpeed's universal
+        loader sets the `step` that its converter read, wherever that put it (torch's own
+        load_state_dict would have moved it)."""
+        base = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)  # under ZeRO / bf16: ours
+        for group in base.param_groups:
+            if not group.get("fused"):
+                continue
+            for p in group["params"]:
+                state = base.state.get(p, {})
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].to(p.device, torch.float32)
 
     # ZeRO-3 partitions each weight flat over the ranks (`ds_tensor`, the last one padded); the
     # other stages keep whole weights on every rank, which the base class handles.

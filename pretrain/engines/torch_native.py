@@ -41,7 +41,9 @@ class TorchEngine(Engine):
         self.is_main = dist_info.is_main
         self._model = model.to(self.device)
         self.wrapped = self._wrap(self._model, cfg)
-        self.optimizer = build_optimizer(self._model, cfg.optim)
+        # Fused where every parameter (a shard of it, under FSDP) lives on the GPU, not with FSDP's CPU offload.
+        on_gpu = all(p.device.type == "cuda" for p in self._model.parameters())
+        self.optimizer = build_optimizer(self._model, cfg.optim, fused=on_gpu)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim)
         self.grad_clip = cfg.optim.grad_clip
 
@@ -62,20 +64,24 @@ class TorchEngine(Engine):
 
     def train_step(self, micro_batches: list[Batch], accept: Accept | None = None) -> StepResult:
         lr = self.scheduler.get_last_lr()[0]
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=self.device)  # float64: the sum a Python float made
         for i, batch in enumerate(micro_batches):
             with self._gradient_sync(i == len(micro_batches) - 1), self._autocast():
                 loss = self.wrapped(**self.to_device(batch))
                 (loss / len(micro_batches)).backward()
-            total += loss.item()
-        grad_norm = self._clip_grad_norm()
+            total += loss.detach()
+        # The step's one host sync, after every backward and the clipping are queued: the update
+        # depends on a host decision (a non-finite norm skips it, `accept` may withhold it), so the
+        # GPU's work up to here has to finish first. Loss and norm come back in one transfer.
+        loss_sum, grad_norm = torch.stack([total, self._clip_grad_norm().to(total.device, torch.float64)]).tolist()
+        loss = loss_sum / len(micro_batches)
         skipped = not math.isfinite(grad_norm)  # global, so every rank decides alike
-        withheld = not skipped and accept is not None and not accept(total / len(micro_batches))
+        withheld = not skipped and accept is not None and not accept(loss)
         if not (skipped or withheld):
             self.optimizer.step()
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(total / len(micro_batches), grad_norm, lr, skipped, withheld)
+        return StepResult(loss, grad_norm, lr, skipped, withheld)
 
     def predict(self, batch: Batch) -> torch.Tensor:
         inputs = {k: v for k, v in self.to_device(batch).items() if k != "labels"}
@@ -86,13 +92,12 @@ class TorchEngine(Engine):
         finally:
             self.wrapped.train()
 
-    def _clip_grad_norm(self) -> float:
-        """Global norm before clipping; with sharded (DTensor) gradients torch reduces the
-        per-shard norms across ranks, and the result is itself a DTensor to be gathered."""
+    def _clip_grad_norm(self) -> torch.Tensor:
+        """Global norm before clipping, left on the device (clipping itself needs no sync); with
+        sharded (DTensor) gradients torch reduces the per-shard norms across ranks, and the result
+        is itself a DTensor to be gathered."""
         norm = torch.nn.utils.clip_grad_norm_(self._model.parameters(), self.grad_clip)
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
-        return norm.item()
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
     def save(self, step_dir: str) -> None:
         model_state, optim_state = get_state_dict(self.wrapped, self.optimizer)
