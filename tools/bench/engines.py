@@ -35,7 +35,6 @@ from pretrain.errors import UserError
 from pretrain.launch import run_local_world
 from pretrain.models import build_model
 from pretrain.tracking.metrics import memory_gib, mfu, peak_flops
-from pretrain.trainer import seed_everything
 
 BAD_INPUT_EXIT = 2
 FAILED_RUN_EXIT = 1
@@ -223,7 +222,7 @@ def bench_rank(dist_info: DistInfo, cfg: Config, warmup: int, steps: int, peak_t
     """One variant on this rank: untimed warmup, then timed steps; returns timings, loss and memory.
     A CUDA out-of-memory error is returned as such (this process then exits, freeing the GPU)."""
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # DeepSpeed logs to stdout, which carries the JSON
-    seed_everything(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)  # the weights' initialisation; the tokens have their own generator
     model = build_model(cfg.model)
     flops_per_token = model.flops_per_token()  # before sharding, so it counts the whole model
     batches = [micro_batches(b, dist_info, cfg.train.micro_batch_size) for b in token_blocks(warmup + steps, cfg)]
