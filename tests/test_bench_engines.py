@@ -5,6 +5,7 @@ docs section from a made-up report; and tools/bench/gpu.sh, which runs it on a G
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import shlex
 import subprocess
@@ -186,8 +187,11 @@ def script_commands() -> list[list[str]]:
     return [shlex.split(m.group(1)) for m in re.finditer(r"python3 (tools/bench/\w+\.py[^\n]*)", text)]
 
 
-def test_gpu_script_is_valid_bash_and_calls_the_benchmarks_with_their_flags(capsys) -> None:
+def test_gpu_script_is_valid_bash_and_calls_the_benchmarks_with_their_flags(capsys, tmp_path) -> None:
     subprocess.run(["bash", "-n", str(GPU_SCRIPT)], check=True)
+    env = {**os.environ, "OUT": str(tmp_path)}
+    wrong = subprocess.run(["bash", str(GPU_SCRIPT), "benchmarks"], env=env, capture_output=True)
+    assert wrong.returncode == 2 and b"no part benchmarks" in wrong.stderr and not any(tmp_path.iterdir())
     commands = script_commands()
     assert [c[0].removeprefix("tools/bench/") for c in commands] == ["engines.py", "attention.py", "attention.py"]
     attention = load_tool("attention")
