@@ -71,7 +71,12 @@ def test_gpu_runs_configure_the_context_engine_and_batch() -> None:
 
 
 def test_gpu_refusals(capsys) -> None:
-    for argv in (["--gpu", "--world-size", "2"], ["--gpu", "--global-batch", "8"], ["--gpu", "--contexts", "0"]):
+    for argv in (
+        ["--gpu", "--world-size", "2"],
+        ["--gpu", "--global-batch", "8"],
+        ["--gpu", "--contexts", "0"],
+        ["--gpu", "--micro-batch", "0"],
+    ):
         with pytest.raises(SystemExit) as exc:
             engines.parse_args(argv)
         assert exc.value.code == 2, argv

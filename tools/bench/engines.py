@@ -170,7 +170,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.precision = args.precision or precision
     if args.gpu and args.world_size != 1:
         p.error(f"--gpu runs one process; drop --world-size {args.world_size}")
-    if min(args.contexts) < 1 or (args.micro_batch or 1) < 1 or args.steps < 1 or args.warmup < 0:
+    if (
+        min(args.contexts) < 1
+        or (args.micro_batch is not None and args.micro_batch < 1)
+        or args.steps < 1
+        or args.warmup < 0
+    ):
         p.error("--contexts, --micro-batch and --steps must be positive, --warmup not negative")
     return args
 
