@@ -2,7 +2,8 @@
 entry point under its launchers (`deepspeed --num_gpus 1`, `torchrun --nproc_per_node 1`, plain
 `python`) trains every engine, resumes exactly, offloads and compiles; the Triton TSSA kernels
 match eager; each vision family learns; tools/generate.py samples on the GPU; the memory and MFU a
-run reports are plausible. Where torch finds no CUDA every test is skipped, saying so (conftest.py).
+run reports are plausible. Where torch finds no CUDA those tests are skipped, saying so (conftest.py);
+the last test, which checks the runs' configs, runs everywhere.
 
 The training runs are started together by two module fixtures (`runs`, then `resumed`, which
 needs their checkpoints), several at a time: the models are tiny, so most of a launch is starting
@@ -23,9 +24,16 @@ import pytest
 import torch
 from helpers import check, launch, metric_history, tool
 
-from pretrain.engines import VARIANTS
+from pretrain.config import load_config
+from pretrain.engines import VARIANTS, check_engine_config
 
-pytestmark = [pytest.mark.gpu, pytest.mark.slow, pytest.mark.e2e]
+
+def launches(test):
+    """A test of the GPU suite that launches the entry point (conftest.py skips it without CUDA)."""
+    for mark in (pytest.mark.gpu, pytest.mark.slow, pytest.mark.e2e):
+        test = mark(test)
+    return test
+
 
 LM = {"tost": "tost_gpt2_smoke", "gpt2": "gpt2_smoke"}
 ENGINES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
@@ -114,6 +122,7 @@ def losses(runs: dict[str, tuple], name: str, key: str = "loss") -> dict[int, fl
     return metric_history(run_dir, key)
 
 
+@launches
 @pytest.mark.parametrize("name", ENGINE_RUNS)
 def test_every_engine_trains_both_language_models_for_30_steps_and_the_loss_falls(runs, name):
     """From ln(50304) = 10.8 (uniform over the vocabulary), 30 steps take a model that learns to
@@ -124,6 +133,7 @@ def test_every_engine_trains_both_language_models_for_30_steps_and_the_loss_fall
     assert sum(history[s] for s in range(STEPS - 4, STEPS + 1)) / 5 < history[1] - 1.0, history
 
 
+@launches
 @pytest.mark.parametrize("engine", ENGINES)
 def test_a_run_resumed_on_the_gpu_takes_exactly_the_steps_of_the_unbroken_run(runs, resumed, engine):
     """Bit for bit: ToST has no atomics on the GPU (its Triton kernels reduce in a fixed order, and
@@ -139,6 +149,7 @@ def test_a_run_resumed_on_the_gpu_takes_exactly_the_steps_of_the_unbroken_run(ru
     assert [replayed[s] for s in replayed] == [unbroken[s] for s in replayed]
 
 
+@launches
 @pytest.mark.parametrize(
     "offloaded, on_gpu",
     [
@@ -158,6 +169,7 @@ def test_offloaded_engines_train_10_steps_like_the_same_engine_on_the_gpu(runs, 
         assert loss == pytest.approx(reference[step], rel=0.02), (step, history, reference)
 
 
+@launches
 @pytest.mark.parametrize("compiled, eager", [("tost-zero2-compile", "tost-zero2"), ("gpt2-fsdp-compile", "gpt2-fsdp")])
 def test_compiled_blocks_train_like_eager_within_2_percent(runs, compiled, eager):
     """engine.compile=true (ToST's Triton op traced through its fake implementation, under ZeRO-2;
@@ -169,6 +181,7 @@ def test_compiled_blocks_train_like_eager_within_2_percent(runs, compiled, eager
         assert loss == pytest.approx(reference[step], rel=0.02), (step, history, reference)
 
 
+@launches
 @pytest.mark.parametrize("name", ["crate", "tost_vision", "vit"])
 def test_each_vision_family_learns_its_smoke_digits_in_bf16(runs, name):
     """The CPU suite's thresholds: the loss falls, and the held-out top-1 is far above chance (0.1)."""
@@ -177,6 +190,7 @@ def test_each_vision_family_learns_its_smoke_digits_in_bf16(runs, name):
     assert metric_history(runs[name][1], "eval_top1")[300] > 0.4
 
 
+@launches
 def test_reported_memory_is_the_gpus_and_below_its_total(runs):
     """memory_gib is torch.cuda.max_memory_allocated on a GPU: above the model's own weights (the
     smoke models' 4 x 128 with a 50304-token table: ~29 MB in fp32) and below the device's memory."""
@@ -186,6 +200,7 @@ def test_reported_memory_is_the_gpus_and_below_its_total(runs):
         assert 0.02 < memory < total_gib, (name, memory, total_gib)
 
 
+@launches
 def test_reported_mfu_is_a_fraction_of_the_devices_peak(runs):
     """MFU is logged where the device's bf16 peak is known (or train.peak_tflops gives it); it is
     then above 0 and below 1."""
@@ -197,6 +212,7 @@ def test_reported_mfu_is_a_fraction_of_the_devices_peak(runs):
         assert 0 < history[STEPS] < 1, (name, history[STEPS])
 
 
+@launches
 def test_generate_samples_on_the_gpu(runs, capsys):
     """tools/generate.py --device cuda on the ZeRO-2 run's newest checkpoint: the model's memory is
     on the GPU, and the printed text is the prompt and its continuation."""
@@ -211,6 +227,7 @@ def test_generate_samples_on_the_gpu(runs, capsys):
     assert torch.cuda.max_memory_allocated() - before > 20e6  # the weights (~29 MB in fp32) were on the GPU
 
 
+@pytest.mark.gpu
 def test_triton_tssa_matches_eager_in_bf16() -> None:
     """A ToST LM under bf16 autocast with model.tssa_impl=triton and =eager, against the same model
     in fp32: logits within 1e-2 of eager's (in norm, relative); the whole gradient within 2e-2;
@@ -256,6 +273,7 @@ def test_triton_tssa_matches_eager_in_bf16() -> None:
         assert error(got, ref) <= max(2 * error(want, ref), 2e-2)
 
 
+@launches
 @pytest.mark.parametrize(("launcher", "engine"), [("deepspeed", "zero3"), ("torchrun", "fsdp")])
 def test_two_ranks_on_two_gpus_shard_and_train(launcher, engine, tmp_path, corpus_cache):
     """2 NCCL ranks, one GPU each, parameters sharded across them: the loss falls. Skipped below 2
@@ -268,3 +286,14 @@ def test_two_ranks_on_two_gpus_shard_and_train(launcher, engine, tmp_path, corpu
     check(launch(launcher, overrides, timeout=LAUNCH_TIMEOUT_S, env=ENV, procs=2))
     history = metric_history(tmp_path)
     assert sum(history[s] for s in range(STEPS - 4, STEPS + 1)) / 5 < history[1] - 1.0, history
+
+
+@pytest.mark.slow
+def test_every_run_of_the_suite_is_a_config_the_entry_point_accepts():
+    """Checked without a GPU too: the overrides name real keys and values, on one rank, and the
+    resume's too (offload, which needs a GPU, is checked where there is one)."""
+    for run in RUNS.values():
+        cfg = load_config([*run.overrides, "run_dir=unused", f"checkpoint.resume={SAVE_AT}"])
+        assert cfg.engine.precision == "bf16"
+        if not (cfg.engine.offload_params or cfg.engine.offload_optimizer):
+            check_engine_config(cfg, world_size=1)
