@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from pretrain.errors import UserError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -67,6 +69,18 @@ def single_process_env() -> dict[str, str]:
     }
 
 
+def gpu_for_rank(local_rank: int, gpus: int) -> int:
+    """The GPU of the process with `local_rank` on a node where torch sees `gpus`: its local rank,
+    which must name one; more processes than GPUs would fail in CUDA with a message naming neither."""
+    if local_rank >= gpus:
+        raise UserError(
+            f"local rank {local_rank} has no GPU: torch sees {gpus} on this node; start at most {gpus} processes "
+            f"per node (deepspeed --num_gpus {gpus}, torchrun --nproc-per-node {gpus}), or hide the GPUs "
+            "(CUDA_VISIBLE_DEVICES=) to run every rank on CPU with gloo"
+        )
+    return local_rank
+
+
 def init_distributed(timeout_s: float | None = None) -> DistInfo:
     """Initialise the default process group (NCCL on GPU, gloo on CPU) and pick the device; a
     collective that waits longer than `timeout_s` (default: torch's) fails."""
@@ -79,8 +93,9 @@ def init_distributed(timeout_s: float | None = None) -> DistInfo:
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
 
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device, backend = torch.device("cuda", local_rank), "nccl"
+        gpu = gpu_for_rank(local_rank, torch.cuda.device_count())
+        torch.cuda.set_device(gpu)
+        device, backend = torch.device("cuda", gpu), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
         if "OMP_NUM_THREADS" not in os.environ:

@@ -9,6 +9,7 @@ traceback.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import queue
 import traceback
@@ -20,8 +21,12 @@ import torch.multiprocessing as mp
 
 from pretrain.distributed import free_port, init_distributed, shutdown
 
+log = logging.getLogger("pretrain")
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results: mp.Queue) -> None:
+
+def _worker(rank: int, world_size: int, port: int, on_cpu: bool, fn: Callable, args: tuple, results: mp.Queue) -> None:
+    if on_cpu:  # before CUDA starts in this process, which reads it once
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(world_size),
@@ -45,11 +50,19 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, re
 
 
 def run_local_world(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 900) -> list[Any]:
-    """`fn(dist_info, *args)` on `world_size` local processes; returns their results by rank."""
+    """`fn(dist_info, *args)` on `world_size` local processes; returns their results by rank. With
+    fewer GPUs than processes (a world of 2 on a one-GPU machine), every process runs on CPU with
+    gloo, which is said in the log, rather than one of them asking CUDA for a GPU it does not have."""
+    gpus = torch.cuda.device_count()
+    on_cpu = 0 < gpus < world_size
+    if on_cpu:
+        log.warning("a local world of %d processes runs on CPU with gloo: torch sees %d GPU(s)", world_size, gpus)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results)) for r in range(world_size)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, world_size, port, on_cpu, fn, args, results)) for r in range(world_size)
+    ]
     for p in procs:
         p.start()
     by_rank: dict[int, Any] = {}

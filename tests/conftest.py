@@ -34,6 +34,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+def pytest_report_header(config: pytest.Config) -> str:
+    gpus = torch.cuda.device_count()
+    if gpus == 0:
+        return "GPUs: none; tests marked gpu are skipped, and every rank runs on CPU with gloo"
+    return (
+        f"GPUs: {gpus}; a test with more ranks than GPUs runs them all on CPU with gloo (CUDA hidden from "
+        "its processes), so no rank asks for a GPU that is not there"
+    )
+
+
 @pytest.fixture(scope="session")
 def corpus_cache(tmp_path_factory) -> str:
     """One embedded-corpus cache for every end-to-end run of the session (prepared on first use)."""

@@ -84,9 +84,13 @@ def launch_command(
     else:
         cmd = [sys.executable, MAIN]
     # PYTHONPATH: the processes import this checkout, whatever tree an editable install points at.
+    # More ranks than GPUs (the CPU suite's 2 ranks on a one-GPU machine): every rank on CPU with
+    # gloo, CUDA hidden, rather than rank 1 asking for a second GPU (conftest's header says so).
+    on_cpu = {"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"} if 0 < torch.cuda.device_count() < procs else {}
     env = {
         **os.environ,
         **extra_env,
+        **on_cpu,
         "OMP_NUM_THREADS": "1",
         "PYTHONUNBUFFERED": "1",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),

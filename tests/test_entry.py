@@ -8,7 +8,7 @@ import pytest
 from helpers import launch
 
 from pretrain.config import TrainConfig, grad_accum_steps, load_config
-from pretrain.distributed import strip_launcher_args
+from pretrain.distributed import gpu_for_rank, strip_launcher_args
 from pretrain.errors import UserError
 
 EXPERIMENTS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs" / "exp").glob("*.yaml"))
@@ -88,3 +88,12 @@ def test_accumulation_keeps_the_global_batch_on_any_world_size():
     assert [grad_accum_steps(train, n) for n in (1, 2, 8)] == [40, 20, 5]
     with pytest.raises(UserError, match="train.global_batch_size"):
         grad_accum_steps(train, 7)
+
+
+def test_a_rank_without_a_gpu_is_refused_in_one_line_naming_the_count():
+    """Two ranks on a one-GPU node: rank 1 is told to start fewer processes or hide the GPUs,
+    instead of failing inside CUDA (torch.cuda.set_device(1))."""
+    assert [gpu_for_rank(r, 2) for r in (0, 1)] == [0, 1]
+    with pytest.raises(UserError, match=r"^local rank 1 has no GPU: torch sees 1 on this node; .*--num_gpus 1") as e:
+        gpu_for_rank(1, 1)
+    assert "\n" not in str(e.value)
