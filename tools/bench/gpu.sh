@@ -73,7 +73,7 @@ if [[ $failed != 0 ]]; then
 fi
 
 [[ $parts == *" tests "* ]] &&
-    step gpu-tests 300 python3 -m pytest -m gpu -x -q -p no:cacheprovider --continue-on-collection-errors
+    step gpu-tests 450 python3 -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors
 # 12 runs of about 15 s each, mostly process start, engine setup and first kernels (GPT2-Base's
 # training FLOPs, 6 x 124M per token plus attention's, are 14 TFLOP per 16k-token step at 1k: about
 # 40 ms at 40% of an H100's 989 TFLOP/s, so 35 steps take 1-4 s per run); no run starts after 180 s.
