@@ -95,6 +95,7 @@ def test_the_benchmark_verdict_passes_measured_runs_and_names_a_failed_one():
     assert gpu_check.bench_verdict(0, "engines: error") == (False, "its report is not the JSON object it prints")
 
 
+@pytest.mark.slow  # it waits out a timeout
 def test_a_command_is_shown_and_logged_as_it_runs_and_killed_past_its_timeout(tmp_path, capsys):
     log = tmp_path / "log"
     slow = [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"]

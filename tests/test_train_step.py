@@ -24,7 +24,9 @@ from pretrain.spikes import SpikeDetector
 PRETRAIN = str(Path(pretrain.__file__).parent)
 
 
-@pytest.mark.parametrize("label", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
+# Both slow: a process group and engine per case, and the fast part keeps its 90 s.
+@pytest.mark.slow
+@pytest.mark.parametrize("label", ["ddp", "fsdp"])
 def test_a_step_reads_the_device_once_and_the_cpu_optimizer_is_not_fused(label, one_rank: DistInfo, monkeypatch):
     """Loss and gradient norm come back together, once per optimizer step, however many micro-batches."""
     cfg = config("gpt2", [f"engine={label}"], global_batch=8, micro=2)

@@ -103,6 +103,7 @@ def test_fake_implementations_agree_with_the_kernels() -> None:
     torch.library.opcheck(torch.ops.whitebox.tssa_triton_backward.default, backward_args, test_utils=tests)
 
 
+@pytest.mark.slow  # a whole model in Triton's interpreter; the kernels' own tests stay in the fast part
 @runs_here
 def test_a_model_with_tssa_impl_triton_takes_the_steps_of_eager() -> None:
     """model.tssa_impl=triton through the layers (TSSAOutput's unfused path): a ToST LM's loss and
