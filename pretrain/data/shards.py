@@ -28,6 +28,7 @@ index lists) are kept here.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -153,11 +154,17 @@ def mixture_probabilities(weights: Sequence[float]) -> list[float]:
     return [w / total for w in weights]
 
 
+@functools.cache
+def _mixture_key(seed: int) -> np.uint64:
+    """The seed's SplitMix64 key, hashed once per seed: the draws run once per micro-batch."""
+    return np.uint64(int.from_bytes(hashlib.blake2b(f"mixture:{seed}".encode(), digest_size=8).digest()))
+
+
 def draw_sources(seed: int, probabilities: Sequence[float], batches: np.ndarray) -> np.ndarray:
     """The source of each micro-batch index in `batches`: SplitMix64 of (seed, g), a counter-based
     hash, as a uniform in [0, 1) placed among the cumulative shares. Independent draws, a pure
     function of (seed, g): the same on every rank, worker and resume, and countable for any g."""
-    key = np.uint64(int.from_bytes(hashlib.blake2b(f"mixture:{seed}".encode(), digest_size=8).digest()))
+    key = _mixture_key(seed)
     with np.errstate(over="ignore"):
         z = key + (batches.astype(np.uint64) + np.uint64(1)) * GOLDEN_GAMMA
         z = (z ^ (z >> np.uint64(30))) * MIX_1
