@@ -69,6 +69,17 @@ def single_process_env() -> dict[str, str]:
     }
 
 
+# A process's environment to run on CPU with gloo on a machine with GPUs: CUDA hidden from torch,
+# and DeepSpeed's accelerator (and launcher) on CPU, which would otherwise look for GPUs of its own.
+CPU_ONLY_ENV = {"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
+
+
+def too_few_gpus(ranks: int) -> bool:
+    """Whether this machine has GPUs, but fewer than `ranks` local processes: such a local world
+    runs on CPU (`CPU_ONLY_ENV`) rather than one process asking CUDA for a GPU it does not have."""
+    return 0 < torch.cuda.device_count() < ranks
+
+
 def gpu_for_rank(local_rank: int, gpus: int) -> int:
     """The GPU of the process with `local_rank` on a node where torch sees `gpus`: its local rank,
     which must name one; more processes than GPUs would fail in CUDA with a message naming neither."""

@@ -19,14 +19,14 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-from pretrain.distributed import free_port, init_distributed, shutdown
+from pretrain.distributed import CPU_ONLY_ENV, free_port, init_distributed, shutdown, too_few_gpus
 
 log = logging.getLogger("pretrain")
 
 
 def _worker(rank: int, world_size: int, port: int, on_cpu: bool, fn: Callable, args: tuple, results: mp.Queue) -> None:
     if on_cpu:  # before CUDA starts in this process, which reads it once
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        os.environ.update(CPU_ONLY_ENV)
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(world_size),
@@ -53,10 +53,13 @@ def run_local_world(fn: Callable[..., Any], world_size: int, *args: Any, timeout
     """`fn(dist_info, *args)` on `world_size` local processes; returns their results by rank. With
     fewer GPUs than processes (a world of 2 on a one-GPU machine), every process runs on CPU with
     gloo, which is said in the log, rather than one of them asking CUDA for a GPU it does not have."""
-    gpus = torch.cuda.device_count()
-    on_cpu = 0 < gpus < world_size
+    on_cpu = too_few_gpus(world_size)
     if on_cpu:
-        log.warning("a local world of %d processes runs on CPU with gloo: torch sees %d GPU(s)", world_size, gpus)
+        log.warning(
+            "a local world of %d processes runs on CPU with gloo: torch sees %d GPU(s)",
+            world_size,
+            torch.cuda.device_count(),
+        )
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()

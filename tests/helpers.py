@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from pretrain.config import Config, load_config, override_key
-from pretrain.distributed import DistInfo, free_port, mean_over_ranks
+from pretrain.distributed import CPU_ONLY_ENV, DistInfo, free_port, mean_over_ranks, too_few_gpus
 from pretrain.engines import Engine, build_engine
 from pretrain.models import build_model
 from pretrain.trainer import seed_everything
@@ -86,7 +86,7 @@ def launch_command(
     # PYTHONPATH: the processes import this checkout, whatever tree an editable install points at.
     # More ranks than GPUs (the CPU suite's 2 ranks on a one-GPU machine): every rank on CPU with
     # gloo, CUDA hidden, rather than rank 1 asking for a second GPU (conftest's header says so).
-    on_cpu = {"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"} if 0 < torch.cuda.device_count() < procs else {}
+    on_cpu = CPU_ONLY_ENV if too_few_gpus(procs) else {}
     env = {
         **os.environ,
         **extra_env,
