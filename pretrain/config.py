@@ -407,6 +407,11 @@ def _check_embedded_source(cfg: DictConfig) -> None:
 SOURCE_NAME = re.compile(r"[A-Za-z0-9_./-]+")  # what an MLflow metric name may hold, less spaces and colons
 
 
+def directory_name(url: str) -> str:
+    """The name of the directory (or bucket) a shard URL lies in: a source's default name."""
+    return posixpath.basename(posixpath.dirname(url).rstrip("/"))
+
+
 def source_names(data: DataConfig | DictConfig) -> list[str]:
     """The names of `data.sources` (a source's own, else its directory's; none without a mixture),
     once the mixture is given right: not beside data.urls, weights finite and > 0, names distinct.
@@ -428,7 +433,7 @@ def source_names(data: DataConfig | DictConfig) -> list[str]:
         if source.urls in (None, MISSING):
             raise UserError(f"data.sources[{i}].urls is required: set it to a brace pattern or a list of shard URLs")
         first = source.urls if isinstance(source.urls, str) else next(iter(source.urls), "")
-        name = source.name or posixpath.basename(posixpath.dirname(str(first)).rstrip("/")) or f"source{i}"
+        name = source.name or directory_name(str(first)) or f"source{i}"
         if not SOURCE_NAME.fullmatch(name):
             raise UserError(
                 f"data.sources[{i}].name={name!r}{'' if source.name else ' (its directory)'} names the metric "

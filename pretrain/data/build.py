@@ -17,7 +17,7 @@ from types import ModuleType
 from omegaconf import MISSING
 
 from pretrain.batch import Batch
-from pretrain.config import DataConfig, ImageConfig, source_names
+from pretrain.config import DataConfig, ImageConfig, directory_name, source_names
 from pretrain.data import images, tokens
 from pretrain.data.augment import RandAugment, RandomErasing
 from pretrain.data.images import EvalTransform, ImageDecoder, TrainTransform, check_image_index
@@ -235,7 +235,7 @@ def _configured_sources(cfg: DataConfig, train: bool) -> list[tuple[str, str, li
                 """e.g. 'data.val_urls="s3://bucket/dir/shard-{000000..000099}.tar"'"""
             )
         urls = expand_urls(cfg.val_urls, "data.val_urls")
-        return [(posixpath.basename(posixpath.dirname(urls[0])), "data.val_urls", urls, 1.0, cfg.storage_options)]
+        return [(directory_name(urls[0]), "data.val_urls", urls, 1.0, cfg.storage_options)]
     names = source_names(cfg)
     if not names:
         if cfg.urls in (None, MISSING):
@@ -245,7 +245,7 @@ def _configured_sources(cfg: DataConfig, train: bool) -> list[tuple[str, str, li
                 "data.sources"
             )
         urls = expand_urls(cfg.urls)
-        return [(posixpath.basename(posixpath.dirname(urls[0])), "data.urls", urls, 1.0, cfg.storage_options)]
+        return [(directory_name(urls[0]), "data.urls", urls, 1.0, cfg.storage_options)]
     return [
         (
             name,
