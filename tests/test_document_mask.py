@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from helpers import config, global_batches, rank_micro_batches
 
+from pretrain.batch import document_ids
 from pretrain.config import ModelConfig
-from pretrain.data.tokens import document_ids
 from pretrain.distributed import mean_over_ranks
 from pretrain.engines import build_engine
 from pretrain.launch import run_local_world

@@ -8,6 +8,7 @@ import io
 import numpy as np
 import torch
 
+from pretrain.batch import document_ids
 from pretrain.data.tokenizer import check_identity, describe_tokenizer, same_tokenizer
 from pretrain.errors import UserError
 
@@ -110,12 +111,3 @@ def split_tokens(batch: dict[str, np.ndarray], eos_id: int | None = None) -> dic
     if eos_id is not None:
         inputs["document_ids"] = document_ids(inputs["input_ids"], eos_id)
     return inputs
-
-
-def document_ids(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """Which document of its block each token belongs to: (B, T) int64, 0 for the block's first
-    document, +1 after each EOS (the EOS ends its document; the token after it starts the next).
-    The models' `document_ids` batch key, with which no token attends across a document boundary."""
-    after_eos = torch.zeros_like(input_ids, dtype=torch.int64)
-    after_eos[:, 1:] = input_ids[:, :-1] == eos_id
-    return after_eos.cumsum(dim=1)

@@ -20,8 +20,8 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
+from pretrain.batch import document_ids
 from pretrain.config import ModelConfig
-from pretrain.data.tokens import document_ids
 from pretrain.errors import UserError
 from pretrain.models.layers import TokenMixer, merge_heads, split_heads
 from pretrain.models.lm import CausalLM
