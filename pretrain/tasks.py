@@ -50,11 +50,6 @@ class Task:
         """The training loader's micro-batches as the model takes them."""
         return iter(loader)
 
-    def tokenizer(self, loader: ShardLoader) -> dict | None:
-        """The training data's tokenizer (its identity and the URL of its files), which checkpoints
-        record; None for data that are not text."""
-        return None
-
     def evaluate(self, engine: Engine) -> dict[str, float]:
         """Collective: the task's metrics on one pass of the validation data (at most
         `train.eval_max_batches` micro-batches per rank), and the white-box measures."""
@@ -117,9 +112,6 @@ class LanguageModelling(Task):
             train=train,
             worker_init=self.worker_init,
         )
-
-    def tokenizer(self, loader: ShardLoader) -> dict | None:
-        return loader.tokenizer
 
     def evaluate(self, engine: Engine) -> dict[str, float]:
         """Mean next-token loss over the validation tokens, and the white-box measures."""

@@ -64,7 +64,7 @@ class Trainer:
         self.dist = dist_info
         self.run_dir = os.path.abspath(cfg.run_dir)
         self.grad_accum_steps = grad_accum_steps(cfg.train, dist_info.world_size)
-        self.tokenizer: dict | None = None  # the training data's (Task.tokenizer), once they are built
+        self.tokenizer: dict | None = None  # the training data's (ShardLoader.tokenizer), once they are built
 
     def checkpoints(self) -> CheckpointManager:
         """The checkpoint store at `checkpoint.url` (default: <run_dir>/checkpoints), staged in a
@@ -146,7 +146,7 @@ class Trainer:
         engine = build_engine(model, cfg, world)
         task = build_task(cfg, model, world, watch.worker_init)
         data = task.loader(train=True)
-        self.tokenizer = task.tokenizer(data)
+        self.tokenizer = data.tokenizer
         ckpt = self.checkpoints()
         ckpt.check_writable()
         heartbeat = (

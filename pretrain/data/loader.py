@@ -38,6 +38,9 @@ class ShardLoader(DataLoader):
         )
         self.stream = stream
         self._finish = finish
+        # Text's: the shards' tokenizer identity and the URL of its files, which checkpoints record
+        # (set by build_text_loader); None for other data.
+        self.tokenizer: dict | None = None
 
     def __iter__(self) -> Generator[Batch, None, None]:
         """From the last micro-batch consumed on (workers start from the stream's record); a
